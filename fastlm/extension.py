@@ -1,0 +1,91 @@
+"""Build and load fastlm's C++ CPU extension on first use.
+
+The extension is compiled by ``torch.utils.cpp_extension.load`` the first time an op
+needs it (never at import), and cached under ``$FASTLM_CACHE_DIR`` (default
+``~/.cache/fastlm``) in a folder keyed by the sources, the flags, torch's version and
+the CPU, so a second process loads it in milliseconds. A failed build is remembered
+with the compiler's message, which ``fastlm.backend_info()`` reports.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp")
+CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17")
+CPU_LDFLAGS = ("-fopenmp",)
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The C++ extension could not be built or loaded; the message says why."""
+
+
+def source_dir() -> Path:
+    """Where the C++ sources are: inside the package for a wheel, the repo's csrc/ otherwise."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / CPU_SOURCES[0]).is_file():
+            return candidate
+    raise ExtensionUnavailable(f"C++ sources not found next to {package}")
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another processor.
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build_dir(name: str, sources: list[Path], flags: tuple[str, ...]) -> Path:
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.read_bytes())
+    for header in sorted(source_dir().rglob("*.h")):
+        digest.update(header.read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(_cpu_signature().encode())
+    root = Path(os.environ.get("FASTLM_CACHE_DIR", Path.home() / ".cache" / "fastlm"))
+    path = root / f"{name}-{digest.hexdigest()[:16]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def _load_cpu():
+    from torch.utils import cpp_extension
+
+    root = source_dir()
+    sources = [root / s for s in CPU_SOURCES]
+    try:
+        return cpp_extension.load(
+            name="fastlm_cpu",
+            sources=[str(s) for s in sources],
+            extra_cflags=list(CPU_CFLAGS),
+            extra_ldflags=list(CPU_LDFLAGS),
+            extra_include_paths=[str(root)],
+            build_directory=str(_build_dir("fastlm_cpu", sources, CPU_CFLAGS + CPU_LDFLAGS)),
+            verbose=False,
+        )
+    except Exception as exc:  # the compiler's output is in the message
+        return ExtensionUnavailable(f"building the C++ CPU extension failed: {exc}")
+
+
+def cpu_extension():
+    """The compiled CPU module; raises ExtensionUnavailable (with the compiler's error) if it cannot build."""
+    module = _load_cpu()
+    if isinstance(module, ExtensionUnavailable):
+        raise module
+    return module
+
+
+def cpu_extension_error() -> str | None:
+    """None when the CPU extension loads, else why it does not."""
+    module = _load_cpu()
+    return str(module) if isinstance(module, ExtensionUnavailable) else None

@@ -1,0 +1,5 @@
+"""Drop-in modules built on fastlm's ops."""
+
+from fastlm.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

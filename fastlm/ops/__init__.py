@@ -1,0 +1,5 @@
+"""fastlm's ops, one module each; importing this registers them all with the dispatcher."""
+
+from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+
+__all__ = ["layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref"]
