@@ -57,24 +57,30 @@ def _build_dir(name: str, sources: list[Path], flags: tuple[str, ...]) -> Path:
     return path
 
 
-@functools.cache
-def _load_cpu():
+def build(name: str, sources: list[Path], cflags: tuple[str, ...], ldflags: tuple[str, ...] = (), **kwargs):
+    """Compile (or load from the cache) an extension; an ExtensionUnavailable carrying the
+    compiler's output is returned, not raised, when that fails."""
     from torch.utils import cpp_extension
 
-    root = source_dir()
-    sources = [root / s for s in CPU_SOURCES]
     try:
         return cpp_extension.load(
-            name="fastlm_cpu",
+            name=name,
             sources=[str(s) for s in sources],
-            extra_cflags=list(CPU_CFLAGS),
-            extra_ldflags=list(CPU_LDFLAGS),
-            extra_include_paths=[str(root)],
-            build_directory=str(_build_dir("fastlm_cpu", sources, CPU_CFLAGS + CPU_LDFLAGS)),
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
+            extra_include_paths=[str(source_dir())],
+            build_directory=str(_build_dir(name, sources, cflags + ldflags)),
             verbose=False,
+            **kwargs,
         )
     except Exception as exc:  # the compiler's output is in the message
-        return ExtensionUnavailable(f"building the C++ CPU extension failed: {exc}")
+        return ExtensionUnavailable(f"building the C++ extension {name} failed: {exc}")
+
+
+@functools.cache
+def _load_cpu():
+    root = source_dir()
+    return build("fastlm_cpu", [root / s for s in CPU_SOURCES], CPU_CFLAGS, CPU_LDFLAGS)
 
 
 def cpu_extension():

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -13,102 +14,104 @@ namespace {
 // the thread count) so that the reduction order, and hence the bits, never change.
 constexpr int64_t kGradChunks = 32;
 
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
+// Rows are read straight from their tensors in each pass (a row of a few thousand
+// elements stays in L1/L2 between passes), converted to fp32 element by element.
 
 template <typename T>
 void norm_fwd_kernel(const T* x, const T* res, const float* w, const float* b, T* y, T* r_out, float* mean_out,
                      float* rstd_out, int64_t rows, int64_t n, float eps, bool is_rms) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> v(n), rv(res != nullptr ? n : 0);
         for (int64_t row = begin; row < end; ++row) {
             const int64_t off = row * n;
-            load_row(x + off, v.data(), n);
+            const T* src = x + off;
+            float sum = 0.f;
             if (res != nullptr) {
-                load_row(res + off, rv.data(), n);
-#pragma omp simd
-                for (int64_t i = 0; i < n; ++i) rv[i] += v[i];
-                // The statistics use r as stored (rounded to T), as `x + residual` in T does.
-                store_row(rv.data(), r_out + off, n);
-                load_row(r_out + off, v.data(), n);
-            }
-            float mean = 0.f;
-            if (!is_rms) {
-                float sum = 0.f;
+                // Statistics use r as stored (rounded to T), as `x + residual` in T does.
+                T* r = r_out + off;
+                const T* rs = res + off;
 #pragma omp simd reduction(+ : sum)
-                for (int64_t i = 0; i < n; ++i) sum += v[i];
-                mean = sum / n;
-                mean_out[row] = mean;
+                for (int64_t i = 0; i < n; ++i) {
+                    r[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(rs[i]));
+                    sum += static_cast<float>(r[i]);
+                }
+                src = r;
+            } else if (!is_rms) {
+#pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < n; ++i) sum += static_cast<float>(src[i]);
             }
+            const float mean = is_rms ? 0.f : sum / n;
+            if (!is_rms) mean_out[row] = mean;
             float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-            for (int64_t i = 0; i < n; ++i) sq += (v[i] - mean) * (v[i] - mean);
+            for (int64_t i = 0; i < n; ++i) {
+                const float d = static_cast<float>(src[i]) - mean;
+                sq += d * d;
+            }
             const float rstd = 1.f / std::sqrt(sq / n + eps);
             rstd_out[row] = rstd;
+            T* dst = y + off;
+            if (w != nullptr && b != nullptr) {
 #pragma omp simd
-            for (int64_t i = 0; i < n; ++i) {
-                float out = (v[i] - mean) * rstd;
-                if (w != nullptr) out *= w[i];
-                if (b != nullptr) out += b[i];
-                v[i] = out;
+                for (int64_t i = 0; i < n; ++i)
+                    dst[i] = static_cast<T>((static_cast<float>(src[i]) - mean) * rstd * w[i] + b[i]);
+            } else if (w != nullptr) {
+#pragma omp simd
+                for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>((static_cast<float>(src[i]) - mean) * rstd * w[i]);
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < n; ++i) {
+                    const float out = (static_cast<float>(src[i]) - mean) * rstd;
+                    dst[i] = static_cast<T>(b != nullptr ? out + b[i] : out);
+                }
             }
-            store_row(v.data(), y + off, n);
         }
     });
 }
 
-template <typename T>
+// The optional inputs/outputs are template flags so the inner loop carries no branches.
+template <typename T, bool HAS_DR, bool HAS_DW, bool HAS_DB>
 void norm_bwd_kernel(const T* dy, const T* dr_out, const T* r, const float* w, const float* mean_in,
                      const float* rstd_in, T* dx, float* dw_partial, float* db_partial, int64_t rows, int64_t n,
                      int64_t chunks, bool is_rms) {
     const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    // Without a weight, g = dy: point w at ones so one loop body serves both cases.
+    std::vector<float> ones(w == nullptr ? n : 0, 1.f);
+    const float* wv = w != nullptr ? w : ones.data();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        std::vector<float> xhat(n), g(n), dyf(n);
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-            float* dw_acc = dw_partial ? dw_partial + chunk * n : nullptr;
-            float* db_acc = db_partial ? db_partial + chunk * n : nullptr;
+            float* dw_acc = HAS_DW ? dw_partial + chunk * n : nullptr;
+            float* db_acc = HAS_DB ? db_partial + chunk * n : nullptr;
             const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
             for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
                 const int64_t off = row * n;
+                const T* rr = r + off;
+                const T* dyr = dy + off;
                 const float mean = is_rms ? 0.f : mean_in[row];
                 const float rstd = rstd_in[row];
-                load_row(r + off, xhat.data(), n);
-                load_row(dy + off, dyf.data(), n);
+                // Pass 1: the two row sums of g = dy * w.
                 float sum_gx = 0.f, sum_g = 0.f;
 #pragma omp simd reduction(+ : sum_gx, sum_g)
                 for (int64_t i = 0; i < n; ++i) {
-                    xhat[i] = (xhat[i] - mean) * rstd;
-                    g[i] = w ? dyf[i] * w[i] : dyf[i];
-                    sum_gx += g[i] * xhat[i];
-                    sum_g += g[i];
+                    const float xhat = (static_cast<float>(rr[i]) - mean) * rstd;
+                    const float g = static_cast<float>(dyr[i]) * wv[i];
+                    sum_gx += g * xhat;
+                    sum_g += g;
                 }
                 const float c1 = sum_gx / n;
                 const float c2 = is_rms ? 0.f : sum_g / n;
+                // Pass 2: dx, and this chunk's weight/bias partial sums.
+                T* dxr = dx + off;
+                const T* drr = HAS_DR ? dr_out + off : nullptr;
 #pragma omp simd
-                for (int64_t i = 0; i < n; ++i) g[i] = (g[i] - xhat[i] * c1 - c2) * rstd;
-                if (dw_acc) {
-#pragma omp simd
-                    for (int64_t i = 0; i < n; ++i) dw_acc[i] += dyf[i] * xhat[i];
+                for (int64_t i = 0; i < n; ++i) {
+                    const float xhat = (static_cast<float>(rr[i]) - mean) * rstd;
+                    const float dyv = static_cast<float>(dyr[i]);
+                    float d = (dyv * wv[i] - xhat * c1 - c2) * rstd;
+                    if constexpr (HAS_DR) d += static_cast<float>(drr[i]);
+                    dxr[i] = static_cast<T>(d);
+                    if constexpr (HAS_DW) dw_acc[i] += dyv * xhat;
+                    if constexpr (HAS_DB) db_acc[i] += dyv;
                 }
-                if (db_acc) {
-#pragma omp simd
-                    for (int64_t i = 0; i < n; ++i) db_acc[i] += dyf[i];
-                }
-                if (dr_out != nullptr) {
-                    load_row(dr_out + off, dyf.data(), n);
-#pragma omp simd
-                    for (int64_t i = 0; i < n; ++i) g[i] += dyf[i];
-                }
-                store_row(g.data(), dx + off, n);
             }
         }
     });
@@ -203,12 +206,23 @@ void norm_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dr_out,
     at::Tensor dw_partial = dweight.has_value() ? at::zeros({chunks, n}, f32) : at::Tensor();
     at::Tensor db_partial = dbias.has_value() ? at::zeros({chunks, n}, f32) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "norm_bwd_cpu", [&] {
-        norm_bwd_kernel<scalar_t>(dy.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(dr_out), r.data_ptr<scalar_t>(),
-                                  w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null<float>(mean),
-                                  rstd.data_ptr<float>(), dx.data_ptr<scalar_t>(),
-                                  dw_partial.defined() ? dw_partial.data_ptr<float>() : nullptr,
-                                  db_partial.defined() ? db_partial.data_ptr<float>() : nullptr, rows, n, chunks,
-                                  is_rms);
+        auto launch = [&](auto has_dr, auto has_dw, auto has_db) {
+            norm_bwd_kernel<scalar_t, decltype(has_dr)::value, decltype(has_dw)::value, decltype(has_db)::value>(
+                dy.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(dr_out), r.data_ptr<scalar_t>(),
+                w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null<float>(mean), rstd.data_ptr<float>(),
+                dx.data_ptr<scalar_t>(), dw_partial.defined() ? dw_partial.data_ptr<float>() : nullptr,
+                db_partial.defined() ? db_partial.data_ptr<float>() : nullptr, rows, n, chunks, is_rms);
+        };
+        auto with_db = [&](auto has_dr, auto has_dw) {
+            if (db_partial.defined()) launch(has_dr, has_dw, std::true_type{});
+            else launch(has_dr, has_dw, std::false_type{});
+        };
+        auto with_dw = [&](auto has_dr) {
+            if (dw_partial.defined()) with_db(has_dr, std::true_type{});
+            else with_db(has_dr, std::false_type{});
+        };
+        if (dr_out.has_value()) with_dw(std::true_type{});
+        else with_dw(std::false_type{});
     });
     if (dweight.has_value()) reduce_partials(dw_partial, *dweight);
     if (dbias.has_value()) reduce_partials(db_partial, *dbias);

@@ -38,12 +38,12 @@ def run_plain_torch(kind, x, weight, bias, residual, eps):
     return (y, r) if residual is not None else y
 
 
-def make_inputs(kind, shape, dtype, affine, with_residual):
+def make_inputs(kind, shape, dtype, affine, with_residual, device="cpu"):
     n = shape[-1]
-    x = random_tensor(*shape, dtype=dtype, scale=2.0, offset=0.5)
-    weight = random_tensor(n, dtype=dtype, offset=1.0) if affine else None
-    bias = random_tensor(n, dtype=dtype) if affine and kind == "layer" else None
-    residual = random_tensor(*shape, dtype=dtype) if with_residual else None
+    x = random_tensor(*shape, dtype=dtype, device=device, scale=2.0, offset=0.5)
+    weight = random_tensor(n, dtype=dtype, device=device, offset=1.0) if affine else None
+    bias = random_tensor(n, dtype=dtype, device=device) if affine and kind == "layer" else None
+    residual = random_tensor(*shape, dtype=dtype, device=device) if with_residual else None
     return x, weight, bias, residual
 
 
@@ -57,17 +57,13 @@ def forward_backward(fn, inputs, grads_out):
     return outs, [t.grad if t is not None else None for t in leaves]
 
 
-@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
-@pytest.mark.parametrize("n", WIDTHS, ids=lambda n: f"n{n}")
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-def test_matches_float64_reference(backend, dtype, n, kind, with_residual, affine):
+def check_against_reference(backend, dtype, n, kind, with_residual, affine, device="cpu"):
+    """Outputs and every gradient of fastlm's norm vs float64, judged against plain torch in dtype."""
     shape = leading_shape(n) + (n,)
     eps = 1e-5
-    inputs = make_inputs(kind, shape, dtype, affine, with_residual)
+    inputs = make_inputs(kind, shape, dtype, affine, with_residual, device)
     n_out = 2 if with_residual else 1
-    grads_out = [random_tensor(*shape, dtype=torch.float64) for _ in range(n_out)]
+    grads_out = [random_tensor(*shape, dtype=torch.float64, device=device) for _ in range(n_out)]
 
     ref_outs, ref_grads = forward_backward(
         lambda *a: run_ref(kind, *a, eps), [t.double() if t is not None else None for t in inputs], grads_out
@@ -92,6 +88,15 @@ def test_matches_float64_reference(backend, dtype, n, kind, with_residual, affin
             continue
         scale = dx_scale if name in ("dx", "dresidual") else None
         assert_matches_reference(name, g, ref, base, dtype, grad=True, scale=scale)
+
+
+@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
+@pytest.mark.parametrize("n", WIDTHS, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_matches_float64_reference(backend, dtype, n, kind, with_residual, affine):
+    check_against_reference(backend, dtype, n, kind, with_residual, affine)
 
 
 @pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])

@@ -1,5 +1,7 @@
 """The one benchmark harness: timing, peak memory, provenance, JSON lines, markdown tables.
 
+Used by the scripts in ``benchmarks/`` and by ``fastlm-demo``.
+
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) with
 its 20/50/80% quantiles; on CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` and the
 quantiles of its blocks. Peak memory: on CUDA, the allocator's peak above the memory in
@@ -53,8 +55,34 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float 
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Bytes allocated at the peak of ``fn()``, above what was allocated before it."""
+def _fix_malloc_mmap_threshold() -> None:
+    """Make glibc serve every allocation >= 128 KiB with mmap, returned to the OS on free.
+
+    Otherwise glibc raises the threshold after the first large free, later tensors come
+    from the heap and stay resident after they are freed, and resident memory stops
+    tracking what the op really holds.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Bytes held at the peak of ``fn()`` above what was held before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, reset
+    through /proc/self/clear_refs before the call; None where that is not available.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -62,17 +90,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    try:
+        _fix_malloc_mmap_threshold()
+        fn()  # first call outside the window: one-time allocations and lazy builds
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+        before = _rss_kib("VmRSS")
         fn()
-    # [memory] events carry each allocation (+) and free (-) in order.
-    running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if event.name == "[memory]":
-            running += event.cpu_memory_usage
-            peak = max(peak, running)
-    return peak
+        return (_rss_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
 
 
 def environment() -> dict:
@@ -156,12 +182,13 @@ def markdown_table(rows: list[dict], baseline_provider: str = "torch") -> str:
     for r in rows:
         ref = base.get((r["op"], r["mode"], r["shape"]))
         speedup = f"{ref / r['median_ms']:.2f}x" if ref else "-"
+        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
         tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         lines.append(
             f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | "
             f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {gbps} | {tflops} | "
-            f"{r['peak_mem_bytes'] / 2**20:.1f} | {speedup} |"
+            f"{peak} | {speedup} |"
         )
     return "\n".join(lines)
 
