@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend
-from fastlm.benchmark import time_fn
+from fastlm.bench.harness import time_fn
 from fastlm.ops.norm import layer_norm_ref, rms_norm_ref
 
 

@@ -1,23 +1,19 @@
-"""The one benchmark harness: timing, peak memory, provenance, JSON lines, markdown tables.
+"""The one benchmark harness: timing, peak memory and provenance.
 
-Used by the scripts in ``benchmarks/`` and by ``fastlm-demo``.
+Used by ``fastlm-bench`` (fastlm/bench/cli.py), the per-op case modules beside this file,
+and ``fastlm-demo``.
 
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) with
 its 20/50/80% quantiles; on CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` and the
 quantiles of its blocks. Peak memory: on CUDA, the allocator's peak above the memory in
-use before the call; on CPU, the running total of the profiler's allocation events.
+use before the call; on CPU, the peak resident set size above the one before the call.
 
-Each benchmark script builds ``Case``s and calls ``run_cases``, which times them, prints
-a markdown table and appends one JSON line per measurement to ``--out``.
+Each op's module builds ``Case``s; ``measure`` turns one into a row of figures.
 """
 
-import argparse
 import datetime
-import json
-import os
 import platform
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,8 +132,11 @@ class Case:
     op: str
     provider: str
     mode: str
+    """fwd, bwd, fwd+bwd, step, ..."""
     shape: str
     fn: Callable[[], object]
+    size: float | None = None
+    """A number for the x axis of plots (e.g. the row width, the sequence length)."""
     bytes_moved: int | None = None
     """Bytes the op must read and write at least; gives GB/s."""
     flops: int | None = None
@@ -145,59 +144,20 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def run_cases(cases: list[Case], device: torch.device, out: Path | None, min_run_time: float = 0.5) -> list[dict]:
-    """Time every case, print a markdown table, append JSON lines to ``out``."""
-    env = environment()
-    rows = []
-    for case in cases:
-        timing = time_fn(case.fn, device, min_run_time)
-        row = {
-            "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape,
-            **asdict(timing),
-            "gbps": case.bytes_moved / timing.median_ms / 1e6 if case.bytes_moved else None,
-            "tflops": case.flops / timing.median_ms / 1e9 if case.flops else None,
-            "peak_mem_bytes": peak_memory_bytes(case.fn, device),
-            **case.extra,
-            **env,
-        }
-        rows.append(row)
-        print(f"  {case.op:12s} {case.provider:16s} {case.mode:8s} {case.shape:16s} {timing.median_ms:9.3f} ms",
-              file=sys.stderr)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    print(markdown_table(rows))
-    return rows
-
-
-def markdown_table(rows: list[dict], baseline_provider: str = "torch") -> str:
-    """One line per measurement, with the speed-up over ``baseline_provider`` for the same op/mode/shape."""
-    base = {(r["op"], r["mode"], r["shape"]): r["median_ms"] for r in rows if r["provider"] == baseline_provider}
-    lines = [
-        "| op | mode | shape | provider | median ms (p20-p80) | GB/s | TFLOP/s | peak MiB | vs " + baseline_provider + " |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ref = base.get((r["op"], r["mode"], r["shape"]))
-        speedup = f"{ref / r['median_ms']:.2f}x" if ref else "-"
-        peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
-        gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
-        tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
-        lines.append(
-            f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | "
-            f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {gbps} | {tflops} | "
-            f"{peak} | {speedup} |"
-        )
-    return "\n".join(lines)
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    """The flags every benchmark script shares."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("FASTLM_BENCH_OUT", "benchmarks/out/results.jsonl")),
-                   help="JSON lines file the results are appended to")
-    p.add_argument("--quick", action="store_true", help="small sizes, short runs: proves the script works")
-    return p
+def measure(case: Case, device: torch.device, min_run_time: float, roofline: dict | None = None) -> dict:
+    """Time one case and its peak memory; one JSON-able row."""
+    timing = time_fn(case.fn, device, min_run_time)
+    gbps = case.bytes_moved / timing.median_ms / 1e6 if case.bytes_moved else None
+    tflops = case.flops / timing.median_ms / 1e9 if case.flops else None
+    row = {
+        "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape, "size": case.size,
+        **asdict(timing),
+        "gbps": gbps,
+        "tflops": tflops,
+        "peak_mem_bytes": peak_memory_bytes(case.fn, device),
+        **case.extra,
+    }
+    if roofline:
+        row["pct_bandwidth"] = 100 * gbps / roofline["copy_gbps"] if gbps else None
+        row["pct_compute"] = 100 * tflops / roofline["matmul_tflops"] if tflops else None
+    return row

@@ -1,0 +1,86 @@
+"""fastlm-bench: every op benchmark in one run, with a report and plots.
+
+    fastlm-bench [--suite quick|full|gpu] [--ops norm,...] [--out DIR]
+
+quick: small CPU sizes, a few minutes at most (CI runs it: it proves the suite works and
+asserts nothing about speed). full: realistic sizes on this device. gpu: the H200 sizes,
+sized to fit one ten-minute window, after a correctness pass of every GPU test module
+(bf16 on the real kernels) that stops the run on any mismatch.
+
+Writes under --out: results.jsonl (one line per measurement, with device, versions,
+commit and date), report.md (one table per op) and one PNG per op and mode.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastlm.bench.harness import environment, measure
+from fastlm.bench.report import markdown, plot, write_atomic
+from fastlm.bench.roofline import measure_roofline
+
+# op name -> module with ``cases(suite, device) -> list[Case]``
+SUITES = {
+    "norm": "fastlm.bench.norms",
+}
+MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
+
+
+def gpu_correctness_pass() -> None:
+    """Run the GPU test modules (bf16 on the compiled kernels); raise on any failure."""
+    tests = Path(__file__).resolve().parents[2] / "tests" / "gpu"
+    if not tests.is_dir():
+        raise SystemExit(f"fastlm-bench --suite gpu: the GPU tests are not at {tests} (run from a checkout)")
+    result = subprocess.run([sys.executable, "-m", "pytest", str(tests), "-x", "-q"], cwd=tests.parents[1])
+    if result.returncode != 0:
+        raise SystemExit("fastlm-bench: the GPU correctness pass FAILED; no timings are reported")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(MIN_RUN_TIME), default="quick")
+    p.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/out/DATE-DEVICE)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(SUITES))
+    if unknown:
+        p.error(f"unknown ops {unknown}; choose from {sorted(SUITES)}")
+    device = torch.device(args.device)
+    if args.suite == "gpu":
+        if device.type != "cuda":
+            p.error("--suite gpu needs a CUDA device")
+        gpu_correctness_pass()
+
+    env = environment()
+    out = args.out or Path("benchmarks/out") / f"{datetime.date.today()}-{env['device'].split(' (')[0].replace(' ', '_')}"
+    start = time.perf_counter()
+    roofline = measure_roofline(device, quick=args.suite == "quick")
+    rows = []
+    for op in ops:
+        for case in importlib.import_module(SUITES[op]).cases(args.suite, device):
+            row = measure(case, device, MIN_RUN_TIME[args.suite], roofline)
+            rows.append({**row, **env, "suite": args.suite})
+            print(f"  {case.op:14s} {case.mode:8s} {case.shape:22s} {case.provider:14s} {row['median_ms']:10.3f} ms",
+                  file=sys.stderr)
+
+    write_atomic(out / "results.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    report = markdown(rows, env, roofline)
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
+    plots = plot(rows, out)
+    print(report)
+    print(f"fastlm-bench: {len(rows)} measurements in {time.perf_counter() - start:.0f} s; "
+          f"wrote {out}/results.jsonl, report.md and {len(plots)} plots", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

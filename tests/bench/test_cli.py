@@ -1,0 +1,35 @@
+"""fastlm-bench's quick suite runs end to end (it proves the suite works; speed is not asserted)."""
+
+import json
+
+from fastlm.bench.cli import SUITES, main
+from fastlm.bench.report import best_peer_ratio
+
+
+def test_quick_suite_writes_results_report_and_plots(tmp_path):
+    assert main(["--suite", "quick", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["op"].split("_")[0] for r in rows} >= {"rms", "layer"}
+    assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
+    assert all(r["commit"] is not None and r["torch"] and r["device"] for r in rows)
+    assert all(r["pct_bandwidth"] is not None for r in rows if r["gbps"] is not None)
+    report = (tmp_path / "report.md").read_text()
+    assert "## rms_norm" in report and "## layer_norm" in report
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_every_suite_module_defines_cases():
+    import importlib
+
+    for module in SUITES.values():
+        assert callable(importlib.import_module(module).cases)
+
+
+def test_best_peer_ratio_compares_within_one_shape_and_mode():
+    rows = [
+        {"op": "x", "mode": "fwd", "shape": "a", "provider": "fastlm", "median_ms": 1.0},
+        {"op": "x", "mode": "fwd", "shape": "a", "provider": "torch", "median_ms": 3.0},
+        {"op": "x", "mode": "fwd", "shape": "a", "provider": "torch.compile", "median_ms": 2.0},
+        {"op": "x", "mode": "fwd", "shape": "b", "provider": "torch", "median_ms": 0.1},
+    ]
+    assert best_peer_ratio(rows) == {0: 2.0}
