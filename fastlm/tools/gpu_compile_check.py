@@ -175,25 +175,30 @@ class Resources:
     stack: int
     local: int
     static_shared: int
-    hgmma: int
-    """Hopper warpgroup MMA instructions (wgmma) in the SASS."""
-    hmma: int
+    hgmma: int | None
+    """Hopper warpgroup MMA instructions (wgmma) in the SASS; None when not disassembled."""
+    hmma: int | None
     """Warp-level MMA instructions (mma.sync), what Triton falls back to when wgmma does not apply."""
 
 
-def inspect_binary(path: Path) -> dict[str, Resources]:
-    """Resources of every function in a cubin or a host object with an embedded fatbin."""
+def inspect_binary(path: Path, sass: bool = True) -> dict[str, Resources]:
+    """Resources of every function in a cubin or a host object with an embedded fatbin.
+
+    Disassembling (``sass``, to count tensor-core instructions) takes a second or more per
+    cubin, so the gate does it only for kernels that must use tensor cores.
+    """
     cuobjdump = _tool("cuobjdump")
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True)
-    sass = subprocess.run([cuobjdump, "--dump-sass", str(path)], capture_output=True, text=True, check=True)
     counts: dict[str, tuple[int, int]] = {}
-    for chunk in re.split(r"^\s*Function : ", sass.stdout, flags=re.MULTILINE)[1:]:
-        name, _, body = chunk.partition("\n")
-        counts[name.strip()] = (len(re.findall(r"\bHGMMA\b", body)), len(re.findall(r"\bHMMA\b", body)))
+    if sass:
+        listing = subprocess.run([cuobjdump, "--dump-sass", str(path)], capture_output=True, text=True, check=True)
+        for chunk in re.split(r"^\s*Function : ", listing.stdout, flags=re.MULTILINE)[1:]:
+            name, _, body = chunk.partition("\n")
+            counts[name.strip()] = (len(re.findall(r"\bHGMMA\b", body)), len(re.findall(r"\bHMMA\b", body)))
     found = {}
     for name, line in re.findall(r"^\s*Function (\S+):\s*\n(.*)$", usage.stdout, flags=re.MULTILINE):
         fields = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
-        hgmma, hmma = counts.get(name, (0, 0))
+        hgmma, hmma = counts.get(name, (0, 0)) if sass else (None, None)
         found[name] = Resources(fields["REG"], fields["STACK"], fields["LOCAL"], fields["SHARED"], hgmma, hmma)
     return found
 
@@ -279,7 +284,7 @@ def compile_variant(spec: KernelSpec, variant: Variant, arch: int) -> VariantRes
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "kernel.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            (res,) = inspect_binary(cubin).values()
+            (res,) = inspect_binary(cubin, sass=spec.tensor_cores).values()
     except Exception as exc:  # the gate reports every failure instead of stopping at the first
         result.error = f"{type(exc).__name__}: {exc}".strip()
         result.problems.append(f"does not compile: {_first_lines(result.error)}")
@@ -536,6 +541,10 @@ def _summary_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -562,7 +571,8 @@ def render_markdown(report: dict, command: str) -> str:
         "unless the kernel says why). Per block: `smem` shared-memory bytes (Triton's dynamic allocation + static, "
         "less the 1 KiB the driver reserves), limit "
         + ", ".join(f"{v} B on {k}" for k, v in report["smem_limit"].items())
-        + ". `HGMMA`/`HMMA`: Hopper warpgroup / warp-level tensor-core instructions in the SASS.",
+        + ". `HGMMA`/`HMMA`: Hopper warpgroup / warp-level tensor-core instructions in the SASS "
+        "(counted for kernels declared `tensor_cores=True` and CUDA sources).",
         "",
         "## Summary",
         "",
@@ -582,7 +592,7 @@ def render_markdown(report: dict, command: str) -> str:
                 continue
             rows.append([
                 f"`{k['name'].rsplit('.', 1)[-1]}`", v["label"], arch, str(v["num_warps"]), str(v["num_stages"]),
-                str(v["registers"]), str(v["local"] + v["stack"]), str(v["shared"]), str(v["hgmma"]), str(v["hmma"]),
+                str(v["registers"]), str(v["local"] + v["stack"]), str(v["shared"]), _count(v["hgmma"]), _count(v["hmma"]),
                 "FAIL" if v["problems"] else "ok",
             ])
     lines += _table(["kernel", "variant", "arch", "warps", "stages", "regs", "spill", "smem", "HGMMA", "HMMA",
