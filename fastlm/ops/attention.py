@@ -242,8 +242,9 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    # Natural-log LSE; +inf for rows that see no key (see the module docstring).
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    # Base-2 LSE of the scaled scores (qk * scale * log2(e)), the units the backward recomputes in,
+    # so that no conversion rounds between them; +inf for rows that see no key (see the module docstring).
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = (O + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob + h * stride_oh
               + (q_start + rows)[:, None].to(tl.int64) * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -339,7 +340,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + lse_off, delta, mask=row_ok)
     # Rows past the end load lse = +inf: their probabilities are 0.
-    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     rng_rows = lse_off * rng_cols
     K_ptr = K + b.to(tl.int64) * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_ks
     V_ptr = V + b.to(tl.int64) * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vs
@@ -398,29 +399,36 @@ def _bwd_dkdv_inner(
         if MASKED:
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
+            q_mask_t = d_ok[:, None] & row_ok[None, :]
         else:
             row_ok = rows >= 0
             q_mask = d_ok[None, :]
-        q_off = rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        q = tl.load(Q_ptr + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO_ptr + q_off, mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            q_mask_t = d_ok[:, None]
+        # q is loaded transposed (headdim x queries): k @ q_t needs no transposition in registers.
+        q_t = tl.load(Q_ptr + offs_d[:, None] + rows[None, :].to(tl.int64) * stride_qs, mask=q_mask_t, other=0.0)
+        do = tl.load(DO_ptr + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_ptr + rows, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT, MASK_RIGHT)
-            qk_t = tl.where(tl.trans(visible), qk_t, float("-inf"))
+            visible_t = (cols[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
+            if MASK_RIGHT:
+                visible_t &= cols[:, None] <= rows[None, :] + diag + win_right
+            if MASK_LEFT:
+                visible_t &= cols[:, None] >= rows[None, :] + diag - win_left
+            qk_t = tl.where(visible_t, qk_t, float("-inf"))
         p_t = tl.exp2(qk_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = tl.trans(_dropout_keep(seed, rng_base + rows.to(tl.int64) * rng_cols, cols, dropout_p))
+            rng_t = rng_base + rows[None, :].to(tl.int64) * rng_cols + cols[:, None].to(tl.int64)
+            keep_t = tl.rand(seed, rng_t) >= dropout_p
             inv_keep = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keep_t, p_t * inv_keep, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -537,7 +545,7 @@ def _decode_combine_kernel(
     # +inf marks a split that saw no key: it carries no weight.
     lse = tl.where(lse == float("inf"), float("-inf"), lse)
     m = tl.max(lse, 0)
-    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     w = w / tl.where(m == float("-inf"), 1.0, tl.sum(w, 0))
     o = tl.load(O_PART + splits[:, None] * stride_o_split + row * head_dim + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
@@ -586,32 +594,36 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
 
     ``kind`` is ``fwd``, ``decode``, ``bwd_dq`` or ``bwd_dkdv`` (for dK/dV, ``BLOCK_N`` is the key block a
     program owns and ``BLOCK_M`` the query block it loops over). Hopper sizes: a 128-row query block
-    (one or two warpgroups) for the forward, 64x64 for the backward that holds four tiles at once,
-    fewer stages where head dim 256 or fp32 (no tensor cores: IEEE fp32 dots) fill shared memory.
+    on two warpgroups for the forward; smaller query blocks for the backward, which holds more tiles
+    (k, v, dk, dv) at once; fewer stages where head dim 256 or fp32 (no tensor cores: IEEE fp32 dots).
     """
     if device_type != "cuda":
         # The interpreter: small tiles so that tests with seqlen <= 130 cross several block edges,
         # and different M and N so that the bounds arithmetic of each axis is exercised on its own.
         block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    # Chosen by compiling for sm_90a here (no GPU to time them yet): the largest tiles whose registers fit.
     fp32 = dtype == torch.float32
     if kind == "fwd":
         if fp32:
             tiles = (64, 32, 4, 2)
         elif head_dim <= 64:
-            tiles = (128, 64, 4, 3)
-        elif head_dim <= 128:
             tiles = (128, 64, 8, 3)
+        elif head_dim <= 128:
+            tiles = (128, 32, 8, 3)
         else:
-            tiles = (64, 64, 4, 2)
+            tiles = (64, 16, 8, 2)
     elif kind == "decode":
         tiles = (16, 32, 4, 2) if fp32 or head_dim > 128 else (16, 64, 4, 3)
+    elif kind == "bwd_dq":
+        if fp32 or head_dim > 128:
+            tiles = (32, 32, 4, 1)
+        else:
+            tiles = (64, 32, 4 if head_dim <= 64 else 8, 2)
     elif fp32 or head_dim > 128:
-        tiles = (32, 32, 4, 1)
-    elif head_dim <= 64:
-        tiles = (64, 64, 4, 3)
+        tiles = (16, 32, 4, 1)
     else:
-        tiles = (64, 64, 8, 2)
+        tiles = (16, 64, 4, 2) if head_dim <= 64 else (32, 64, 8, 2)
     block_m, block_n, num_warps, num_stages = tiles
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -805,7 +817,7 @@ def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, 
             keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
         o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=True)
         oi.copy_(o)
-        li.copy_(l)
+        li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
 
 
 def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
@@ -827,7 +839,7 @@ def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
         s = qc @ kf.transpose(-1, -2) * scale
         if mask is not None:
             s = s.masked_fill(~mask[rows], float("-inf"))
-        p = torch.exp(s - lse[:, :, rows, None])
+        p = torch.exp(s - lse[:, :, rows, None] / LOG2E)
         dp = doc @ vf.transpose(-1, -2)
         if keep is not None:
             kept = keep[:, :, rows].float() / (1.0 - dropout_p)
@@ -895,7 +907,7 @@ def _attention_fwd_op(
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
     dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse); lse is fp32."""
+    """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
     lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
@@ -1109,7 +1121,7 @@ def attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
         _draw_seed(dropout_p),
     )
-    return (out, lse) if return_lse else out
+    return (out, lse / LOG2E) if return_lse else out
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, softmax_scale=None,
