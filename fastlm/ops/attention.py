@@ -657,6 +657,8 @@ def _flags(q, left, right, dropout_p) -> dict:
 
 def _fwd_triton(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
     varlen = cu_q is not None
+    if lse is None:  # not asked for, but the kernel writes it anyway (it costs nothing there)
+        lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     n_heads = q.shape[-2]
     cfg = _config("fwd", q.shape[-1], q.dtype, q.device.type)
@@ -793,9 +795,11 @@ def _torch_attention(q, k, v, scale, left, right, dropout_p, keep, need_lse):
     if keep is not None:
         out = _ref_core(q, k, v, scale, mask, keep, dropout_p)[0]
     else:
+        # Square causal is SDPA's own is_causal (top-left = bottom-right there), faster than a mask.
+        square_causal = seqlen_q == seqlen_k and left < 0 and right == 0
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=None if square_causal else mask,
+            is_causal=square_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         ).transpose(1, 2)
     return out, _torch_lse(q, k, scale, mask) if need_lse else None
 
@@ -805,19 +809,21 @@ def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, 
     for qs, ks, index in _sequences(q, k, cu_q, cu_k):
         qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
         oi = out[qs][None] if varlen else out
-        li = lse[:, qs][None] if varlen else lse
+        li = None if lse is None else lse[:, qs][None] if varlen else lse
         if ki.shape[1] == 0:
             oi.zero_()
-            li.fill_(float("inf"))
+            if li is not None:
+                li.fill_(float("inf"))
             continue
         if qi.shape[1] == 0:
             continue
         keep = None
         if dropout_p > 0:
             keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
-        o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=True)
+        o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=li is not None)
         oi.copy_(o)
-        li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
+        if li is not None:
+            li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
 
 
 def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
@@ -905,23 +911,27 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e)."""
+    """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e), empty
+    unless ``need_lse`` (the backward and ``return_lse`` need it; the torch backend pays for it)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
-    lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    lse = None
+    if need_lse:
+        lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
     if q.numel() > 0:
         backend.select("attention_fwd", q.device)(
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
             dropout_p, seed,
         )
-    return out, lse
+    return out, lse if lse is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed):
-    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed,
+      need_lse):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None) if need_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
@@ -952,7 +962,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, _need_lse = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed)
@@ -963,7 +973,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup_context)
@@ -1117,9 +1127,10 @@ def attention(
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         max_q, max_k = q.shape[1], k.shape[1]
+    need_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
-        _draw_seed(dropout_p),
+        _draw_seed(dropout_p), need_lse,
     )
     return (out, lse / LOG2E) if return_lse else out
 

@@ -294,7 +294,7 @@ def test_opcheck(backend, dtype, varlen):
     for t in (q, k, v):
         t.requires_grad_()
     with fastlm.use_backend(backend):
-        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, *extra, 0.25, 5, 0, 0.0, 0))
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, *extra, 0.25, 5, 0, 0.0, 0, True))
 
 
 @pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
