@@ -113,6 +113,8 @@ def _dropout_keep(seed, rng_rows, cols, dropout_p):
 
 @triton.jit
 def _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """(rows x cols) mask: the key exists and lies in the row's window (causal is win_right = 0)."""
+    # rows >= 0 always holds: it only broadcasts the mask to the full tile.
     ok = (cols[None, :] < seqlen_k) & (rows[:, None] >= 0)
     if MASK_RIGHT:
         ok &= cols[None, :] <= rows[:, None] + diag + win_right
@@ -638,6 +640,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """(batch, heads, seqlen_q) dense, (heads, total_q) packed: FlashAttention's layouts."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
 def _qkv_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, seq, head) strides; packed sequences have no batch axis."""
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
@@ -902,11 +909,6 @@ backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_d
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    """(batch, heads, seqlen_q) dense, (heads, total_q) packed: FlashAttention's layouts."""
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
@@ -1096,6 +1098,8 @@ def attention(
     with both, causal wins on the right. ``dropout_p`` drops attention probabilities with a seed drawn
     from the torch RNG. ``return_lse`` also returns the fp32 log-sum-exp ((batch, heads, seqlen_q), or
     (heads, total_q) packed; +inf for rows that see no key), which carries no gradient.
+    ``max_seqlen_q/k`` may be omitted: the lengths are read from ``cu_seqlens`` (one device sync,
+    which their validation needs anyway); given values must not be below the true maxima.
     The backward never uses float atomics, so it is deterministic either way: ``deterministic=False``
     is accepted for FlashAttention compatibility and runs the same kernels.
     """
@@ -1173,7 +1177,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     return _attention_kvcache_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal))
 
 
-def attention_dropout_mask(q, k, dropout_p, backend_name=None):
+def attention_dropout_mask(q, k, dropout_p):
     """Debug path: the keep-mask (batch, heads, seqlen_q, seqlen_k) that the next dense ``attention``
     call with these shapes draws, given the same torch RNG state (restore it with ``torch.manual_seed``).
     """
