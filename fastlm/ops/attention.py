@@ -266,7 +266,12 @@ def _fwd_variants():
             )
 
 
-register_kernel(_attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True)
+register_kernel(
+    _attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True,
+    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q on two warpgroups) and fp32's IEEE FMA dots "
+    "exceed 255 registers at every tile that still issues HGMMA (tried 16-128 rows, 4/8 warps); head dims <= 128 "
+    "in fp16/bf16 do not spill",
+)
 
 
 @triton.jit
@@ -385,7 +390,11 @@ def _bwd_dq_variants():
     yield from _train_variants(_attn_bwd_dq_kernel, "bwd_dq", pointers, _FLOAT_ARGS)
 
 
-register_kernel(_attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True)
+register_kernel(
+    _attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True,
+    spills_allowed="head dims > 64 and fp32 spill a little at every 64-row tile (HGMMA's minimum); "
+    "restructuring the dQ pass (TMA loads, fewer live tiles) is the known fix",
+)
 
 
 @triton.jit
@@ -525,7 +534,12 @@ def _bwd_dkdv_variants():
     yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv", pointers, _FLOAT_ARGS)
 
 
-register_kernel(_attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True)
+register_kernel(
+    _attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True,
+    spills_allowed="holds k, v and the fp32 dk, dv accumulators of a 64-key block (HGMMA's minimum) plus the "
+    "per-query-block tiles: spills at every tile tried (16-128 queries, 4/8 warps) with Triton 3.9; a TMA / "
+    "warp-specialized rewrite is the known fix",
+)
 
 
 @triton.jit
@@ -595,37 +609,33 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
     """Tiles for one kernel launch: the one place that decides them (the registry derives its variants here).
 
     ``kind`` is ``fwd``, ``decode``, ``bwd_dq`` or ``bwd_dkdv`` (for dK/dV, ``BLOCK_N`` is the key block a
-    program owns and ``BLOCK_M`` the query block it loops over). Hopper sizes: a 128-row query block
-    on two warpgroups for the forward; smaller query blocks for the backward, which holds more tiles
-    (k, v, dk, dv) at once; fewer stages where head dim 256 or fp32 (no tensor cores: IEEE fp32 dots).
+    program owns and ``BLOCK_M`` the query block it loops over).
     """
     if device_type != "cuda":
         # The interpreter: small tiles so that tests with seqlen <= 130 cross several block edges,
         # and different M and N so that the bounds arithmetic of each axis is exercised on its own.
         block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
-    # Chosen by compiling for sm_90a here (no GPU to time them yet): the largest tiles whose registers fit.
+    # Chosen by compiling for sm_90a without a GPU (none to time them yet): HGMMA needs 64 rows per
+    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV); within that,
+    # the tiles that spill least. fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
     fp32 = dtype == torch.float32
-    if kind == "fwd":
-        if fp32:
-            tiles = (64, 32, 4, 2)
-        elif head_dim <= 64:
+    if fp32:
+        tiles = (32, 16, 4, 1) if head_dim <= 128 and kind in ("fwd", "decode") else (16, 16, 4, 1)
+    elif kind == "fwd":
+        if head_dim <= 64:
             tiles = (128, 64, 8, 3)
         elif head_dim <= 128:
             tiles = (128, 32, 8, 3)
         else:
             tiles = (64, 16, 8, 2)
     elif kind == "decode":
-        tiles = (16, 32, 4, 2) if fp32 or head_dim > 128 else (16, 64, 4, 3)
+        # 64 query rows even for one token: decoding is bound by reading the cache, not by the dots.
+        tiles = (64, 64, 4, 3) if head_dim <= 128 else (64, 32, 8, 2)
     elif kind == "bwd_dq":
-        if fp32 or head_dim > 128:
-            tiles = (32, 32, 4, 1)
-        else:
-            tiles = (64, 32, 4 if head_dim <= 64 else 8, 2)
-    elif fp32 or head_dim > 128:
-        tiles = (16, 32, 4, 1)
+        tiles = (64, 32, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else (64, 16, 8, 1)
     else:
-        tiles = (16, 64, 4, 2) if head_dim <= 64 else (32, 64, 8, 2)
+        tiles = (16, 64, 4, 2) if head_dim <= 64 else (16, 64, 8, 2) if head_dim <= 128 else (16, 64, 8, 1)
     block_m, block_n, num_warps, num_stages = tiles
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
