@@ -268,9 +268,9 @@ def _fwd_variants():
 
 register_kernel(
     _attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True,
-    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q on two warpgroups) and fp32's IEEE FMA dots "
-    "exceed 255 registers at every tile that still issues HGMMA (tried 16-128 rows, 4/8 warps); head dims <= 128 "
-    "in fp16/bf16 do not spill",
+    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q) exceeds 255 registers at every tile that "
+    "still issues HGMMA (tried 16-128 rows, 4/8 warps); the packed-sequence variant at head dim 128 spills 24 "
+    "bytes; dense fp16/bf16 at head dims <= 128 and decoding do not spill",
 )
 
 
@@ -392,8 +392,8 @@ def _bwd_dq_variants():
 
 register_kernel(
     _attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True,
-    spills_allowed="head dims > 64 and fp32 spill a little at every 64-row tile (HGMMA's minimum); "
-    "restructuring the dQ pass (TMA loads, fewer live tiles) is the known fix",
+    spills_allowed="head dim 128 causal (8 bytes), head dim 256 and fp32 at head dim 128 spill at every tile "
+    "tried that keeps HGMMA's 64 rows; restructuring the dQ pass (TMA loads, fewer live tiles) is the known fix",
 )
 
 
@@ -631,7 +631,7 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
             tiles = (64, 16, 8, 2)
     elif kind == "decode":
         # 64 query rows even for one token: decoding is bound by reading the cache, not by the dots.
-        tiles = (64, 64, 4, 3) if head_dim <= 128 else (64, 32, 8, 2)
+        tiles = (64, 64, 4, 3) if head_dim <= 64 else (64, 64, 8, 3) if head_dim <= 128 else (64, 32, 8, 2)
     elif kind == "bwd_dq":
         tiles = (64, 32, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else (64, 16, 8, 1)
     else:
