@@ -91,7 +91,7 @@ FASTLM_HD float bits_float(uint32_t u) {
 constexpr int kCodeSize = 256;
 // Midpoint table length: 255 midpoints, then +inf padding so quantize_lut's fixed number of
 // probes never reads out of range.
-constexpr int kLutProbes = 3;
+constexpr int kLutProbes = 1;
 constexpr int kMidPadded = kCodeSize - 1 + kLutProbes;
 // quantize_lut buckets |x| by its top 16 bits (sign, exponent, 7 mantissa bits), clamped to
 // [2^-26, 1]: kLutKeys buckets per sign, magnitudes below 2^-26 share the lowest one (no

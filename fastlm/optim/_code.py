@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 CODE_SIZE = 256
-LUT_PROBES = 3
+LUT_PROBES = 1
 MID_PADDED = CODE_SIZE - 1 + LUT_PROBES
 LUT_KEY_LO = (127 - 26) << 7  # top 16 bits of 2^-26
 LUT_KEY_HI = 127 << 7  # top 16 bits of 1.0
