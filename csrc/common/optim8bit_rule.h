@@ -20,11 +20,12 @@
 
 #include <stdint.h>
 
+#include <cmath>
+#include <cstring>
+
 #if defined(__CUDACC__)
 #define FASTLM_HD __host__ __device__ __forceinline__
 #else
-#include <cmath>
-#include <cstring>
 #define FASTLM_HD inline
 #endif
 
