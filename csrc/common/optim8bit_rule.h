@@ -64,6 +64,10 @@ FASTLM_HD float div_rn(float a, float b) {
 FASTLM_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
     return __fsqrt_rn(a);
+#elif defined(__GNUC__)
+    // The builtin, not std::sqrt: <cmath>'s out-of-line wrapper is compiled with other options
+    // than csrc/cpu/optim8bit.cpp's, so GCC would call it instead of inlining one instruction.
+    return __builtin_sqrtf(a);
 #else
     return std::sqrt(a);
 #endif
@@ -148,7 +152,7 @@ struct Hyper {
     float step_size;  // Adam/AdamW: lr / (1 - beta1^t); Lion: lr
     float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t); Lion: unused
     float decay;  // 1 - lr * weight_decay (decoupled: AdamW, Lion); 1 for Adam
-    float l2;  // coupled L2 weight decay added to the gradient (Adam); 0 otherwise
+    float l2;  // coupled L2 weight decay added to the gradient (Adam only)
 };
 
 enum Kind : int { kAdamW = 0, kAdam = 1, kLion = 2 };
@@ -156,8 +160,10 @@ enum Kind : int { kAdamW = 0, kAdam = 1, kLion = 2 };
 // ---- per-element updates (fp32), in place on m, v and p ------------------------------
 // Adam / AdamW: the moments, then p = p * decay - step_size * m / (sqrt(v) * inv_bc2_sqrt + eps)
 // (a multiplication by a host-computed reciprocal: no backend divides by a scalar).
-FASTLM_HD void adam_update(float g, float& p, float& m, float& v, const Hyper& h) {
-    if (h.l2 != 0.f) g = add_rn(g, mul_rn(h.l2, p));
+// coupled_l2 (Adam) adds l2 * p to the gradient first; callers pass a compile-time constant,
+// so the inlined loop has no branch left and vectorizes.
+FASTLM_HD void adam_update(float g, float& p, float& m, float& v, const Hyper& h, bool coupled_l2) {
+    if (coupled_l2) g = add_rn(g, mul_rn(h.l2, p));
     m = add_rn(mul_rn(h.beta1, m), mul_rn(h.one_minus_beta1, g));
     v = add_rn(mul_rn(h.beta2, v), mul_rn(mul_rn(h.one_minus_beta2, g), g));
     const float denom = add_rn(mul_rn(sqrt_rn(v), h.inv_bias_correction2_sqrt), h.eps);

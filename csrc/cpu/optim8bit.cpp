@@ -10,6 +10,8 @@
 
 // The rule must round every fp32 operation once, as its PyTorch reference does: no fused
 // multiply-adds invented by the compiler in this file (GCC fuses by default in C++ mode).
+// (The update loop also needs -fno-math-errno, in CPU_CFLAGS: an errno-setting sqrt is a
+// branch that blocks vectorization, and GCC ignores that option in a pragma.)
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -84,14 +86,14 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
                 float m = rule::dequantize(code1, q1[off + i], scale1);
                 if constexpr (kTwoMoments) {
                     float v = rule::dequantize(code2, q2[off + i], scale2);
-                    rule::adam_update(g, p, m, v, hp);
+                    rule::adam_update(g, p, m, v, hp, Kind == rule::kAdam);
                     sv[i] = v;
                     amax2 = std::max(amax2, v);
                 } else {
                     rule::lion_update(g, p, m, hp);
                 }
                 sm[i] = m;
-                amax1 = std::max(amax1, std::fabs(m));
+                amax1 = std::max(amax1, __builtin_fabsf(m));
                 param[off + i] = store<T, Stochastic>(p, key, off + i);
             }
             absmax1[b] = amax1;

@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(1024) optim8bit_kernel(StepArgs args) {
                 m[j] = dequantize(code1, c1[j], scale1);
                 if constexpr (kTwoMoments) {
                     v[j] = dequantize(code2, c2[j], scale2);
-                    adam_update(to_float(g_in[j]), p, m[j], v[j], h);
+                    adam_update(to_float(g_in[j]), p, m[j], v[j], h, Kind == kAdam);
                     amax2 = fmaxf(amax2, v[j]);
                 } else {
                     lion_update(to_float(g_in[j]), p, m[j], h);

@@ -65,9 +65,9 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
-def adam_update(g, p, m, v, h: Hyper):
-    """New (p, m, v) of Adam/AdamW; ``h.l2`` is Adam's coupled weight decay."""
-    if h.l2 != 0.0:
+def adam_update(g, p, m, v, h: Hyper, coupled_l2: bool):
+    """New (p, m, v) of Adam/AdamW; with ``coupled_l2`` (Adam) ``h.l2 * p`` joins the gradient."""
+    if coupled_l2:
         g = g + p * h.l2
     m = m * h.beta1 + g * h.one_minus_beta1
     v = v * h.beta2 + (g * h.one_minus_beta2) * g
@@ -176,7 +176,7 @@ def step_8bit(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tabl
     else:
         values2 = tables2[0]
         v = dequantize(state2, values2, absmax2, block_size)
-        p, m, v = adam_update(g, p, m, v, hyper)
+        p, m, v = adam_update(g, p, m, v, hyper, kind == ADAM)
         q2, a2 = requantize(v, values2, block_size)
         state2.copy_(q2)
         absmax2.copy_(a2)
@@ -194,7 +194,7 @@ def step_fp32(kind, param, grad, exp_avg, exp_avg_sq, hyper, seed, step, stochas
     if kind == LION:
         p, m_new = lion_update(g, p, m, hyper)
     else:
-        p, m_new, v_new = adam_update(g, p, m, exp_avg_sq.view(-1), hyper)
+        p, m_new, v_new = adam_update(g, p, m, exp_avg_sq.view(-1), hyper, kind == ADAM)
         exp_avg_sq.view(-1).copy_(v_new)
     m.copy_(m_new)
     store_param(param, p, stochastic_rounding, seed, step)
