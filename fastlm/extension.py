@@ -117,7 +117,9 @@ def _load_cuda():
             extra_cflags=list(CUDA_CFLAGS),
             extra_cuda_cflags=list(CUDA_NVCC_FLAGS),
             extra_include_paths=[str(root)],
-            build_directory=str(_build_dir("fastlm_cuda", sources, CUDA_CFLAGS + CUDA_NVCC_FLAGS + (arch,))),
+            # The .cuh headers join the cache key (_build_dir hashes only the sources and *.h).
+            build_directory=str(_build_dir("fastlm_cuda", sources + sorted(root.rglob("*.cuh")),
+                                           CUDA_CFLAGS + CUDA_NVCC_FLAGS + (arch,))),
             verbose=False,
         )
     except Exception as exc:  # the compiler's output is in the message

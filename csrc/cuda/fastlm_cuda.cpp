@@ -8,7 +8,7 @@
 #include <optional>
 #include <vector>
 
-#include "cuda/optim8bit.cuh"
+#include "optim8bit.cuh"
 
 namespace {
 

@@ -12,7 +12,7 @@
 
 #include <type_traits>
 
-#include "cuda/optim8bit.cuh"
+#include "optim8bit.cuh"
 
 namespace fastlm {
 namespace optim8bit {

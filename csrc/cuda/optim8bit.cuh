@@ -6,7 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "common/optim8bit_rule.h"
+#include "../common/optim8bit_rule.h"
 
 namespace fastlm {
 namespace optim8bit {
