@@ -8,7 +8,8 @@ quantizing them would only add error).
 
 Backends (``fastlm.backend``): ``cpp`` (CPU tensors), ``cuda`` (CUDA tensors; the CUDA C++
 extension is compiled on first use) and ``torch`` (``fastlm.optim._rule``, the reference the
-kernels match bit for bit).
+kernels match bit for bit). ``CPUOffloadAdamW8bit`` keeps the states of GPU parameters in CPU
+memory and updates them with the CPU kernel.
 """
 
 import torch
@@ -109,22 +110,27 @@ class _Optimizer8bit(torch.optim.Optimizer):
         flat = [p for group in self.param_groups for p in group["params"]]
         return next(i for i, p in enumerate(flat) if p is param)
 
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        """Where the states of ``param`` live (the offloading subclass keeps them on the CPU)."""
+        return param.device
+
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         n = param.numel()
+        device = self._state_device(param)
         state = {"step": 0, "seed": self._param_index(param)}
         two_moments = self._kind != LION
         if n >= group["min_8bit_size"]:
             blocks = -(-n // group["block_size"])
             # Zero codes with zero absmax dequantize to exactly 0, as fp32 states start.
-            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=param.device)
-            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=device)
+            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=device)
             if two_moments:
-                state["state2"] = torch.zeros(n, dtype=torch.uint8, device=param.device)
-                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                state["state2"] = torch.zeros(n, dtype=torch.uint8, device=device)
+                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=device)
         else:
-            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=device)
             if two_moments:
-                state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=param.device)
+                state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
         return state
 
     @torch.no_grad()
@@ -153,21 +159,25 @@ class _Optimizer8bit(torch.optim.Optimizer):
     def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
         # The kernels take contiguous tensors; a non-contiguous parameter is updated through a copy.
         target = param.data if param.is_contiguous() else param.data.contiguous()
-        grad = param.grad.contiguous()
+        self._update_contiguous(target, param.grad.contiguous(), state, group, hyper)
+        if target is not param.data:
+            param.data.copy_(target)
+
+    def _update_contiguous(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                           hyper: _rule.Hyper) -> None:
+        """One step on contiguous ``param`` and ``grad``, on the device they and the states share."""
         stochastic = group["bf16_stochastic_rounding"] and param.dtype == torch.bfloat16
         if "state1" in state:
             two_moments = self._kind != LION
             tables1 = tables(True, param.device)
             tables2 = tables(False, param.device) if two_moments else None
             impl = backend.select("optim8bit_step", param.device)
-            impl(self._kind, target, grad, state["state1"], state["absmax1"], state.get("state2"),
+            impl(self._kind, param, grad, state["state1"], state["absmax1"], state.get("state2"),
                  state.get("absmax2"), tables1, tables2, group["block_size"], hyper, state["seed"], state["step"],
                  stochastic)
         else:
-            _rule.step_fp32(self._kind, target, grad, state["exp_avg"], state.get("exp_avg_sq"), hyper,
+            _rule.step_fp32(self._kind, param, grad, state["exp_avg"], state.get("exp_avg_sq"), hyper,
                             state["seed"], state["step"], stochastic)
-        if target is not param.data:
-            param.data.copy_(target)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but states keep their dtypes (torch would cast uint8 codes and fp32 absmax
@@ -180,7 +190,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 if index not in saved_state:
                     continue
                 self.state[param] = {
-                    key: value.to(device=param.device, copy=True) if isinstance(value, torch.Tensor) else value
+                    key: value.to(device=self._state_device(param), copy=True) if isinstance(value, torch.Tensor)
+                    else value
                     for key, value in saved_state[index].items()
                 }
 
@@ -221,3 +232,39 @@ class Lion8bit(_Optimizer8bit):
                  bf16_stochastic_rounding=False):
         super().__init__(params, lr, betas, 0.0, weight_decay, block_size, min_8bit_size,
                          bf16_stochastic_rounding)
+
+
+class CPUOffloadAdamW8bit(AdamW8bit):
+    """AdamW8bit whose states live in CPU memory and whose update runs on the CPU kernel, for
+    models whose optimizer states do not fit the GPU.
+
+    Per GPU parameter and step: the gradient and the parameter are copied into pinned host
+    buffers, the CPU kernel updates them with the CPU-resident states, and the parameter is
+    copied back (asynchronously; the stream orders it before the next use). The CPU and CUDA
+    kernels compute the same bits (tests/gpu/test_optim_cuda.py), so training matches
+    AdamW8bit on the GPU; state dicts are interchangeable. CPU parameters are updated in place
+    as by AdamW8bit. The update does not yet overlap the backward pass.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        # Pinned staging buffers per parameter: scratch, not state (never saved).
+        self._host: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        return torch.device("cpu")
+
+    def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
+        if param.device.type == "cpu":
+            super()._update(param, state, group, hyper)
+            return
+        if param not in self._host:
+            pinned = torch.cuda.is_available()
+            self._host[param] = tuple(
+                torch.empty(param.shape, dtype=param.dtype, pin_memory=pinned) for _ in range(2)
+            )
+        host_param, host_grad = self._host[param]
+        host_param.copy_(param.detach())  # synchronous: the host reads them next
+        host_grad.copy_(param.grad)
+        self._update_contiguous(host_param.view(-1), host_grad.view(-1), state, group, hyper)
+        param.data.copy_(host_param, non_blocking=True)

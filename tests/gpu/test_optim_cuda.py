@@ -96,3 +96,26 @@ def test_bf16_stochastic_rounding_on_cuda_does_not_stall():
     Lion8bit([p], lr=1e-4, bf16_stochastic_rounding=True).step()
     sigma = 2**-8 * 0.16 / n**0.5
     assert abs(p.double().mean().item() - (1 - 1e-4)) < 5 * sigma
+
+
+def test_cpu_offload_matches_adamw8bit_on_the_gpu():
+    from fastlm.optim import CPUOffloadAdamW8bit
+
+    torch.manual_seed(1)
+    start = [torch.randn(300, 70), torch.randn(257), torch.randn(70, 300).t()]  # small, odd, non-contiguous
+    grads = [[torch.randn_like(s) for s in start] for _ in range(4)]
+    finals = []
+    for cls in (AdamW8bit, CPUOffloadAdamW8bit):
+        params = [torch.nn.Parameter(s.cuda()) for s in start]
+        opt = cls(params, lr=1e-2, min_8bit_size=1000)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.cuda()
+            opt.step()
+        if cls is CPUOffloadAdamW8bit:
+            assert all(v.device.type == "cpu" for s in opt.state.values() for v in s.values()
+                       if isinstance(v, torch.Tensor))
+            assert all(buf.is_pinned() for bufs in opt._host.values() for buf in bufs)
+        finals.append([p.detach().cpu() for p in params])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)

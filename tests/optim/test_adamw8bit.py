@@ -481,3 +481,20 @@ def test_cuda_backend_is_unavailable_without_a_gpu():
     p.grad = torch.randn(5000)
     with fastlm.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
         AdamW8bit([p]).step()
+
+
+def test_cpu_offload_keeps_states_on_cpu_and_matches_adamw8bit():
+    """On CPU parameters the offloading optimizer is AdamW8bit; its state dict loads into either."""
+    data = regression_data()
+    results = []
+    for cls in (AdamW8bit, fastlm.optim.CPUOffloadAdamW8bit):
+        torch.manual_seed(12)
+        model = tiny_mlp()
+        opt = cls(model.parameters(), lr=1e-2, min_8bit_size=100)
+        train(model, opt, data, steps=3)
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state_dict()))
+    assert torch.equal(results[0][0], results[1][0])
+    model = tiny_mlp()
+    opt = fastlm.optim.CPUOffloadAdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=100)
+    opt.load_state_dict(results[0][1])
+    assert all(v.device.type == "cpu" for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
