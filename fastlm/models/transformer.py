@@ -204,12 +204,13 @@ class Transformer(nn.Module):
                                            ignore_index=ignore_index, num_items=num_items)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameters, each shared tensor once; optionally without the token/position tables."""
+        """Parameters, each shared tensor once; optionally without the token and position tables
+        (a tied output head is the token table, so it goes too)."""
         params = {id(p): p for p in self.parameters()}
         if exclude_embeddings:
             for table in (self.tok_emb, self.pos_emb):
-                if table is not None and (table is not self.tok_emb or self.head is not None):
-                    params.pop(id(table.weight), None)
+                if table is not None:
+                    params.pop(id(table.weight))
         return sum(p.numel() for p in params.values())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

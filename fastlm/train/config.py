@@ -57,7 +57,7 @@ class DataConfig:
     token and 10% stay unchanged (BERT)."""
     cache_dir: str | None = None
     """Where trained tokenizers and token files are cached (keyed by content hash); None:
-    $FASTLM_CACHE or ~/.cache/fastlm."""
+    $FASTLM_CACHE_DIR or ~/.cache/fastlm (where the C++ kernels are cached too)."""
 
 
 @dataclass

@@ -46,7 +46,7 @@ def shipped_corpus() -> Path:
 def cache_root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir)
-    return Path(os.environ.get("FASTLM_CACHE", Path.home() / ".cache" / "fastlm"))
+    return Path(os.environ.get("FASTLM_CACHE_DIR", Path.home() / ".cache" / "fastlm"))
 
 
 def _kind(path: Path) -> str | None:
