@@ -229,7 +229,7 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     window_start, window_tokens = start, 0
     train_loss = val_loss = float("nan")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
@@ -312,15 +312,15 @@ def train(cfg: Config) -> dict:
     val_loss = evaluate(model, val_batches, device, autocast)
     log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
-    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
+    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss, "val_loss": val_loss,
                "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy, "params": n_params,
                "checkpoint": str(path), "sample": sample, "exit_code": 0}
     log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
-    print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s this session; train loss "
-          f"{train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
+    print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
+          f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
           f"{entropy:.3f} nats/token; checkpoint {path}")
     if sample:
         print(f"--- sample ({'fill-mask' if not model.cfg.causal else 'generated'}) ---\n{sample}\n---")
