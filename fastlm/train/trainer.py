@@ -102,9 +102,14 @@ def _check_resume(out: Path, cfg: Config):
     return last
 
 
+# Model fields that change only how the computation runs, not the model: free to differ on resume.
+_RUNTIME_MODEL_FIELDS = {"activation_checkpointing"}
+
+
 def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> None:
     ours = current.to_dict()
-    diffs = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items() if saved.get(k) != v]
+    diffs = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
+             if saved.get(k) != v and k not in _RUNTIME_MODEL_FIELDS]
     if diffs:
         raise UserError(f"checkpoint {where} is from another model config ({'; '.join(diffs[:3])}); resume with "
                         "the settings it was trained with, or use another --out")
