@@ -226,3 +226,23 @@ def test_module_entry_point_reports_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"fastlm-train: error: data path {tmp_path / 'nope'} does not exist; pass --data FILE_OR_DIR (.txt, .md, "
         ".jsonl, optionally .gz)"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(corpus, cache, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = tiny_args(corpus, cache, out, "--steps", "100000", "--checkpoint.every=0", "--eval.every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "fastlm.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    (saved,) = checkpoint.checkpoint_dirs(out)
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert state["reason"] == "SIGTERM" and state["step"] >= 2 and "Traceback" not in err
