@@ -189,3 +189,16 @@ def test_config_rejects_bad_shapes():
     with pytest.raises(ValueError, match="model.norm must be one of"):
         ModelConfig(norm="batchnorm")
     assert ModelConfig.llama(d_model=96, n_heads=4).d_ff == 256  # 8/3 * 96 rounded up to 64
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_runs_under_bf16_autocast(family):
+    """The GPU training path's dtype plumbing (bf16 branches joining an fp32 residual stream, fused
+    norms on mixed dtypes), exercised with CPU autocast."""
+    model = Transformer(FAMILIES[family](**SMALL))
+    inputs, targets, cu, max_seqlen = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(inputs, targets, cu, max_seqlen)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
