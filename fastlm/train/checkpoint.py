@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from fastlm.train.config import UserError
@@ -85,7 +86,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint file {path} is unreadable ({exc}); resume from another --out or start fresh")
+        raise UserError(f"checkpoint file {path} is unreadable ({exc}); resume from another --out or start fresh") from None
 
 
 def load(path: Path, model, optimizer) -> dict:
@@ -93,12 +94,20 @@ def load(path: Path, model, optimizer) -> dict:
     path = Path(path)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot load {path / 'model.safetensors'} ({str(exc).splitlines()[0]}); the checkpoint does "
                         "not match this model: use the settings it was trained with, or another --out") from None
     if missing or unexpected:
         raise UserError(f"{path / 'model.safetensors'} does not match this model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}); use the settings it was trained with, or another --out")
+    try:
+        return _load_states(path, optimizer)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from another --out or start fresh") from None
+
+
+def _load_states(path: Path, optimizer) -> dict:
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = read_json(path / "optimizer.json")
     state: dict = {}

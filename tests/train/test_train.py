@@ -217,6 +217,9 @@ def test_checkpoints_are_never_touched_by_a_wrong_run(corpus, cache, tmp_path, c
     assert main(tiny_args(corpus, cache, tmp_path / "empty_out", "--resume")) == 2
     assert "no checkpoint" in _error_line(capsys)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (checkpoint.latest(out) / "optimizer.safetensors").write_bytes(b"truncated")
+    assert main(tiny_args(corpus, cache, out, "--steps", "6", "--resume")) == 2
+    assert "is incomplete or corrupt" in _error_line(capsys)
 
 
 def test_module_entry_point_reports_one_line(tmp_path):
