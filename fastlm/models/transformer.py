@@ -159,8 +159,9 @@ class Transformer(nn.Module):
         attention stays within each, positions restart at each (unless ``position_ids`` is given).
         """
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len and cu_seqlens is None:
-            raise ValueError(f"input has {T} tokens per row but model.max_seq_len is {self.cfg.max_seq_len}")
+        longest = T if cu_seqlens is None else max_seqlen
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"input has sequences of {longest} tokens but model.max_seq_len is {self.cfg.max_seq_len}")
         if position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
