@@ -75,7 +75,8 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got d_model / n_heads = {self.head_dim}")
         choices = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "mlp": ("swiglu", "gelu")}

@@ -1,8 +1,9 @@
 """The seams between the model and the fused ops: attention, the MLP activations, RoPE, the loss.
 
-Each function here has exactly the signature of the fastlm op it stands for and, until that op
-lands, computes the same thing in plain PyTorch. Switching the model to the fused op is one
-line per seam (``attention = fastlm.attention`` ...). Layouts follow FlashAttention:
+Each ``*_torch`` function here has exactly the signature of the fastlm op it stands for and
+computes the same thing in plain PyTorch; the model calls the names bound at the end of this
+file. Switching the model to a fused op is one line there (``attention = fastlm.attention``).
+Layouts follow FlashAttention:
 ``(batch, seqlen, nheads, headdim)``, or packed ``(total_tokens, nheads, headdim)`` with
 ``cu_seqlens`` (int32, ``[0, len_0, len_0 + len_1, ..., total]``) marking the sequences.
 """
@@ -12,13 +13,14 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- attention (seam: fastlm.attention)
-def attention(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-              max_seqlen_q=None, max_seqlen_k=None):
+def attention_torch(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q=None, max_seqlen_k=None):
     """Softmax attention; GQA when k/v have fewer heads than q (nheads must be a multiple of them).
 
     Dense: q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> (B, Tq, H, D).
     Varlen: q (total_q, H, D), k/v (total_k, Hkv, D) with cu_seqlens_q/k and max_seqlen_q/k;
     each sequence attends only within itself -> (total_q, H, D).
+    dropout_p drops attention probabilities (model.attn_dropout; the model passes 0 in eval).
     """
     if cu_seqlens_q is None:
         return _sdpa(q, k, v, causal, softmax_scale, dropout_p, None)
@@ -60,18 +62,18 @@ def _sdpa(q, k, v, causal, softmax_scale, dropout_p, mask):
 
 
 # ------------------------------------------------------ MLP activations (seams: fastlm.swiglu, GELU)
-def swiglu(gate, up):
+def swiglu_torch(gate, up):
     """silu(gate) * up, elementwise."""
     return F.silu(gate) * up
 
 
-def gelu(x):
+def gelu_torch(x):
     """GELU, tanh approximation (GPT-2's and BERT's)."""
     return F.gelu(x, approximate="tanh")
 
 
 # ------------------------------------------------------------------------ RoPE (seam: fastlm.rope)
-def rope(q, k, cos, sin, position_ids=None, interleaved=False):
+def rope_torch(q, k, cos, sin, position_ids=None, interleaved=False):
     """Rotate q (..., T, H, D) and k (..., T, Hkv, D) by their positions; returns (q, k).
 
     cos, sin: (max_seqlen, D // 2). Position t uses row ``position_ids[..., t]`` (shape
@@ -101,8 +103,8 @@ def rope_cache(max_seqlen, head_dim, theta, device=None):
 
 
 # --------------------------------------------------------- loss (seam: fastlm.linear_cross_entropy)
-def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         z_loss=0.0, num_items=None):
+def linear_cross_entropy_torch(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, z_loss=0.0, num_items=None):
     """cross_entropy(hidden @ weight.T + bias, target): hidden (N, C), weight (V, C), target (N,).
 
     z_loss adds z_loss * logsumexp(logits)^2 per token (PaLM). num_items, when given, divides
@@ -120,3 +122,12 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (num_items if num_items is not None else valid.sum().clamp(min=1))
+
+
+# ------------------------------------------------------------------------------------- the seams
+# What the model calls. Each becomes the fused op, same signature, when that op lands.
+attention = attention_torch  # -> fastlm.attention
+swiglu = swiglu_torch  # -> fastlm.swiglu
+gelu = gelu_torch  # -> the fused GELU of fastlm.nn.GELUMLP
+rope = rope_torch  # -> fastlm.rope
+linear_cross_entropy = linear_cross_entropy_torch  # -> fastlm.linear_cross_entropy

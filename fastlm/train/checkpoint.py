@@ -86,7 +86,8 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint file {path} is unreadable ({exc}); resume from another --out or start fresh") from None
+        raise UserError(f"checkpoint file {path} is unreadable ({exc}); resume from another --out or start "
+                        "fresh") from None
 
 
 def load(path: Path, model, optimizer) -> dict:
@@ -103,8 +104,9 @@ def load(path: Path, model, optimizer) -> dict:
     try:
         return _load_states(path, optimizer)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); resume from another --out or start fresh") from None
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: {detail}); resume from "
+                        "another --out or start fresh") from None
 
 
 def _load_states(path: Path, optimizer) -> dict:

@@ -126,7 +126,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500
-    """Steps between checkpoints (one is also written at the end, at --stop-at and on Ctrl-C / SIGTERM); 0: only those."""
+    """Steps between checkpoints (one is also written at the end, at --stop-at and on Ctrl-C / SIGTERM);
+    0: only those."""
     keep_last: int = 2
     """Checkpoints kept in --out/checkpoints; older ones are deleted after a new one is complete."""
 

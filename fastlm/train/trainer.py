@@ -319,9 +319,9 @@ def train(cfg: Config) -> dict:
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
-    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss, "val_loss": val_loss,
-               "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy, "params": n_params,
-               "checkpoint": str(path), "sample": sample, "exit_code": 0}
+    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
+               "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
+               "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
     log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
     print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
