@@ -1,5 +1,8 @@
 """Drop-in modules built on fastlm's ops."""
 
+from fastlm.nn.mlp import GELUMLP, SwiGLUMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
+from fastlm.nn.rope import RotaryEmbedding
 
 __all__ = ["LayerNorm", "RMSNorm"]
+__all__ += ["SwiGLUMLP", "GELUMLP", "RotaryEmbedding"]

@@ -1,5 +1,8 @@
 """fastlm's ops, one module each; importing this registers them all with the dispatcher."""
 
+from fastlm.ops.activation import geglu, geglu_ref, gelu, gelu_ref, swiglu, swiglu_ref
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from fastlm.ops.rope import rope, rope_ref
 
 __all__ = ["layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref"]
+__all__ += ["swiglu", "swiglu_ref", "geglu", "geglu_ref", "gelu", "gelu_ref", "rope", "rope_ref"]
