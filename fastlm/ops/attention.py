@@ -76,8 +76,9 @@ def _variant(kernel, kind, dtype, head_dim, pointers, floats=(), nones=(), label
             signature[name] = "fp32" if name in floats else "i32"
     fixed.update(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(dtype),
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **constexprs)
+    # fp32 dots are exact IEEE (no tensor cores); fp16/bf16 must issue HGMMA.
     return Variant(signature, fixed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                   label=f"{dt} d={head_dim} {label}".strip())
+                   label=f"{dt} d={head_dim} {label}".strip(), tensor_cores=None if dtype != torch.float32 else False)
 
 
 def _train_variants(kernel, kind, pointers, floats):
