@@ -1194,8 +1194,11 @@ def _ref_core(q, k, v, scale, mask, keep, dropout_p):
 
 
 def attention_ref(q, k, v, causal=False, softmax_scale=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                  dropout_p=0.0, dropout_mask=None, return_lse=False):
+                  dropout_p=0.0, dropout_mask=None, return_lse=False, max_seqlen_q=None, max_seqlen_k=None):
     """Plain PyTorch attention with explicit masks, computed in the inputs' dtype (fp64 in, fp64 math).
+
+    Takes ``attention``'s keywords, so either can be passed where the other is expected;
+    ``max_seqlen_q/k`` are accepted and unused (the lengths come from ``cu_seqlens``).
 
     ``dropout_mask`` (batch, heads, seqlen_q, seqlen_k; dense only) is the keep-mask to apply, scaled
     by ``1 / (1 - dropout_p)``. Differentiable; tests, benchmarks and the torch backend's dropout use it.

@@ -257,11 +257,20 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     hidden (..., dim), weight (vocab, dim), bias (vocab,) or None, target (...) int64/int32.
     The options are ``fastlm.cross_entropy``'s (``num_items``: the global target-token count
     for gradient accumulation). ``chunk_size``: tokens per chunk (see the module docstring for
-    the default rule). Gradients flow to hidden, weight and bias; the loss is fp32.
+    the default rule). Gradients flow to hidden, weight and bias; the loss is fp32. Under
+    autocast, hidden, weight and bias are cast to the autocast dtype, as ``F.linear``'s are.
     """
     fn = "linear_cross_entropy"
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{fn}: hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and isinstance(weight, torch.Tensor):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(
+                hidden.to(dtype), weight.to(dtype), target, bias.to(dtype) if bias is not None else None,
+                ignore_index, reduction, label_smoothing, z_loss, num_items, chunk_size,
+            )
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{fn}: hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
     if hidden.dim() < 2:

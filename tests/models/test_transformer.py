@@ -1,5 +1,5 @@
-"""fastlm.models: the Transformer against itself on the torch reference ops, the seams against
-plain formulas, init, parameter and FLOP counts, and that it learns."""
+"""fastlm.models: the Transformer on the fused ops against itself on the torch backend and on
+the float64 references, packing, init, parameter and FLOP counts, and that it learns."""
 
 import math
 
@@ -8,15 +8,17 @@ import torch
 
 import fastlm
 from fastlm.models import ModelConfig, Transformer, layers
+from fastlm.ops import attention_ref, gelu_ref, linear_cross_entropy_ref, rope_ref, swiglu_ref
 from fastlm.ops.norm import layer_norm_ref, rms_norm_ref
 from fastlm.testing import assert_matches_reference
 
 FAMILIES = {
     "llama-gqa": lambda **kw: ModelConfig.llama(n_heads=4, n_kv_heads=2, **kw),
-    "gpt2": lambda **kw: ModelConfig.gpt2(n_heads=3, **kw),
-    "bert": lambda **kw: ModelConfig.bert(n_heads=3, **kw),
+    "gpt2": lambda **kw: ModelConfig.gpt2(n_heads=4, **kw),
+    "bert": lambda **kw: ModelConfig.bert(n_heads=4, **kw),
 }
-SMALL = dict(vocab_size=97, d_model=24, n_layers=2, max_seq_len=32)
+# Head dim 8: fastlm.attention takes multiples of 8.
+SMALL = dict(vocab_size=97, d_model=32, n_layers=2, max_seq_len=32)
 
 
 def _batch(B=3, T=13, V=97):
@@ -37,9 +39,9 @@ def _loss_and_grads(model, inputs, targets, cu_seqlens, max_seqlen):
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
-    """The model on fastlm's default backend (C++ norms on CPU) vs the same model on the torch
-    backend, both fp32, against the float64 model (FlashAttention rule). The fused norms take
-    no float64, so the float64 model runs their references."""
+    """The model on fastlm's default backend (the C++ kernels on CPU) vs the same model on the
+    torch backend, both fp32, against the float64 model (FlashAttention rule). The fused ops
+    take no float64, so the float64 model runs their references."""
     model = Transformer(FAMILIES[family](**SMALL))
     inputs, targets, cu, max_seqlen = _batch()
     if not packed:
@@ -51,68 +53,16 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
     ref_model.load_state_dict(model.state_dict())
     monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
     monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
+    monkeypatch.setattr(layers, "attention", attention_ref)
+    monkeypatch.setattr(layers, "swiglu", swiglu_ref)
+    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
+    monkeypatch.setattr(layers, "rope", rope_ref)
+    monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
     ref_loss, ref_grads = _loss_and_grads(ref_model, inputs, targets, cu, max_seqlen)
     assert_matches_reference("loss", loss, ref_loss, base_loss, torch.float32)
     for name in grads:
         assert_matches_reference(f"grad {name}", grads[name], ref_grads[name], base_grads[name], torch.float32,
                                  grad=True)
-
-
-def _attention_formula(q, k, v, causal):
-    """softmax(q k^T / sqrt(D)) v for one sequence, (T, H, D), in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
-
-
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_varlen_attention_is_per_document_attention(causal):
-    cu = torch.tensor([0, 3, 10, 11, 24], dtype=torch.int32)
-    q = torch.randn(24, 4, 8)
-    k, v = torch.randn(24, 2, 8), torch.randn(24, 2, 8)
-    out = layers.attention(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=13, max_seqlen_k=13)
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        expected = _attention_formula(q[s:e], k[s:e], v[s:e], causal)
-        torch.testing.assert_close(out[s:e].double(), expected, atol=1e-5, rtol=1e-5)
-    dense = layers.attention(q[None, 3:10], k[None, 3:10], v[None, 3:10], causal=causal)[0]
-    torch.testing.assert_close(dense, out[3:10], atol=1e-5, rtol=1e-5)
-
-
-def test_rope_rotates_pairs_by_position_angle():
-    cos, sin = layers.rope_cache(16, 6, 10000.0)
-    q, k = torch.randn(2, 5, 3, 6), torch.randn(2, 5, 1, 6)
-    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
-    rq, rk = layers.rope(q, k, cos, sin, position_ids=positions)
-    for b in range(2):
-        for t in range(5):
-            p = positions[b, t].item()
-            for i in range(3):
-                angle = p / 10000.0 ** (2 * i / 6)
-                x1, x2 = q[b, t, :, i], q[b, t, :, i + 3]
-                torch.testing.assert_close(rq[b, t, :, i], x1 * math.cos(angle) - x2 * math.sin(angle))
-                torch.testing.assert_close(rq[b, t, :, i + 3], x1 * math.sin(angle) + x2 * math.cos(angle))
-    # Rotation preserves norms, and q.k depends only on the position difference.
-    torch.testing.assert_close(rk.norm(dim=-1), k.norm(dim=-1))
-    q1, k1 = layers.rope(q[:, :1], k[:, :1], cos, sin, position_ids=torch.tensor([[2]]))
-    q2, k2 = layers.rope(q[:, :1], k[:, :1], cos, sin, position_ids=torch.tensor([[9]]))
-    torch.testing.assert_close((q1[..., :1, :] * k1).sum(-1), (q2[..., :1, :] * k2).sum(-1), atol=1e-5, rtol=1e-5)
-
-
-def test_linear_cross_entropy_matches_cross_entropy_of_logits():
-    h, w, b = torch.randn(11, 8, dtype=torch.float64), torch.randn(19, 8, dtype=torch.float64), torch.randn(19)
-    target = torch.randint(0, 19, (11,))
-    target[3] = -100
-    logits = h @ w.T + b.double()
-    expected = torch.nn.functional.cross_entropy(logits, target)
-    torch.testing.assert_close(layers.linear_cross_entropy(h, w, target, bias=b.double()), expected.float())
-    z = torch.logsumexp(logits, -1)[target != -100].square().sum()
-    total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-    torch.testing.assert_close(layers.linear_cross_entropy(h, w, target, bias=b.double(), z_loss=1e-2, num_items=7),
-                               ((total + 1e-2 * z) / 7).float())
 
 
 def test_packed_positions_restart_at_each_document():
