@@ -5,7 +5,9 @@ Importing fastlm compiles nothing and queries no GPU; kernels are built on first
 
 from fastlm import nn
 from fastlm.backend import backend_info, use_backend
+from fastlm.ops import attention, attention_ref, attention_with_kvcache
 from fastlm.ops import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 __all__ = ["backend_info", "use_backend", "layer_norm", "rms_norm", "nn", "__version__"]
+__all__ += ["attention", "attention_ref", "attention_with_kvcache"]

@@ -1,5 +1,7 @@
 """fastlm's ops, one module each; importing this registers them all with the dispatcher."""
 
+from fastlm.ops.attention import attention, attention_ref, attention_with_kvcache
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 
 __all__ = ["layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref"]
+__all__ += ["attention", "attention_ref", "attention_with_kvcache"]

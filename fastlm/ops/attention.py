@@ -1,0 +1,1210 @@
+"""Scaled dot-product attention, flash style: dense, causal, GQA/MQA, packed sequences,
+sliding windows, dropout, and KV-cache decoding.
+
+    out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h // group]) * v[b, j, h // group]
+
+over the keys j that query i may see. Layout ``(batch, seqlen, nheads, headdim)`` as
+FlashAttention's ``flash_attn_func``; with ``cu_seqlens_q/k`` the sequences are packed
+``(total_tokens, nheads, headdim)`` and never attend across a boundary.
+
+Visibility: ``diag = seqlen_k - seqlen_q`` aligns the last query with the last key (the
+bottom-right corner, as FlashAttention >= 2.1). Query i sees key j when
+``i + diag - left <= j <= i + diag + right``; ``causal`` is ``right = 0``, and -1 means
+unbounded. A query that sees no key outputs zeros and its log-sum-exp is ``+inf`` (as in
+FlashAttention: the backward's ``exp(s - lse)`` is then 0, never NaN).
+
+Triton: the forward keeps a running max and sum per query row (online softmax, fp32
+accumulators) and visits only the key blocks a query block can see, masking only the
+blocks on the edges of the visible band. The backward recomputes the probabilities from
+the saved log-sum-exp in two passes with no atomics, so it is deterministic: one over
+query blocks for dQ (which also forms ``delta = rowsum(dO * O)``), then one over key
+blocks for dK/dV, each program looping over every query head of its key/value head.
+``deterministic=False`` therefore selects the same kernels. Dropout draws Philox numbers
+in the kernel from a seed taken from the torch RNG; the backward regenerates them.
+
+CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
+flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
+sequence per call (no block-diagonal mask to build). Its backward recomputes from
+the saved log-sum-exp in fp32, a query chunk at a time (the flash backward written in PyTorch).
+The log-sum-exp is computed the same way in the forward.
+
+Decoding (``attention_with_kvcache``): the new keys/values are written into the cache at
+each sequence's length, then the forward kernel runs split along the key axis (flash
+decoding) so that one query token still fills the GPU, and a combine kernel merges the
+splits by their log-sum-exp.
+"""
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastlm import alloc, backend
+from fastlm._triton import tl, triton
+from fastlm.kernel_registry import Variant, register_kernel
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+# Query rows per chunk when the torch backend forms the log-sum-exp (bounds its memory).
+_LSE_CHUNK = 1024
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+# Kernel variants the compile gate builds (see fastlm.kernel_registry), taken from the launchers'
+# own choices: every dtype and the common head dims, causal and not, plus one each of the
+# optional paths (window, packed sequences, dropout, decoding).
+_VARIANT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_VARIANT_HEAD_DIMS = (64, 128, 256)
+
+
+def _variant(kernel, kind, dtype, head_dim, pointers, floats=(), nones=(), label="", **constexprs):
+    """One Variant: ``pointers`` maps pointer args to element types (None: the input dtype); other ints are i32."""
+    dt = _VARIANT_DTYPES[dtype]
+    cfg = _config(kind, head_dim, dtype, "cuda")
+    signature, fixed = {}, {}
+    for name, param in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
+        if param.annotation is tl.constexpr:
+            continue
+        if name in nones:
+            fixed[name] = None
+        elif name in pointers:
+            signature[name] = "*" + (pointers[name] or dt)
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    fixed.update(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(dtype),
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **constexprs)
+    return Variant(signature, fixed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                   label=f"{dt} d={head_dim} {label}".strip())
+
+
+def _train_variants(kernel, kind, pointers, floats):
+    """Dense full/causal over dtypes and head dims, then a window, a packed and a dropout variant."""
+    def flags(causal=False, left=False, varlen=False, dropout=False):
+        return dict(MASK_LEFT=left, MASK_RIGHT=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen)
+
+    dense = dict(nones=("CU_Q", "CU_K", "K_LENS"))
+    extra = {"HAS_K_LENS": False} if kind == "fwd" else {}
+    for dtype in _VARIANT_DTYPES:
+        for head_dim in _VARIANT_HEAD_DIMS:
+            for causal in (False, True):
+                yield _variant(kernel, kind, dtype, head_dim, pointers, floats, label="causal" if causal else "full",
+                               **dense, **flags(causal), **extra)
+    for head_dim in (64, 128):
+        yield _variant(kernel, kind, torch.bfloat16, head_dim, pointers, floats, label="window",
+                       **dense, **flags(True, left=True), **extra)
+        yield _variant(kernel, kind, torch.bfloat16, head_dim, {**pointers, "CU_Q": "i32", "CU_K": "i32"}, floats,
+                       nones=("K_LENS",), label="varlen causal", **flags(True, varlen=True), **extra)
+    yield _variant(kernel, kind, torch.bfloat16, 128, pointers, floats, label="dropout causal",
+                   **dense, **flags(True, dropout=True), **extra)
+
+
+_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
+
+
+
+@triton.jit
+def _dropout_keep(seed, rng_rows, cols, dropout_p):
+    """Keep-mask of one tile: one Philox draw per (row, key), the row being the LSE's index."""
+    return tl.rand(seed, rng_rows[:, None] + cols[None, :].to(tl.int64)) >= dropout_p
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    ok = (cols[None, :] < seqlen_k) & (rows[:, None] >= 0)
+    if MASK_RIGHT:
+        ok &= cols[None, :] <= rows[:, None] + diag + win_right
+    if MASK_LEFT:
+        ok &= cols[None, :] >= rows[:, None] + diag - win_left
+    return ok
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+    lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+    MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(K_ptr + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(_visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT, MASK_RIGHT),
+                          qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_rows, cols, dropout_p), p, 0.0)
+        v = tl.load(V_ptr + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, K_LENS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_o_split, stride_lb, stride_lh, stride_l_split,
+    seqlen_q_dense, seqlen_k_dense, n_heads, group, qk_scale, win_left, win_right, split_size,
+    dropout_p, seed, rng_cols,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_K_LENS: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid: (query blocks, batch * heads, key splits). One split covers every key unless decoding.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        if HAS_K_LENS:
+            seqlen_k = tl.load(K_LENS + b)
+        else:
+            seqlen_k = seqlen_k_dense
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_m
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < seqlen_q
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    K_ptr = K + b.to(tl.int64) * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_ks
+    V_ptr = V + b.to(tl.int64) * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vs
+    lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    rng_rows = lse_off * rng_cols
+
+    # Keys this query block can see: [lo, hi); of those, [full_lo, full_hi) need no mask.
+    lo = split * split_size
+    hi = tl.minimum(seqlen_k, lo + split_size)
+    full_hi = hi // BLOCK_N * BLOCK_N
+    if MASK_RIGHT:
+        hi = tl.minimum(hi, m0 + BLOCK_M + diag + win_right)
+        full_hi = tl.minimum(full_hi, (m0 + diag + win_right + 1) // BLOCK_N * BLOCK_N)
+    if MASK_LEFT:
+        lo = tl.maximum(lo, (m0 + diag - win_left) // BLOCK_N * BLOCK_N)
+        full_lo = (m0 + BLOCK_M - 1 + diag - win_left + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    else:
+        full_lo = lo
+    lo = tl.maximum(lo, 0)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    # Natural-log LSE; +inf for rows that see no key (see the module docstring).
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = (O + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob + h * stride_oh
+              + (q_start + rows)[:, None].to(tl.int64) * stride_os + offs_d[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split.to(tl.int64) * stride_l_split + lse_off, lse, mask=row_ok)
+
+
+def _fwd_variants():
+    pointers = {"Q": None, "K": None, "V": None, "O": None, "LSE": "fp32"}
+    yield from _train_variants(_attn_fwd_kernel, "fwd", pointers, _FLOAT_ARGS)
+    # Decoding: per-sequence key lengths, fp32 partial outputs, one variant per causal-ness pair.
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            yield _variant(
+                _attn_fwd_kernel, "decode", dtype, head_dim, {**pointers, "O": "fp32", "K_LENS": "i32"}, _FLOAT_ARGS,
+                nones=("CU_Q", "CU_K"), label="decode", IS_VARLEN=False, HAS_K_LENS=True, MASK_LEFT=False,
+                MASK_RIGHT=True, HAS_DROPOUT=False,
+            )
+
+
+register_kernel(_attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+    lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+    MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(K_ptr + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_ptr + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(_visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT, MASK_RIGHT),
+                          qk, float("-inf"))
+        p = tl.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_dropout_keep(seed, rng_rows, cols, dropout_p), dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q_dense, seqlen_k_dense, n_heads, group, sm_scale, qk_scale, win_left, win_right,
+    dropout_p, seed, rng_cols,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # O, DO and DQ share q's strides (the op makes them contiguous alike).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = rows < seqlen_q
+    mask = row_ok[:, None] & d_ok[None, :]
+    row_off = b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
+    q = tl.load(Q + row_off + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + row_off + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + row_off + offs_d[None, :], mask=mask, other=0.0)
+    lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
+    # Rows past the end load lse = +inf: their probabilities are 0.
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    rng_rows = lse_off * rng_cols
+    K_ptr = K + b.to(tl.int64) * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_ks
+    V_ptr = V + b.to(tl.int64) * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vs
+
+    lo = 0
+    hi = seqlen_k
+    full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if MASK_RIGHT:
+        hi = tl.minimum(hi, m0 + BLOCK_M + diag + win_right)
+        full_hi = tl.minimum(full_hi, (m0 + diag + win_right + 1) // BLOCK_N * BLOCK_N)
+    if MASK_LEFT:
+        lo = tl.maximum(0, (m0 + diag - win_left) // BLOCK_N * BLOCK_N)
+        full_lo = (m0 + BLOCK_M - 1 + diag - win_left + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    else:
+        full_lo = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_ks, stride_vs, rows, offs_n, offs_d, d_ok,
+        full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_rows,
+        True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_N, DOT_PRECISION,
+    )
+    tl.store(DQ + row_off + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+def _bwd_dq_variants():
+    pointers = {"Q": None, "K": None, "V": None, "O": None, "DO": None, "DQ": None, "LSE": "fp32", "DELTA": "fp32"}
+    yield from _train_variants(_attn_bwd_dq_kernel, "bwd_dq", pointers, _FLOAT_ARGS)
+
+
+register_kernel(_attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qs, cols, offs_m, offs_d, d_ok,
+    lo, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+    MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles (keys x queries) so dK and dV accumulate as keys x headdim.
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            row_ok = rows < seqlen_q
+            q_mask = row_ok[:, None] & d_ok[None, :]
+        else:
+            row_ok = rows >= 0
+            q_mask = d_ok[None, :]
+        q_off = rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        q = tl.load(Q_ptr + q_off, mask=q_mask, other=0.0)
+        do = tl.load(DO_ptr + q_off, mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA_ptr + rows, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT, MASK_RIGHT)
+            qk_t = tl.where(tl.trans(visible), qk_t, float("-inf"))
+        p_t = tl.exp2(qk_t - lse2[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep_t = tl.trans(_dropout_keep(seed, rng_base + rows.to(tl.int64) * rng_cols, cols, dropout_p))
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep_t, p_t * inv_keep, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_lb, stride_lh,
+    seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, sm_scale, qk_scale, win_left, win_right,
+    dropout_p, seed, rng_cols,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (key block, key/value head): it sums over every query head of its
+    # group itself, so no two programs write the same dK/dV rows (no atomics).
+    # DO shares q's strides; DK and DV share k's and v's.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+    k_off = b.to(tl.int64) * stride_kb + kvh * stride_kh + (k_start + cols)[:, None].to(tl.int64) * stride_ks
+    v_off = b.to(tl.int64) * stride_vb + kvh * stride_vh + (k_start + cols)[:, None].to(tl.int64) * stride_vs
+    k = tl.load(K + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    # Query rows that see some key of this block: [lo, hi); all of it: [full_lo, full_hi).
+    lo = 0
+    hi = seqlen_q
+    if n0 + BLOCK_N <= seqlen_k:
+        full_hi = seqlen_q // BLOCK_M * BLOCK_M
+    else:
+        full_hi = 0
+    if MASK_RIGHT:
+        lo = tl.maximum(0, (n0 - diag - win_right) // BLOCK_M * BLOCK_M)
+        full_lo = (n0 + BLOCK_N - 1 - diag - win_right + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        full_lo = lo
+    if MASK_LEFT:
+        hi = tl.minimum(hi, n0 + BLOCK_N - diag + win_left)
+        full_hi = tl.minimum(full_hi, (n0 - diag + win_left + 1) // BLOCK_M * BLOCK_M)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for hq in range(group):
+        h = kvh * group + hq
+        q_base = b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+        lse_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        rng_base = lse_base * rng_cols
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
+            offs_d, d_ok, lo, full_lo, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
+            offs_d, d_ok, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p,
+            seed, rng_base, rng_cols, False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
+            offs_d, d_ok, full_hi, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+        )
+    tl.store(DK + k_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + v_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _bwd_dkdv_variants():
+    pointers = {"Q": None, "K": None, "V": None, "DO": None, "DK": None, "DV": None, "LSE": "fp32", "DELTA": "fp32"}
+    yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv", pointers, _FLOAT_ARGS)
+
+
+register_kernel(_attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, LSE_PART, OUT, n_splits, stride_o_split, stride_l_split, n_heads, seqlen_q, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (batch, query, head) row: out = sum_s exp(lse_s - lse) * out_s.
+    # O_PART is (splits, batch, seqlen_q, heads, head_dim) and LSE_PART (splits, batch, heads, seqlen_q).
+    row = tl.program_id(0).to(tl.int64)
+    h = row % n_heads
+    bi = row // n_heads
+    lse_row = (bi // seqlen_q * n_heads + h) * seqlen_q + bi % seqlen_q
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = splits < n_splits
+    d_ok = offs_d < head_dim
+    lse = tl.load(LSE_PART + splits * stride_l_split + lse_row, mask=s_ok, other=float("inf"))
+    # +inf marks a split that saw no key: it carries no weight.
+    lse = tl.where(lse == float("inf"), float("-inf"), lse)
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    w = w / tl.where(m == float("-inf"), 1.0, tl.sum(w, 0))
+    o = tl.load(O_PART + splits[:, None] * stride_o_split + row * head_dim + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0)
+    tl.store(OUT + row * head_dim + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def _combine_variants():
+    for dtype, dt in _VARIANT_DTYPES.items():
+        for head_dim in (64, 128):
+            yield Variant(
+                {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": f"*{dt}", "n_splits": "i32", "stride_o_split": "i32",
+                 "stride_l_split": "i32", "n_heads": "i32", "seqlen_q": "i32", "head_dim": "i32"},
+                {"BLOCK_S": 64, "BLOCK_D": _block_d(head_dim)}, num_warps=4, num_stages=1, label=f"{dt} d={head_dim}",
+            )
+
+
+register_kernel(_decode_combine_kernel, variants=_combine_variants)
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Debug path: writes the keep-mask (batch*heads, seqlen_q, seqlen_k) the dense kernels draw.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse_off = bh * seqlen_q + rows
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, lse_off * seqlen_k, cols, dropout_p)
+        ptrs = MASK + lse_off[:, None] * seqlen_k + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+
+
+register_kernel(_dropout_mask_kernel, variants=lambda: [Variant(
+    {"MASK": "*i8", "seed": "i32", "dropout_p": "fp32", "seqlen_q": "i32", "seqlen_k": "i32"},
+    {"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1, label="debug mask",
+)])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
+    """Tiles for one kernel launch: the one place that decides them (the registry derives its variants here).
+
+    ``kind`` is ``fwd``, ``decode``, ``bwd_dq`` or ``bwd_dkdv`` (for dK/dV, ``BLOCK_N`` is the key block a
+    program owns and ``BLOCK_M`` the query block it loops over). Hopper sizes: a 128-row query block
+    (one or two warpgroups) for the forward, 64x64 for the backward that holds four tiles at once,
+    fewer stages where head dim 256 or fp32 (no tensor cores: IEEE fp32 dots) fill shared memory.
+    """
+    if device_type != "cuda":
+        # The interpreter: small tiles so that tests with seqlen <= 130 cross several block edges,
+        # and different M and N so that the bounds arithmetic of each axis is exercised on its own.
+        block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    fp32 = dtype == torch.float32
+    if kind == "fwd":
+        if fp32:
+            tiles = (64, 32, 4, 2)
+        elif head_dim <= 64:
+            tiles = (128, 64, 4, 3)
+        elif head_dim <= 128:
+            tiles = (128, 64, 8, 3)
+        else:
+            tiles = (64, 64, 4, 2)
+    elif kind == "decode":
+        tiles = (16, 32, 4, 2) if fp32 or head_dim > 128 else (16, 64, 4, 3)
+    elif fp32 or head_dim > 128:
+        tiles = (32, 32, 4, 1)
+    elif head_dim <= 64:
+        tiles = (64, 64, 4, 3)
+    else:
+        tiles = (64, 64, 8, 2)
+    block_m, block_n, num_warps, num_stages = tiles
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (tl.arange and tl.dot need one, >= 16); loads mask the rest."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get IEEE dots: TF32 would break the fp32 tolerance of the tests.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _qkv_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; packed sequences have no batch axis."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the (batch, heads, seqlen_q) or packed (heads, total_q) LSE."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _flags(q, left, right, dropout_p) -> dict:
+    return dict(
+        HEAD_DIM=q.shape[-1], BLOCK_D=_block_d(q.shape[-1]), MASK_LEFT=left >= 0, MASK_RIGHT=right >= 0,
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_precision(q.dtype),
+    )
+
+
+def _fwd_triton(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    varlen = cu_q is not None
+    batch = cu_q.numel() - 1 if varlen else q.shape[0]
+    n_heads = q.shape[-2]
+    cfg = _config("fwd", q.shape[-1], q.dtype, q.device.type)
+    # One split spanning every key: a multiple of BLOCK_N so that block edges stay aligned.
+    split_size = max(triton.cdiv(max_k, cfg["BLOCK_N"]), 1) * cfg["BLOCK_N"]
+    grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * n_heads, 1)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, None,
+        *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen), *_qkv_strides(out, varlen), 0,
+        *_lse_strides(lse, varlen), 0,
+        max_q, max_k, n_heads, n_heads // k.shape[-2], scale * LOG2E, left, right, split_size,
+        dropout_p, seed, max_k,
+        IS_VARLEN=varlen, HAS_K_LENS=False, **_flags(q, left, right, dropout_p), **cfg,
+    )
+
+
+def _bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    varlen = cu_q is not None
+    batch = cu_q.numel() - 1 if varlen else q.shape[0]
+    n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
+    delta = torch.empty_like(lse)
+    flags = _flags(q, left, right, dropout_p)
+    common = (max_q, max_k)
+    cfg = _config("bwd_dq", q.shape[-1], q.dtype, q.device.type)
+    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * n_heads)](
+        q, k, v, out, dout, lse, delta, dq, cu_q, cu_k,
+        *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen), *_qkv_strides(out, varlen),
+        *_lse_strides(lse, varlen),
+        *common, n_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
+        IS_VARLEN=varlen, **flags, **cfg,
+    )
+    cfg = _config("bwd_dkdv", q.shape[-1], q.dtype, q.device.type)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * n_kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+        *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen),
+        *_lse_strides(lse, varlen),
+        *common, n_kv_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
+        IS_VARLEN=varlen, **flags, **cfg,
+    )
+
+
+def _decode_splits(max_len: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(number of key splits, keys per split) so that one query token still fills the device."""
+    if device.type == "cuda":
+        target, min_keys = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 256
+    else:
+        target, min_keys = 64, 32  # the interpreter: several splits, so tests exercise the combine
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, min_keys), 64))
+    split_size = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
+    return triton.cdiv(max(max_len, 1), split_size), split_size
+
+
+def _kvcache_triton(q, k_cache, v_cache, seqlens_k, out, scale, causal):
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    cfg = _config("decode", head_dim, q.dtype, q.device.type)
+    programs = triton.cdiv(seqlen_q, cfg["BLOCK_M"]) * batch * n_heads
+    n_splits, split_size = _decode_splits(k_cache.shape[1], programs, cfg["BLOCK_N"], q.device)
+    # Scratch for the partial results (every element is written), not an op output.
+    o_part = torch.empty((n_splits, batch, seqlen_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((n_splits, batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    right = 0 if causal else -1
+    _attn_fwd_kernel[(triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * n_heads, n_splits)](
+        q, k_cache, v_cache, o_part, lse_part, None, None, seqlens_k,
+        *_qkv_strides(q, False), *_qkv_strides(k_cache, False), *_qkv_strides(v_cache, False),
+        o_part.stride(1), o_part.stride(2), o_part.stride(3), o_part.stride(0),
+        lse_part.stride(1), lse_part.stride(2), lse_part.stride(0),
+        seqlen_q, k_cache.shape[1], n_heads, n_heads // k_cache.shape[2], scale * LOG2E, -1, right, split_size,
+        0.0, 0, 0,
+        IS_VARLEN=False, HAS_K_LENS=True, **_flags(q, -1, right, 0.0), **cfg,
+    )
+    _decode_combine_kernel[(batch * seqlen_q * n_heads,)](
+        o_part, lse_part, out, n_splits, o_part.stride(0), lse_part.stride(0), n_heads, seqlen_q, head_dim,
+        BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=_block_d(head_dim),
+    )
+
+
+def _dropout_mask_triton(batch, n_heads, seqlen_q, seqlen_k, dropout_p, seed, device):
+    mask = torch.empty((batch, n_heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(seqlen_q, 16), batch * n_heads)](
+        mask, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M=16, BLOCK_N=64,
+    )
+    return mask.bool()
+
+
+# -- the torch backend
+
+
+def _visibility(seqlen_q: int, seqlen_k: int, left: int, right: int, device) -> torch.Tensor | None:
+    """Boolean (seqlen_q, seqlen_k) mask of the keys each query sees; None when it sees them all."""
+    if left < 0 and right < 0:
+        return None
+    aligned = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    ok = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= j <= aligned + right
+    if left >= 0:
+        ok &= j >= aligned - left
+    return ok
+
+
+def _torch_keep(seed: int, index: int, shape, dropout_p: float, device) -> torch.Tensor:
+    """The torch backend's dropout keep-mask of sequence ``index``: regenerated from the seed, never stored."""
+    gen = torch.Generator(device=device).manual_seed(seed + index)
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _sequences(q, k, cu_q, cu_k):
+    """(query slice, key slice, sequence index) per sequence; one whole-batch entry when dense."""
+    if cu_q is None:
+        return [(slice(None), slice(None), 0)]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1]), i) for i in range(len(cq) - 1)]
+
+
+def _torch_lse(q, k, scale, mask) -> torch.Tensor:
+    """(batch, heads, seqlen_q) fp32 log-sum-exp, +inf where a row sees no key; a query chunk at a time."""
+    group = q.shape[2] // k.shape[2]
+    kt = k.float().transpose(1, 2).repeat_interleave(group, dim=1).transpose(-1, -2)
+    chunks = []
+    for start in range(0, q.shape[1], _LSE_CHUNK):
+        s = q[:, start:start + _LSE_CHUNK].float().transpose(1, 2) @ kt * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[start:start + _LSE_CHUNK], float("-inf"))
+        chunks.append(torch.logsumexp(s, dim=-1))
+    lse = torch.cat(chunks, dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _torch_attention(q, k, v, scale, left, right, dropout_p, keep, need_lse):
+    """(out, lse or None) of (batch, seqlen, heads, headdim) tensors, differentiable."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    mask = _visibility(seqlen_q, seqlen_k, left, right, q.device)
+    if keep is not None:
+        out = _ref_core(q, k, v, scale, mask, keep, dropout_p)[0]
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        ).transpose(1, 2)
+    return out, _torch_lse(q, k, scale, mask) if need_lse else None
+
+
+def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    varlen = cu_q is not None
+    for qs, ks, index in _sequences(q, k, cu_q, cu_k):
+        qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
+        oi = out[qs][None] if varlen else out
+        li = lse[:, qs][None] if varlen else lse
+        if ki.shape[1] == 0:
+            oi.zero_()
+            li.fill_(float("inf"))
+            continue
+        if qi.shape[1] == 0:
+            continue
+        keep = None
+        if dropout_p > 0:
+            keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
+        o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=True)
+        oi.copy_(o)
+        li.copy_(l)
+
+
+def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
+    """(dq, dk, dv) of (batch, seqlen, heads, headdim) tensors from the saved LSE, a query chunk at a time
+    in fp32: the flash backward in PyTorch (the op's implementations run below autograd, so SDPA's own
+    backward cannot be reached from here)."""
+    group = q.shape[2] // k.shape[2]
+    mask = _visibility(q.shape[1], k.shape[1], left, right, q.device)
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # (batch, heads, seqlen_k, headdim)
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    dq = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=torch.float32, device=q.device)
+    for start in range(0, q.shape[1], _LSE_CHUNK):
+        rows = slice(start, start + _LSE_CHUNK)
+        qc = q[:, rows].float().transpose(1, 2)
+        doc = dout[:, rows].float().transpose(1, 2)
+        delta = (doc * out[:, rows].float().transpose(1, 2)).sum(-1, keepdim=True)
+        s = qc @ kf.transpose(-1, -2) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[rows], float("-inf"))
+        p = torch.exp(s - lse[:, :, rows, None])
+        dp = doc @ vf.transpose(-1, -2)
+        if keep is not None:
+            kept = keep[:, :, rows].float() / (1.0 - dropout_p)
+            dv += (p * kept).transpose(-1, -2) @ doc
+            dp = dp * kept
+        else:
+            dv += p.transpose(-1, -2) @ doc
+        ds = p * (dp - delta)
+        dq[:, :, rows] = ds @ kf * scale
+        dk += ds.transpose(-1, -2) @ qc * scale
+    fold = (k.shape[0], k.shape[2], group, k.shape[1], k.shape[3])
+    return dq.transpose(1, 2), dk.view(fold).sum(2).transpose(1, 2), dv.view(fold).sum(2).transpose(1, 2)
+
+
+def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    varlen = cu_q is not None
+    for qs, ks, index in _sequences(q, k, cu_q, cu_k):
+        qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
+        doi, oi, li = (dout[qs][None], out[qs][None], lse[:, qs][None]) if varlen else (dout, out, lse)
+        grads = (dq[qs][None], dk[ks][None], dv[ks][None]) if varlen else (dq, dk, dv)
+        if qi.shape[1] == 0 or ki.shape[1] == 0:
+            for g in grads:
+                g.zero_()
+            continue
+        keep = None
+        if dropout_p > 0:
+            keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
+        for g, computed in zip(grads, _torch_grads(doi, qi, ki, vi, oi, li, scale, left, right, dropout_p, keep)):
+            g.copy_(computed)
+
+
+def _kvcache_torch(q, k_cache, v_cache, seqlens_k, out, scale, causal):
+    for b, length in enumerate(seqlens_k.tolist()):
+        if length == 0:
+            out[b].zero_()
+            continue
+        o, _ = _torch_attention(
+            q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length], scale, -1, 0 if causal else -1,
+            0.0, None, need_lse=False,
+        )
+        out[b].copy_(o[0])
+
+
+def _dropout_mask_torch(batch, n_heads, seqlen_q, seqlen_k, dropout_p, seed, device):
+    return _torch_keep(seed, 0, (batch, n_heads, seqlen_q, seqlen_k), dropout_p, device)
+
+
+backend.register("attention_fwd", triton=_fwd_triton, torch=_fwd_torch)
+backend.register("attention_bwd", triton=_bwd_triton, torch=_bwd_torch)
+backend.register("attention_kvcache", triton=_kvcache_triton, torch=_kvcache_torch)
+backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_dropout_mask_torch)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """(batch, heads, seqlen_q) dense, (heads, total_q) packed: FlashAttention's layouts."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse); lse is fp32."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = alloc.empty_like(q)
+    lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    if q.numel() > 0:
+        backend.select("attention_fwd", q.device)(
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+            dropout_p, seed,
+        )
+    return out, lse
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    scale: float, left: int, right: int, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv)."""
+    dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
+    dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
+    if q.numel() > 0 and k.numel() > 0:
+        backend.select("attention_bwd", q.device)(
+            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            left, right, dropout_p, seed,
+        )
+    else:
+        for g in (dq, dk, dv):
+            g.zero_()
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+      dropout_p, seed):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed)
+    # The LSE is an output for inspection (as in FlashAttention); no gradient flows through it.
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_kvcache_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
+) -> torch.Tensor:
+    """Writes k_new/v_new into the caches at cache_seqlens, then attends q over each sequence's keys."""
+    seqlens_k = cache_seqlens
+    if k_new is not None and k_new.shape[1] > 0:
+        n_new = k_new.shape[1]
+        positions = cache_seqlens.long()[:, None] + torch.arange(n_new, device=q.device)[None, :]
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        k_cache[rows, positions] = k_new
+        v_cache[rows, positions] = v_new
+        seqlens_k = cache_seqlens + n_new
+    out = alloc.empty_like(q.contiguous())
+    if q.numel() > 0:
+        backend.select("attention_kvcache", q.device)(
+            q.contiguous(), k_cache, v_cache, seqlens_k.to(torch.int32).contiguous(), out, scale, causal
+        )
+    return out
+
+
+@_attention_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_tensor(fn, name, t, dim, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{fn}: {name} must have {dim} dims, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have q's dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but q is on {device}")
+
+
+def _check_qkv(fn, q, k, v, dim):
+    """Shapes, dtypes and devices of q, k, v with ``dim`` dims; returns the head dim."""
+    _check_tensor(fn, "q", q, dim)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(fn, name, t, dim, q.dtype, q.device)
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{fn}: k's head dim {k.shape[-1]} must match q's head dim {head_dim}")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: the head dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim}")
+    n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(
+            f"{fn}: q's head count {n_heads} must be a multiple of k/v's head count {n_kv_heads} (GQA/MQA)"
+        )
+    return head_dim
+
+
+def _check_cu_seqlens(name, cu, total, device):
+    """cu_seqlens: int32, (batch + 1,), starts at 0, non-decreasing, ends at the token count; returns lengths."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"attention: {name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"attention: {name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"attention: {name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()  # one device sync: the checks need the values
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"attention: {name} must start at 0 and never decrease, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"attention: {name}[-1] = {values[-1]} must equal the packed token count {total}")
+    return lengths
+
+
+def _check_window(window) -> tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+        raise TypeError(f"attention: window must be a (left, right) pair of ints, got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"attention: window sizes must be >= 0 (or -1 for unbounded), got {tuple(window)}")
+    return left, right
+
+
+def _check_scale(fn, softmax_scale, head_dim) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"{fn}: softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """Dropout seed from the torch RNG, so torch.manual_seed makes a call reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item()) if dropout_p > 0 else 0
+
+
+def attention(
+    q, k, v, causal=False, softmax_scale=None, window=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=True,
+):
+    """Flash attention over ``(batch, seqlen, heads, headdim)`` tensors (packed ``(tokens, heads, headdim)``
+    with ``cu_seqlens_q/k``). k/v may have fewer heads than q (GQA/MQA).
+
+    ``causal`` and ``window=(left, right)`` (-1: unbounded) are aligned to the bottom-right corner;
+    with both, causal wins on the right. ``dropout_p`` drops attention probabilities with a seed drawn
+    from the torch RNG. ``return_lse`` also returns the fp32 log-sum-exp ((batch, heads, seqlen_q), or
+    (heads, total_q) packed; +inf for rows that see no key), which carries no gradient.
+    The backward never uses float atomics, so it is deterministic either way: ``deterministic=False``
+    is accepted for FlashAttention compatibility and runs the same kernels.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    head_dim = _check_qkv("attention", q, k, v, 3 if varlen else 4)
+    scale = _check_scale("attention", softmax_scale, head_dim)
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attention: deterministic must be a bool, got {type(deterministic).__name__}")
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("attention: packed sequences need both cu_seqlens_q and cu_seqlens_k")
+        lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if len(lengths_q) != len(lengths_k):
+            raise ValueError(
+                f"attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                f"got {len(lengths_q)} and {len(lengths_k)}"
+            )
+        max_q, max_k = max(lengths_q), max(lengths_k)
+        for name, given, actual in (("max_seqlen_q", max_seqlen_q, max_q), ("max_seqlen_k", max_seqlen_k, max_k)):
+            if given is not None and given < actual:
+                raise ValueError(f"attention: {name}={given} is smaller than the longest sequence, {actual}")
+    else:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        max_q, max_k = q.shape[1], k.shape[1]
+    out, lse = _attention_fwd_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
+        _draw_seed(dropout_p),
+    )
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, softmax_scale=None,
+                           causal=True):
+    """Decode step: writes ``k_new``/``v_new`` (batch, seqlen_new, kv_heads, headdim) into the caches
+    (batch, seqlen_cache, kv_heads, headdim) in place at position ``cache_seqlens[b]`` (int32, (batch,)),
+    then attends ``q`` (batch, seqlen_q, heads, headdim) over the first ``cache_seqlens[b] + seqlen_new``
+    keys of each sequence, causally aligned to its end. ``cache_seqlens`` itself is not updated.
+    """
+    fn = "attention_with_kvcache"
+    head_dim = _check_qkv(fn, q, k_cache, v_cache, 4)
+    scale = _check_scale(fn, softmax_scale, head_dim)
+    batch, seqlen_cache = k_cache.shape[0], k_cache.shape[1]
+    if q.shape[0] != batch:
+        raise ValueError(f"{fn}: q and k_cache must have the same batch size, got {q.shape[0]} and {batch}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor, got "
+                        f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)}")
+    if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != q.device:
+        raise ValueError(f"{fn}: cache_seqlens must have shape ({batch},) on {q.device}, "
+                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{fn}: k_new and v_new must be given together")
+    n_new = 0
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            _check_tensor(fn, name, t, 4, q.dtype, q.device)
+            if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{fn}: {name} must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, "
+                                 f"{head_dim}), got {tuple(t.shape)}")
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"{fn}: k_new and v_new must have the same shape")
+        n_new = k_new.shape[1]
+    lengths = cache_seqlens.tolist()  # one device sync: the bounds check needs the values
+    if lengths and (min(lengths) < 0 or max(lengths) + n_new > seqlen_cache):
+        raise ValueError(f"{fn}: cache_seqlens + seqlen_new must lie in [0, {seqlen_cache}] (the cache length), "
+                         f"got cache_seqlens={lengths} and seqlen_new={n_new}")
+    return _attention_kvcache_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal))
+
+
+def attention_dropout_mask(q, k, dropout_p, backend_name=None):
+    """Debug path: the keep-mask (batch, heads, seqlen_q, seqlen_k) that the next dense ``attention``
+    call with these shapes draws, given the same torch RNG state (restore it with ``torch.manual_seed``).
+    """
+    _check_qkv("attention_dropout_mask", q, k, k, 4)
+    seed = _draw_seed(dropout_p)
+    impl = backend.select("attention_dropout_mask", q.device)
+    return impl(q.shape[0], q.shape[2], q.shape[1], k.shape[1], float(dropout_p), seed, q.device)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _ref_core(q, k, v, scale, mask, keep, dropout_p):
+    """Attention of (batch, seqlen, heads, headdim) tensors in their own dtype; returns (out, lse)."""
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+        # Rows that see no key: softmax over zeros, then masked to exact zeros (finite gradients).
+        s_safe = torch.where(mask.any(-1, keepdim=True), s, torch.zeros_like(s))
+        p = torch.softmax(s_safe, dim=-1).masked_fill(~mask, 0.0)
+    else:
+        p = torch.softmax(s, dim=-1)
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+def attention_ref(q, k, v, causal=False, softmax_scale=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  dropout_p=0.0, dropout_mask=None, return_lse=False):
+    """Plain PyTorch attention with explicit masks, computed in the inputs' dtype (fp64 in, fp64 math).
+
+    ``dropout_mask`` (batch, heads, seqlen_q, seqlen_k; dense only) is the keep-mask to apply, scaled
+    by ``1 / (1 - dropout_p)``. Differentiable; tests, benchmarks and the torch backend's dropout use it.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0
+    if cu_seqlens_q is None:
+        mask = _visibility(q.shape[1], k.shape[1], left, right, q.device)
+        out, lse = _ref_core(q, k, v, scale, mask, dropout_mask, dropout_p)
+    else:
+        outs, lses = [], []
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for i in range(len(cq) - 1):
+            qi, ki, vi = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None]
+            mask = _visibility(qi.shape[1], ki.shape[1], left, right, q.device)
+            o, l = _ref_core(qi, ki, vi, scale, mask, None, dropout_p)
+            outs.append(o[0])
+            lses.append(l[0])
+        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
+    return (out, lse) if return_lse else out

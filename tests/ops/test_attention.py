@@ -1,0 +1,342 @@
+"""Attention against a float64 reference on every backend that runs here (Triton through the interpreter).
+
+Shapes stay small (the interpreter runs one program at a time) but cross several tile edges:
+the interpreter's tiles are 32x16 / 16x32 (see ``_config``). Large shapes and bf16 Triton are
+in tests/gpu/test_attention_cuda.py.
+"""
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.ops.attention import attention, attention_dropout_mask, attention_ref, attention_with_kvcache
+from fastlm.testing import assert_matches_reference, poison_outputs, random_tensor
+from tests.backends import cpu_backend_params
+
+# Attention has no C++ kernel: on CPU the torch backend (SDPA) is the fused path.
+BACKENDS = [p for p in cpu_backend_params() if p.values[0] != "cpp"]
+FP32_BACKENDS = [p for p in BACKENDS if p.values[1] == torch.float32]
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, dtype, packed=False):
+    lead_q = (seqlen_q,) if packed else (batch, seqlen_q)
+    lead_k = (seqlen_k,) if packed else (batch, seqlen_k)
+    q = random_tensor(*lead_q, n_heads, head_dim, dtype=dtype)
+    k = random_tensor(*lead_k, n_kv_heads, head_dim, dtype=dtype)
+    v = random_tensor(*lead_k, n_kv_heads, head_dim, dtype=dtype)
+    return q, k, v
+
+
+def forward_backward(fn, inputs, dout):
+    """fn on fresh leaf copies of inputs: (outputs tuple, input grads) for the loss sum(out * dout)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    (outs[0].double() * dout).sum().backward()
+    return outs, [t.grad for t in leaves]
+
+
+def check_against_reference(backend, dtype, inputs, dout, **kwargs):
+    """Output, LSE and dq/dk/dv of fastlm vs the fp64 reference, by the FlashAttention rule."""
+    ref_outs, ref_grads = forward_backward(
+        lambda *a: attention_ref(*a, return_lse=True, **kwargs), [t.double() for t in inputs], dout
+    )
+    base_outs, base_grads = forward_backward(lambda *a: attention_ref(*a, return_lse=True, **kwargs), inputs, dout)
+    with fastlm.use_backend(backend), poison_outputs():
+        outs, grads = forward_backward(lambda *a: attention(*a, return_lse=True, **kwargs), inputs, dout)
+    (out, lse), (ref, ref_lse), (base, base_lse) = outs, ref_outs, base_outs
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_matches_reference("out", out, ref, base, dtype)
+    # Rows that see no key: exactly zero output and +inf LSE (never NaN).
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert torch.isfinite(out).all()
+    assert_matches_reference("lse", lse[~empty], ref_lse[~empty], base_lse[~empty], dtype)
+    scales = cancellation_scales(inputs, dout, kwargs.get("softmax_scale"))
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert g.dtype == dtype
+        assert_matches_reference(name, g, r, b, dtype, grad=True, scale=scales.get(name))
+    return out, lse
+
+
+def cancellation_scales(inputs, dout, softmax_scale):
+    """Sizes of the terms that dq and dk cancel: ds = p * (dp - rowsum(p * dp)) with dp = dout . v.
+
+    With one visible key, ds is exactly 0 in fp64 and in torch (p = 1), while a flash kernel's
+    dp - delta leaves a rounding residue of |dp|'s size, so the floor is measured there.
+    """
+    q, k, v = (t.double() for t in inputs)
+    group = q.shape[-2] // k.shape[-2]
+    # All query/key pairs (across packed sequences too): an upper bound of the visible ones.
+    dp = torch.einsum("...ihd,...jhd->...hij", dout, v.repeat_interleave(group, dim=-2)).abs().max().item()
+    scale = softmax_scale or q.shape[-1] ** -0.5
+    return {"dq": scale * dp * k.abs().max().item(), "dk": scale * dp * q.abs().max().item()}
+
+
+# (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs)
+DENSE_CASES = {
+    "len1": (2, 1, 1, 2, 2, 32, {}),
+    "len37-d40-gqa-causal": (2, 37, 37, 4, 2, 40, {"causal": True}),
+    # seqlen_q > seqlen_k, bottom-right causal: the first 63 queries see no key.
+    "q100-k37-d64-causal": (1, 100, 37, 2, 2, 64, {"causal": True}),
+    "q37-k129-d80-mqa-causal": (1, 37, 129, 4, 1, 80, {"causal": True}),
+    "len129-d128-scale": (1, 129, 129, 2, 2, 128, {"softmax_scale": 0.3}),
+    "len100-d32-window": (1, 100, 100, 2, 2, 32, {"window": (17, 3)}),
+    "q129-k64-window-left-causal": (1, 129, 64, 2, 1, 64, {"window": (10, -1), "causal": True}),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("case", list(DENSE_CASES), ids=str)
+def test_dense_matches_float64_reference(backend, dtype, case):
+    batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs = DENSE_CASES[case]
+    inputs = make_qkv(batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, dtype)
+    dout = random_tensor(batch, seqlen_q, n_heads, head_dim, dtype=torch.float64)
+    out, _ = check_against_reference(backend, dtype, inputs, dout, **kwargs)
+    if case.startswith("q100-k37"):
+        assert torch.equal(out[:, :63], torch.zeros_like(out[:, :63]))
+
+
+# (query lengths, key lengths, n_heads, n_kv_heads, head_dim, kwargs): very different lengths, including 1.
+VARLEN_CASES = {
+    "same-lengths-causal": ([1, 37, 5, 70], [1, 37, 5, 70], 2, 1, 32, {"causal": True}),
+    "same-lengths-full": ([1, 37, 5, 70], [1, 37, 5, 70], 4, 2, 40, {}),
+    "different-lengths-causal": ([3, 20, 1, 40], [10, 20, 7, 33], 2, 2, 64, {"causal": True}),
+    "window": ([50, 1, 66], [50, 1, 66], 2, 2, 32, {"window": (8, 4)}),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
+def test_varlen_matches_float64_reference(backend, dtype, case):
+    lengths_q, lengths_k, n_heads, n_kv_heads, head_dim, kwargs = VARLEN_CASES[case]
+    cu_q = torch.tensor([0] + lengths_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lengths_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    inputs = make_qkv(1, sum(lengths_q), sum(lengths_k), n_heads, n_kv_heads, head_dim, dtype, packed=True)
+    dout = random_tensor(sum(lengths_q), n_heads, head_dim, dtype=torch.float64)
+    _, lse = check_against_reference(backend, dtype, inputs, dout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kwargs)
+    assert lse.shape == (n_heads, sum(lengths_q))
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_varlen_never_attends_across_sequences(backend, dtype):
+    # Changing the second sequence's keys must leave the first sequence's output untouched.
+    q, k, v = make_qkv(1, 50, 50, 2, 2, 32, dtype, packed=True)
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+    k2, v2 = k.clone(), v.clone()
+    k2[20:] += 1.0
+    v2[20:] -= 2.0
+    with fastlm.use_backend(backend):
+        a = attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        b = attention(q, k2, v2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert torch.equal(a[:20], b[:20])
+    assert not torch.equal(a[20:], b[20:])
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_backward_is_deterministic(backend, dtype):
+    inputs = make_qkv(2, 67, 67, 4, 2, 32, dtype)
+    dout = random_tensor(2, 67, 4, 32, dtype=torch.float64)
+    with fastlm.use_backend(backend):
+        _, first = forward_backward(lambda *a: attention(*a, causal=True), inputs, dout)
+        _, second = forward_backward(lambda *a: attention(*a, causal=True, deterministic=False), inputs, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_matches_reference_given_its_mask(backend, dtype, causal):
+    p = 0.3
+    inputs = make_qkv(1, 45, 64, 4, 2, 32, dtype)
+    dout = random_tensor(1, 45, 4, 32, dtype=torch.float64)
+    with fastlm.use_backend(backend):
+        torch.manual_seed(1234)
+        keep = attention_dropout_mask(inputs[0], inputs[1], p)
+        torch.manual_seed(1234)
+        with poison_outputs():
+            (out,), grads = forward_backward(lambda *a: attention(*a, causal=causal, dropout_p=p), inputs, dout)
+        torch.manual_seed(1234)
+        again = attention(*inputs, causal=causal, dropout_p=p)
+        other_seed = attention(*inputs, causal=causal, dropout_p=p)
+    assert torch.equal(out, again), "the same torch seed must give the same output"
+    assert not torch.equal(out, other_seed), "the next call must draw a new mask"
+    # Kept fraction: 4*45*64 = 11520 Bernoulli(0.7) draws, std ~0.0043; 6 sigma is 0.026.
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.026
+    kwargs = dict(causal=causal, dropout_p=p, dropout_mask=keep)
+    (ref,), ref_grads = forward_backward(lambda *a: attention_ref(*a, **kwargs), [t.double() for t in inputs], dout)
+    (base,), base_grads = forward_backward(lambda *a: attention_ref(*a, **kwargs), inputs, dout)
+    assert_matches_reference("out", out, ref, base, dtype)
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_matches_reference(name, g, r, b, dtype, grad=True)
+
+
+# ----------------------------------------------------------------------------- KV-cache decoding
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("n_new", [0, 1, 3], ids=lambda n: f"new{n}")
+def test_kvcache_matches_full_attention(backend, dtype, n_new):
+    batch, cache_len, n_heads, n_kv_heads, head_dim = 3, 100, 4, 2, 64
+    cache_seqlens = torch.tensor([37, 0, 97 - n_new], dtype=torch.int32)
+    if n_new == 0:
+        cache_seqlens[1] = 5  # no new token: every sequence needs a key to attend to
+    k_cache = random_tensor(batch, cache_len, n_kv_heads, head_dim, dtype=dtype)
+    v_cache = random_tensor(batch, cache_len, n_kv_heads, head_dim, dtype=dtype)
+    k_new = random_tensor(batch, n_new, n_kv_heads, head_dim, dtype=dtype) if n_new else None
+    v_new = random_tensor(batch, n_new, n_kv_heads, head_dim, dtype=dtype) if n_new else None
+    q = random_tensor(batch, max(n_new, 1), n_heads, head_dim, dtype=dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    with fastlm.use_backend(backend), poison_outputs():
+        out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        total = length + n_new
+        # The new keys/values were written at the sequence's end; nothing else changed.
+        if n_new:
+            assert torch.equal(k_cache[b, length:total], k_new[b])
+            assert torch.equal(v_cache[b, length:total], v_new[b])
+        assert torch.equal(k_cache[b, :length], k_before[b, :length])
+        assert torch.equal(k_cache[b, total:], k_before[b, total:])
+        args = (q[b:b + 1], k_cache[b:b + 1, :total], v_cache[b:b + 1, :total])
+        ref = attention_ref(*(t.double() for t in args), causal=True)
+        base = attention_ref(*args, causal=True)
+        assert_matches_reference(f"out[{b}]", out[b:b + 1], ref, base, dtype)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _qkv():
+    return make_qkv(2, 8, 8, 4, 2, 16, torch.float32)
+
+
+def _cu(*values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda q, k, v: attention(q[0], k, v), ValueError, "q must have 4 dims"),
+        (lambda q, k, v: attention(q, k[:, :, [0, 1, 1]], v[:, :, [0, 1, 1]]), ValueError,
+         "multiple of k/v's head count 3"),
+        (lambda q, k, v: attention(q, k[..., :8], v[..., :8]), ValueError, "k's head dim 8 must match"),
+        (lambda q, k, v: attention(q, k, v[:, :4]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: attention(q[..., :12], k[..., :12], v[..., :12]), ValueError, "multiple of 8"),
+        (lambda q, k, v: attention(*(torch.zeros(1, 2, 2, 264) for _ in range(3))), ValueError, r"\[8, 256\]"),
+        (lambda q, k, v: attention(q, k.half(), v.half()), TypeError, "k must have q's dtype"),
+        (lambda q, k, v: attention(q.double(), k.double(), v.double()), TypeError, "q must be float32"),
+        (lambda q, k, v: attention(q, k.to("meta"), v.to("meta")), ValueError, "k is on meta"),
+        (lambda q, k, v: attention(q, k[:1], v[:1]), ValueError, "same batch size"),
+        (lambda q, k, v: attention(q, k, v, window=(-2, 0)), ValueError, "window sizes must be >= 0"),
+        (lambda q, k, v: attention(q, k, v, window=5), TypeError, r"window must be a \(left, right\)"),
+        (lambda q, k, v: attention(q, k, v, dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+        (lambda q, k, v: attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be a positive"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8)), ValueError, "both cu_seqlens"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8, dtype=torch.int64),
+                                   cu_seqlens_k=_cu(0, 8)), TypeError, "cu_seqlens_q must be int32"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 6, 3, 8), cu_seqlens_k=_cu(0, 8)),
+         ValueError, "never decrease"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 7), cu_seqlens_k=_cu(0, 8)),
+         ValueError, r"cu_seqlens_q\[-1\] = 7 must equal the packed token count 8"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8), cu_seqlens_k=_cu(0, 4, 8)),
+         ValueError, "same number of sequences"),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8), cu_seqlens_k=_cu(0, 8), max_seqlen_q=4),
+         ValueError, "max_seqlen_q=4 is smaller"),
+        (lambda q, k, v: attention_with_kvcache(q, k, v, _cu(0, 0, dtype=torch.int64)), TypeError, "int32"),
+        (lambda q, k, v: attention_with_kvcache(q, k, v, _cu(7, 0), k[:, :2], v[:, :2]), ValueError,
+         r"must lie in \[0, 8\]"),
+        (lambda q, k, v: attention_with_kvcache(q, k, v, _cu(0, 0), k[:, :2]), ValueError, "given together"),
+    ],
+    ids=[
+        "rank", "head-divisibility", "head-dim-mismatch", "kv-shape", "head-dim-not-8", "head-dim-over-256",
+        "dtype-mismatch", "float64", "device", "batch", "negative-window", "window-type", "dropout-1",
+        "negative-scale", "cu-missing", "cu-int64", "cu-decreasing", "cu-total", "cu-count", "max-seqlen",
+        "kvcache-seqlens-dtype", "kvcache-overflow", "kvcache-k-without-v",
+    ],
+)
+def test_bad_input_raises_before_launch(call, error, match):
+    with pytest.raises(error, match=match):
+        call(*_qkv())
+
+
+def test_bad_input_does_not_touch_the_cache():
+    q, k, v = _qkv()
+    before = k.clone()
+    with pytest.raises(ValueError):
+        attention_with_kvcache(q, k, v, _cu(7, 0), k[:, :2] + 1, v[:, :2])
+    assert torch.equal(k, before)
+
+
+# ----------------------------------------------------------------------------- torch.library, compile, module
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck(backend, dtype, varlen):
+    if varlen:
+        q, k, v = make_qkv(1, 21, 21, 4, 2, 16, dtype, packed=True)
+        cu = torch.tensor([0, 1, 21], dtype=torch.int32)
+        extra = (cu, cu, 20, 20)
+    else:
+        q, k, v = make_qkv(2, 19, 23, 4, 2, 16, dtype)
+        extra = (None, None, 19, 23)
+    for t in (q, k, v):
+        t.requires_grad_()
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, *extra, 0.25, 5, 0, 0.0, 0))
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_opcheck_kvcache(backend, dtype):
+    q = random_tensor(2, 1, 4, 16)
+    k_cache, v_cache = random_tensor(2, 20, 2, 16), random_tensor(2, 20, 2, 16)
+    k_new, v_new = random_tensor(2, 1, 2, 16), random_tensor(2, 1, 2, 16)
+    seqlens = torch.tensor([3, 17], dtype=torch.int32)
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.fastlm.attention_kvcache.default, (q, k_cache, v_cache, seqlens, k_new, v_new, 0.25, True)
+        )
+
+
+def _module(**kwargs):
+    torch.manual_seed(0)
+    return fastlm.nn.Attention(64, n_heads=4, n_kv_heads=2, **kwargs)
+
+
+def test_module_matches_reference_and_packed_input():
+    mod = _module()
+    x = random_tensor(2, 19, 64)
+    y = mod(x)
+    qkv = mod.qkv(x).view(2, 19, 8, 16)
+    y_ref = mod.out(attention_ref(qkv[..., :4, :], qkv[..., 4:6, :], qkv[..., 6:, :], causal=True).reshape(2, 19, 64))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    # The same two sequences packed give the same tokens.
+    cu = torch.tensor([0, 19, 38], dtype=torch.int32)
+    torch.testing.assert_close(mod(x.reshape(38, 64), cu_seqlens=cu, max_seqlen=19), y.reshape(38, 64))
+
+
+def test_module_rope_hook_is_applied():
+    calls = []
+
+    def rope(q, k):
+        calls.append((q.shape, k.shape))
+        return q * 2, k
+
+    mod = _module(rope=rope)
+    x = random_tensor(1, 5, 64)
+    mod(x)
+    assert calls == [(torch.Size([1, 5, 4, 16]), torch.Size([1, 5, 2, 16]))]
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    mod = torch.nn.Sequential(_module(), torch.nn.Linear(64, 8))
+    x = random_tensor(2, 11, 64)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), mod(x))
+    compiled(x).sum().backward()
+    assert mod[0].qkv.weight.grad is not None and torch.isfinite(mod[0].qkv.weight.grad).all()
