@@ -7,7 +7,9 @@ from fastlm import nn
 from fastlm.backend import backend_info, use_backend
 from fastlm.ops import attention, attention_ref, attention_with_kvcache
 from fastlm.ops import layer_norm, rms_norm
+from fastlm.ops import geglu, gelu, rope, swiglu
 
 __version__ = "0.1.0"
 __all__ = ["backend_info", "use_backend", "layer_norm", "rms_norm", "nn", "__version__"]
 __all__ += ["attention", "attention_ref", "attention_with_kvcache"]
+__all__ += ["swiglu", "geglu", "gelu", "rope"]

@@ -13,7 +13,7 @@ import os
 import platform
 from pathlib import Path
 
-CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp")
+CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp", "cpu/activation.cpp", "cpu/rope.cpp")
 CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17")
 CPU_LDFLAGS = ("-fopenmp",)
 

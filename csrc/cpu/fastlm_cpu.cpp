@@ -1,7 +1,9 @@
 // The one Python module of fastlm's C++ CPU kernels.
 #include <torch/extension.h>
 
+#include "cpu/activation.h"
 #include "cpu/norm.h"
+#include "cpu/rope.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fastlm C++ CPU kernels";
@@ -11,4 +13,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("norm_bwd", &norm_bwd_cpu, "LayerNorm/RMSNorm backward", py::arg("dy"), py::arg("dr_out"),
           py::arg("r"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"),
           py::arg("dbias"), py::arg("is_rms"));
+    m.def("act_fwd", &act_fwd_cpu, "Fused SiLU/GELU activation, optionally gated (act(gate) * up)", py::arg("gate"),
+          py::arg("up"), py::arg("y"), py::arg("act"));
+    m.def("act_bwd", &act_bwd_cpu, "Gradients of act_fwd, recomputing the activation (optionally returning it)",
+          py::arg("dy"), py::arg("gate"), py::arg("up"), py::arg("dgate"), py::arg("dup"), py::arg("y"),
+          py::arg("act"));
+    m.def("rope", &rope_cpu, "Rotary embedding of q and k (GPT-NeoX or GPT-J pairs; conj = backward)", py::arg("q"),
+          py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg("q_out"), py::arg("k_out"),
+          py::arg("interleaved"), py::arg("conj"));
 }

@@ -1,7 +1,10 @@
 """Drop-in modules built on fastlm's ops."""
 
 from fastlm.nn.attention import Attention
+from fastlm.nn.mlp import GELUMLP, SwiGLUMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
+from fastlm.nn.rope import RotaryEmbedding
 
 __all__ = ["LayerNorm", "RMSNorm"]
 __all__ += ["Attention"]
+__all__ += ["SwiGLUMLP", "GELUMLP", "RotaryEmbedding"]
