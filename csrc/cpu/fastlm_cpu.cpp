@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "cpu/activation.h"
+#include "cpu/cross_entropy.h"
 #include "cpu/norm.h"
 #include "cpu/rope.h"
 
@@ -21,4 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope", &rope_cpu, "Rotary embedding of q and k (GPT-NeoX or GPT-J pairs; conj = backward)", py::arg("q"),
           py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg("q_out"), py::arg("k_out"),
           py::arg("interleaved"), py::arg("conj"));
+    m.def("cross_entropy_fwd", &cross_entropy_fwd_cpu, "Cross-entropy per-row loss and scaled gradient",
+          py::arg("logits"), py::arg("target"), py::arg("scale"), py::arg("loss"), py::arg("grad"),
+          py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("row_scale"));
 }
