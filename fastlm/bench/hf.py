@@ -50,7 +50,7 @@ def cases(suite: str, device: torch.device) -> list[Case]:
     flops = 6 * params * tokens + 6 * layers * tokens * seqlen * hidden
     shape = f"{layers}x{hidden} b{batch} s{seqlen} {str(dtype).removeprefix('torch.')}"
     out = []
-    for name, model in (("transformers-sdpa", base), ("fastlm.patch_hf", patched)):
+    for name, model in (("transformers-sdpa", base), ("fastlm", patched)):
         def step(model=model):
             model(input_ids=ids, labels=ids).loss.backward()
             for p in model.parameters():
