@@ -9,6 +9,7 @@ same on the classes (for models loaded later with ``from_pretrained``); ``unpatc
 
 from __future__ import annotations
 
+import sys
 import types
 from dataclasses import dataclass, field
 
@@ -128,9 +129,9 @@ def _rope_attention(self, qk_norm, hidden_states, position_embeddings, attention
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if attention_interface is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as attention_interface
+    # "eager" is not in the registry: each modeling file defines its own eager function.
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     if "sliding_window" not in kwargs:
         window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         if window is not None:
@@ -214,6 +215,11 @@ def _skipped(arch: Arch, flags: dict, counts: dict, model_cls: str) -> dict[str,
 def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -> PatchReport:
     """Patch an instantiated ``transformers`` model in place (on its module instances); returns a PatchReport.
 
+    ``attention`` switches this model to ``attn_implementation="fastlm"`` (see fastlm.hf.attention for when it
+    falls back to SDPA). ``loss``: a causal LM called with ``labels`` computes its loss with
+    ``linear_cross_entropy`` from the hidden states, without a logits tensor; ``logits`` is None in training
+    mode unless the call passes ``return_logits=True`` (eval mode returns them).
+
     Raises ValueError for a model type outside the table (listing the supported ones), for a selected kind
     that finds no module to patch, and for an activation fastlm does not implement. Patching twice is a no-op.
     """
@@ -227,9 +233,11 @@ def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -
     by_class = {}
     for kind, name, fwd in _replacements(arch, config, flags, _class_forward(model)):
         by_class[name] = (kind, fwd)
+    # A post-norm block calls its LayerNorm's kernel itself (fused with the residual add): skip those norms.
+    inside_post_norm = {id(m.LayerNorm) for m in model.modules() if type(m).__name__ in arch.post_norm_classes}
     for module in model.modules():
         entry = by_class.get(type(module).__name__)
-        if entry is None:
+        if entry is None or (flags["norm"] and id(module) in inside_post_norm):
             continue
         kind, fwd = entry
         if kind == "norm" and isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1:

@@ -117,7 +117,6 @@ def _pair(arch, **patch_kwargs):
     model = _model(arch)
     patched = copy.deepcopy(model)
     report = fastlm.patch_hf(patched, **patch_kwargs)
-    patched._fastlm_patched = True
     _UNPATCHED[id(patched)] = model
     return patched, report
 
@@ -128,7 +127,10 @@ def _pair(arch, **patch_kwargs):
 @pytest.mark.parametrize("arch", CAUSAL + ENCODERS)
 def test_patched_matches_unpatched(arch, backend):
     patched, report = _pair(arch)
-    assert report.counts["norm"] > 0 and report.counts["mlp"] == LAYERS and report.attention == "fastlm"
+    # one norm per block and a final one (decoders: 2 per layer + final + qwen3's q/k norms; BERT: the
+    # embedding LayerNorm + 2 fused post-norm blocks per layer)
+    norms = {"qwen3": 4 * LAYERS + 1, "bert": 2 * LAYERS + 1, "roberta": 2 * LAYERS + 1}.get(arch, 2 * LAYERS + 1)
+    assert report.counts["norm"] == norms and report.counts["mlp"] == LAYERS and report.attention == "fastlm"
     assert report.counts["attention"] == LAYERS
     if arch in CAUSAL:
         assert report.counts["loss"] == 1
@@ -265,6 +267,17 @@ def test_patch_hf_class_and_unpatch():
         fastlm.hf.unpatch_hf_class("llama")
     assert modeling_llama.LlamaRMSNorm.forward is original
     assert modeling_llama.LlamaForCausalLM.forward is original_lm
+
+
+def test_kinds_can_be_switched_off_and_eager_is_kept():
+    """attention=False leaves the model's own (here eager) attention under the patched rope forward."""
+    model = _model("qwen3", attn="eager")
+    patched = copy.deepcopy(model)
+    report = fastlm.patch_hf(patched, attention=False, loss=False)
+    _UNPATCHED[id(patched)] = model
+    assert patched.config._attn_implementation == "eager" and report.attention is None
+    assert set(report.counts) == {"norm", "mlp", "rope"}
+    _compare("qwen3", patched, _inputs("qwen3"), labels=False)
 
 
 def test_patch_twice_is_idempotent():
