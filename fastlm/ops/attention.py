@@ -113,6 +113,8 @@ def _dropout_keep(seed, rng_rows, cols, dropout_p):
 
 @triton.jit
 def _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """(rows x cols) mask: the key exists and lies in the row's window (causal is win_right = 0)."""
+    # rows >= 0 always holds: it only broadcasts the mask to the full tile.
     ok = (cols[None, :] < seqlen_k) & (rows[:, None] >= 0)
     if MASK_RIGHT:
         ok &= cols[None, :] <= rows[:, None] + diag + win_right
@@ -242,8 +244,9 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    # Natural-log LSE; +inf for rows that see no key (see the module docstring).
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    # Base-2 LSE of the scaled scores (qk * scale * log2(e)), the units the backward recomputes in,
+    # so that no conversion rounds between them; +inf for rows that see no key (see the module docstring).
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = (O + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob + h * stride_oh
               + (q_start + rows)[:, None].to(tl.int64) * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -263,7 +266,12 @@ def _fwd_variants():
             )
 
 
-register_kernel(_attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True)
+register_kernel(
+    _attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True,
+    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q) exceeds 255 registers at every tile that "
+    "still issues HGMMA (tried 16-128 rows, 4/8 warps); the packed-sequence variant at head dim 128 spills 24 "
+    "bytes; dense fp16/bf16 at head dims <= 128 and decoding do not spill",
+)
 
 
 @triton.jit
@@ -339,7 +347,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + lse_off, delta, mask=row_ok)
     # Rows past the end load lse = +inf: their probabilities are 0.
-    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     rng_rows = lse_off * rng_cols
     K_ptr = K + b.to(tl.int64) * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_ks
     V_ptr = V + b.to(tl.int64) * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vs
@@ -382,7 +390,11 @@ def _bwd_dq_variants():
     yield from _train_variants(_attn_bwd_dq_kernel, "bwd_dq", pointers, _FLOAT_ARGS)
 
 
-register_kernel(_attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True)
+register_kernel(
+    _attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True,
+    spills_allowed="head dim 128 causal (8 bytes), head dim 256 and fp32 at head dim 128 spill at every tile "
+    "tried that keeps HGMMA's 64 rows; restructuring the dQ pass (TMA loads, fewer live tiles) is the known fix",
+)
 
 
 @triton.jit
@@ -398,29 +410,36 @@ def _bwd_dkdv_inner(
         if MASKED:
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
+            q_mask_t = d_ok[:, None] & row_ok[None, :]
         else:
             row_ok = rows >= 0
             q_mask = d_ok[None, :]
-        q_off = rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        q = tl.load(Q_ptr + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO_ptr + q_off, mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            q_mask_t = d_ok[:, None]
+        # q is loaded transposed (headdim x queries): k @ q_t needs no transposition in registers.
+        q_t = tl.load(Q_ptr + offs_d[:, None] + rows[None, :].to(tl.int64) * stride_qs, mask=q_mask_t, other=0.0)
+        do = tl.load(DO_ptr + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_ptr + rows, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT, MASK_RIGHT)
-            qk_t = tl.where(tl.trans(visible), qk_t, float("-inf"))
+            visible_t = (cols[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
+            if MASK_RIGHT:
+                visible_t &= cols[:, None] <= rows[None, :] + diag + win_right
+            if MASK_LEFT:
+                visible_t &= cols[:, None] >= rows[None, :] + diag - win_left
+            qk_t = tl.where(visible_t, qk_t, float("-inf"))
         p_t = tl.exp2(qk_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = tl.trans(_dropout_keep(seed, rng_base + rows.to(tl.int64) * rng_cols, cols, dropout_p))
+            rng_t = rng_base + rows[None, :].to(tl.int64) * rng_cols + cols[:, None].to(tl.int64)
+            keep_t = tl.rand(seed, rng_t) >= dropout_p
             inv_keep = 1.0 / (1.0 - dropout_p)
             dv += tl.dot(tl.where(keep_t, p_t * inv_keep, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -515,7 +534,12 @@ def _bwd_dkdv_variants():
     yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv", pointers, _FLOAT_ARGS)
 
 
-register_kernel(_attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True)
+register_kernel(
+    _attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True,
+    spills_allowed="holds k, v and the fp32 dk, dv accumulators of a 64-key block (HGMMA's minimum) plus the "
+    "per-query-block tiles: spills at every tile tried (16-128 queries, 4/8 warps) with Triton 3.9; a TMA / "
+    "warp-specialized rewrite is the known fix",
+)
 
 
 @triton.jit
@@ -537,7 +561,7 @@ def _decode_combine_kernel(
     # +inf marks a split that saw no key: it carries no weight.
     lse = tl.where(lse == float("inf"), float("-inf"), lse)
     m = tl.max(lse, 0)
-    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     w = w / tl.where(m == float("-inf"), 1.0, tl.sum(w, 0))
     o = tl.load(O_PART + splits[:, None] * stride_o_split + row * head_dim + offs_d[None, :],
                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
@@ -585,33 +609,33 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
     """Tiles for one kernel launch: the one place that decides them (the registry derives its variants here).
 
     ``kind`` is ``fwd``, ``decode``, ``bwd_dq`` or ``bwd_dkdv`` (for dK/dV, ``BLOCK_N`` is the key block a
-    program owns and ``BLOCK_M`` the query block it loops over). Hopper sizes: a 128-row query block
-    (one or two warpgroups) for the forward, 64x64 for the backward that holds four tiles at once,
-    fewer stages where head dim 256 or fp32 (no tensor cores: IEEE fp32 dots) fill shared memory.
+    program owns and ``BLOCK_M`` the query block it loops over).
     """
     if device_type != "cuda":
         # The interpreter: small tiles so that tests with seqlen <= 130 cross several block edges,
         # and different M and N so that the bounds arithmetic of each axis is exercised on its own.
         block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    # Chosen by compiling for sm_90a without a GPU (none to time them yet): HGMMA needs 64 rows per
+    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV); within that,
+    # the tiles that spill least. fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
     fp32 = dtype == torch.float32
-    if kind == "fwd":
-        if fp32:
-            tiles = (64, 32, 4, 2)
-        elif head_dim <= 64:
-            tiles = (128, 64, 4, 3)
-        elif head_dim <= 128:
+    if fp32:
+        tiles = (32, 16, 4, 1) if head_dim <= 128 and kind in ("fwd", "decode") else (16, 16, 4, 1)
+    elif kind == "fwd":
+        if head_dim <= 64:
             tiles = (128, 64, 8, 3)
+        elif head_dim <= 128:
+            tiles = (128, 32, 8, 3)
         else:
-            tiles = (64, 64, 4, 2)
+            tiles = (64, 16, 8, 2)
     elif kind == "decode":
-        tiles = (16, 32, 4, 2) if fp32 or head_dim > 128 else (16, 64, 4, 3)
-    elif fp32 or head_dim > 128:
-        tiles = (32, 32, 4, 1)
-    elif head_dim <= 64:
-        tiles = (64, 64, 4, 3)
+        # 64 query rows even for one token: decoding is bound by reading the cache, not by the dots.
+        tiles = (64, 64, 4, 3) if head_dim <= 64 else (64, 64, 8, 3) if head_dim <= 128 else (64, 32, 8, 2)
+    elif kind == "bwd_dq":
+        tiles = (64, 32, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else (64, 16, 8, 1)
     else:
-        tiles = (64, 64, 8, 2)
+        tiles = (16, 64, 4, 2) if head_dim <= 64 else (16, 64, 8, 2) if head_dim <= 128 else (16, 64, 8, 1)
     block_m, block_n, num_warps, num_stages = tiles
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -624,6 +648,11 @@ def _block_d(head_dim: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs get IEEE dots: TF32 would break the fp32 tolerance of the tests.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """(batch, heads, seqlen_q) dense, (heads, total_q) packed: FlashAttention's layouts."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
 def _qkv_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -645,6 +674,8 @@ def _flags(q, left, right, dropout_p) -> dict:
 
 def _fwd_triton(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
     varlen = cu_q is not None
+    if lse is None:  # not asked for, but the kernel writes it anyway (it costs nothing there)
+        lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     n_heads = q.shape[-2]
     cfg = _config("fwd", q.shape[-1], q.dtype, q.device.type)
@@ -781,9 +812,11 @@ def _torch_attention(q, k, v, scale, left, right, dropout_p, keep, need_lse):
     if keep is not None:
         out = _ref_core(q, k, v, scale, mask, keep, dropout_p)[0]
     else:
+        # Square causal is SDPA's own is_causal (top-left = bottom-right there), faster than a mask.
+        square_causal = seqlen_q == seqlen_k and left < 0 and right == 0
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=None if square_causal else mask,
+            is_causal=square_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         ).transpose(1, 2)
     return out, _torch_lse(q, k, scale, mask) if need_lse else None
 
@@ -793,19 +826,21 @@ def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, 
     for qs, ks, index in _sequences(q, k, cu_q, cu_k):
         qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
         oi = out[qs][None] if varlen else out
-        li = lse[:, qs][None] if varlen else lse
+        li = None if lse is None else lse[:, qs][None] if varlen else lse
         if ki.shape[1] == 0:
             oi.zero_()
-            li.fill_(float("inf"))
+            if li is not None:
+                li.fill_(float("inf"))
             continue
         if qi.shape[1] == 0:
             continue
         keep = None
         if dropout_p > 0:
             keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
-        o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=True)
+        o, l = _torch_attention(qi, ki, vi, scale, left, right, dropout_p, keep, need_lse=li is not None)
         oi.copy_(o)
-        li.copy_(l)
+        if li is not None:
+            li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
 
 
 def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
@@ -827,7 +862,7 @@ def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
         s = qc @ kf.transpose(-1, -2) * scale
         if mask is not None:
             s = s.masked_fill(~mask[rows], float("-inf"))
-        p = torch.exp(s - lse[:, :, rows, None])
+        p = torch.exp(s - lse[:, :, rows, None] / LOG2E)
         dp = doc @ vf.transpose(-1, -2)
         if keep is not None:
             kept = keep[:, :, rows].float() / (1.0 - dropout_p)
@@ -884,32 +919,31 @@ backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_d
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    """(batch, heads, seqlen_q) dense, (heads, total_q) packed: FlashAttention's layouts."""
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse); lse is fp32."""
+    """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e), empty
+    unless ``need_lse`` (the backward and ``return_lse`` need it; the torch backend pays for it)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
-    lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    lse = None
+    if need_lse:
+        lse = alloc.empty(*_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
     if q.numel() > 0:
         backend.select("attention_fwd", q.device)(
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
             dropout_p, seed,
         )
-    return out, lse
+    return out, lse if lse is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed):
-    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed,
+      need_lse):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None) if need_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
@@ -940,7 +974,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, _need_lse = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed)
@@ -951,7 +985,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup_context)
@@ -1074,6 +1108,8 @@ def attention(
     with both, causal wins on the right. ``dropout_p`` drops attention probabilities with a seed drawn
     from the torch RNG. ``return_lse`` also returns the fp32 log-sum-exp ((batch, heads, seqlen_q), or
     (heads, total_q) packed; +inf for rows that see no key), which carries no gradient.
+    ``max_seqlen_q/k`` may be omitted: the lengths are read from ``cu_seqlens`` (one device sync,
+    which their validation needs anyway); given values must not be below the true maxima.
     The backward never uses float atomics, so it is deterministic either way: ``deterministic=False``
     is accepted for FlashAttention compatibility and runs the same kernels.
     """
@@ -1105,11 +1141,12 @@ def attention(
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         max_q, max_k = q.shape[1], k.shape[1]
+    need_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
-        _draw_seed(dropout_p),
+        _draw_seed(dropout_p), need_lse,
     )
-    return (out, lse) if return_lse else out
+    return (out, lse / LOG2E) if return_lse else out
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, softmax_scale=None,
@@ -1150,7 +1187,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     return _attention_kvcache_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal))
 
 
-def attention_dropout_mask(q, k, dropout_p, backend_name=None):
+def attention_dropout_mask(q, k, dropout_p):
     """Debug path: the keep-mask (batch, heads, seqlen_q, seqlen_k) that the next dense ``attention``
     call with these shapes draws, given the same torch RNG state (restore it with ``torch.manual_seed``).
     """
