@@ -1,0 +1,372 @@
+"""Cross-entropy over the last dim of the logits, loss and gradient in one pass.
+
+Per row with target ``t`` (not ``ignore_index``), label smoothing ``ls`` and z-loss weight ``z``:
+
+    lse  = logsumexp(x)
+    loss = lse - (1 - ls) * x[t] - ls * mean(x) + z * lse**2
+    dloss/dx[i] = softmax(x)[i] * (1 + 2 * z * lse) - ls / V - (1 - ls) * [i == t]
+
+which is torch's ``F.cross_entropy(..., label_smoothing=ls)`` plus PaLM's z-loss. Ignored rows
+have loss 0 and gradient 0. Math is fp32 whatever the logits' dtype; the loss is returned in
+fp32 (a sum over many rows), the gradient in the logits' dtype.
+
+One pass (Liger-Kernel's idea): the forward kernel computes each row's loss AND writes the
+gradient of the reduced loss into a buffer the size of the logits, so the backward only
+scales that buffer by ``grad_output``. The forward never saves the logits, so once the
+caller drops them their memory goes back; the buffer is a separate allocation because
+overwriting the logits in place would corrupt them for anyone else who holds them (a
+retained graph, a second loss, the user). ``linear_cross_entropy`` owns its logits and does
+overwrite them. With ``reduction="none"`` the buffer holds the unscaled per-row gradient and
+the backward scales each row by its ``grad_output``.
+
+Targets are range-checked before any kernel launches: one reduction over ``target`` (tokens
+integers, negligible next to the logits) and one device-to-host sync per call, so that an
+out-of-range target is a ``ValueError``, never a silent NaN or an out-of-bounds read.
+
+The Triton kernel runs one program per row and loops over the vocabulary in blocks of at
+most ``MAX_BLOCK_V`` with an online logsumexp, so any vocabulary size works (256k and more).
+"""
+
+import torch
+
+from fastlm import alloc, backend
+from fastlm._triton import tl, triton
+from fastlm.extension import cpu_extension
+from fastlm.kernel_registry import Variant, register_kernel
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TARGET_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+# Vocabulary columns one Triton program holds at once; longer rows loop over blocks.
+MAX_BLOCK_V = 4096
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    LOGITS, TARGET, SCALE, LOSS, GRAD,
+    V, stride_logits, stride_grad, ignore_index, label_smoothing, z_loss,
+    HAS_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # One program per row. Pass 1: online max / sum of exp / sum of logits over vocab
+    # blocks. Pass 2 (HAS_GRAD): re-read the row and write the scaled gradient. GRAD may be
+    # LOGITS itself: each element is read before it is overwritten, by the same program.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = LOGITS + row * stride_logits
+    cols = tl.arange(0, BLOCK_V)
+    target = tl.load(TARGET + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if HAS_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                c = start + cols
+                tl.store(GRAD + row * stride_grad + c, zero, mask=c < V)
+    else:
+        m = -float("inf")
+        d = 0.0
+        sum_x = 0.0
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            mask = c < V
+            x = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # A block of -inf logits (masked vocabulary) must not turn exp(m - m_new) into NaN.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+        x_t = tl.load(x_row + target).to(tl.float32)
+        loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing * sum_x / V + z_loss * lse * lse
+        tl.store(LOSS + row, loss)
+        if HAS_GRAD:
+            if ROW_SCALE:
+                scale = tl.load(SCALE + row)
+            else:
+                scale = tl.load(SCALE)
+            p_coef = (1.0 + 2.0 * z_loss * lse) * scale
+            smooth = label_smoothing / V * scale
+            hit = (1.0 - label_smoothing) * scale
+            for start in range(0, V, BLOCK_V):
+                c = start + cols
+                mask = c < V
+                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * p_coef - smooth
+                g = tl.where(c == target, g - hit, g)
+                tl.store(GRAD + row * stride_grad + c, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _fwd_config(vocab: int) -> dict:
+    block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4 if block_v >= 256 else 1)
+
+
+_TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _fwd_variants():
+    """Every dtype / target dtype / gradient mode, at the block configs of small, mid and large vocabularies."""
+    for vocab in (2, 1000, 50257):
+        cfg = _fwd_config(vocab)
+        for dtype, ptr in _TRITON_TYPES.items():
+            for target in ("*i64", "*i32"):
+                for has_grad, row_scale in ((False, False), (True, False), (True, True)):
+                    signature = {
+                        "LOGITS": ptr, "TARGET": target, "SCALE": "*fp32", "LOSS": "*fp32",
+                        "V": "i32", "stride_logits": "i32", "stride_grad": "i32", "ignore_index": "i32",
+                        "label_smoothing": "fp32", "z_loss": "fp32",
+                    }
+                    constexprs = dict(HAS_GRAD=has_grad, ROW_SCALE=row_scale, BLOCK_V=cfg["BLOCK_V"])
+                    if has_grad:
+                        signature["GRAD"] = ptr
+                    else:
+                        constexprs["GRAD"] = None
+                    mode = "row-scaled grad" if row_scale else "grad" if has_grad else "loss only"
+                    yield Variant(
+                        signature, constexprs, num_warps=cfg["num_warps"],
+                        label=f"{str(dtype).removeprefix('torch.')} {target[1:]} V={vocab} {mode}",
+                    )
+
+
+register_kernel(_cross_entropy_fwd_kernel, variants=_fwd_variants)
+
+
+def _fwd_triton(logits, target, scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale):
+    rows, vocab = logits.shape
+    _cross_entropy_fwd_kernel[(rows,)](
+        logits, target, scale, loss, grad,
+        vocab, logits.stride(0), grad.stride(0) if grad is not None else 0, ignore_index,
+        label_smoothing, z_loss,
+        HAS_GRAD=grad is not None, ROW_SCALE=row_scale, **_fwd_config(vocab),
+    )
+
+
+def _fwd_cpp(logits, target, scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale):
+    cpu_extension().cross_entropy_fwd(
+        logits, target.to(torch.int64), scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale
+    )
+
+
+def _fwd_torch(logits, target, scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale):
+    x = logits.float()
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).long()
+    rows, lse = _row_losses(x, safe_target, valid, label_smoothing, z_loss)
+    loss.copy_(rows)
+    if grad is not None:
+        coef = torch.where(valid, scale if row_scale else scale.expand_as(lse), 0.0)
+        g = torch.exp(x - lse[:, None]) * ((1.0 + 2.0 * z_loss * lse) * coef)[:, None]
+        g -= (label_smoothing / x.shape[1] * coef)[:, None]
+        g.scatter_add_(1, safe_target[:, None], (-(1.0 - label_smoothing) * coef)[:, None])
+        grad.copy_(g)
+
+
+backend.register("cross_entropy_fwd", triton=_fwd_triton, cpp=_fwd_cpp, torch=_fwd_torch)
+
+
+# ----------------------------------------------------------------------------- shared by the ops
+
+
+def check_targets(fn: str, target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError if a target is outside [0, vocab) and not ignore_index (one reduction, one sync)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{fn}: target values must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"got {int(target[first])} at flat position {first}"
+        )
+
+
+def loss_scale(target, ignore_index, reduction, num_items, num_items_int) -> torch.Tensor:
+    """The factor on each row's gradient, as a 1-element fp32 tensor on target's device (no sync).
+
+    mean: 1 / max(count, 1), count being ``num_items`` when given (the global number of target
+    tokens over gradient-accumulation steps) or the local number of non-ignored targets; the
+    max makes an all-ignored batch a 0 loss with 0 gradient. sum and none: 1.
+    """
+    device = target.device
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if num_items is not None:
+        count = num_items.to(device=device, dtype=torch.float32).reshape(1)
+    elif num_items_int >= 0:
+        count = torch.full((1,), float(num_items_int), dtype=torch.float32, device=device)
+    else:
+        count = (target != ignore_index).sum().to(torch.float32).reshape(1)
+    return 1.0 / count.clamp_min(1.0)
+
+
+def reduce_loss(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row fp32 losses -> the op's loss; summed in a fixed order (deterministic)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total * scale[0] if reduction == "mean" else total
+
+
+def loss_fake(rows: int, reduction: str, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(rows if reduction == "none" else (), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(
+    logits: torch.Tensor, target: torch.Tensor, num_items: torch.Tensor | None, num_items_int: int,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (rows, V), target (rows,) -> (loss, grad); grad is the gradient of the loss
+    (per row for reduction="none") in logits' dtype, empty unless compute_grad."""
+    rows, vocab = logits.shape
+    check_targets("cross_entropy", target, vocab, ignore_index)
+    logits = logits.contiguous()
+    target = target.contiguous()
+    scale = loss_scale(target, ignore_index, reduction, num_items, num_items_int)
+    row_losses = alloc.empty(rows, dtype=torch.float32, device=logits.device)
+    grad = alloc.empty_like(logits) if compute_grad else None
+    if rows > 0:
+        backend.select("cross_entropy_fwd", logits.device)(
+            logits, target, scale, row_losses, grad, ignore_index, label_smoothing, z_loss, False
+        )
+    loss = reduce_loss(row_losses, scale, reduction)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, num_items, num_items_int, ignore_index, reduction, label_smoothing, z_loss, compute_grad):
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss_fake(logits.shape[0], reduction, logits), grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad.dim() == 1:
+        raise RuntimeError("cross_entropy: the forward ran without compute_grad; call it through fastlm.cross_entropy")
+    g = grad_loss.to(grad.dtype)
+    return (grad * (g[:, None] if ctx.reduction == "none" else g),) + (None,) * 8
+
+
+torch.library.register_autograd("fastlm::cross_entropy_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def check_loss_options(fn, reduction, label_smoothing, z_loss, ignore_index, num_items, device) -> None:
+    """Checks shared with linear_cross_entropy; TypeError/ValueError naming the argument."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"{fn}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not (isinstance(z_loss, (int, float)) and z_loss >= 0.0):
+        raise ValueError(f"{fn}: z_loss must be a non-negative number, got {z_loss!r}")
+    if num_items is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"{fn}: num_items replaces the mean's denominator; it needs reduction='mean', got {reduction!r}")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0:
+            raise ValueError(f"{fn}: num_items must be an int or a 0-d tensor, got shape {tuple(num_items.shape)}")
+        if num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise TypeError(f"{fn}: num_items must be an integer or float tensor, got {num_items.dtype}")
+        if num_items.device != device and num_items.device.type != "cpu":
+            raise ValueError(f"{fn}: num_items is on {num_items.device} but the inputs are on {device}")
+    elif isinstance(num_items, bool) or not isinstance(num_items, int):
+        raise TypeError(f"{fn}: num_items must be an int, a 0-d tensor or None, got {type(num_items).__name__}")
+    elif num_items < 0:
+        raise ValueError(f"{fn}: num_items must be >= 0, got {num_items}")
+
+
+def check_target(fn, target, expected_shape, device, what) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"{fn}: target must be int64 or int32, got {target.dtype}")
+    if tuple(target.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"{fn}: target must have shape {tuple(expected_shape)} ({what}), got {tuple(target.shape)}"
+        )
+    if target.device != device:
+        raise ValueError(f"{fn}: target is on {target.device} but the inputs are on {device}")
+
+
+def split_num_items(num_items) -> tuple[torch.Tensor | None, int]:
+    """num_items as the ops take it: (0-d tensor or None, int or -1 when absent)."""
+    if isinstance(num_items, torch.Tensor):
+        return num_items, -1
+    return None, -1 if num_items is None else num_items
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                  num_items=None):
+    """Cross-entropy of ``logits`` (..., vocab) against class indices ``target`` (...).
+
+    The class dim is the LAST one (unlike ``F.cross_entropy`` on 3-D input); leading dims are
+    flattened. ``reduction``: "mean" (over non-ignored targets, or over ``num_items`` when given:
+    pass the global number of target tokens of all gradient-accumulation micro-batches, so the
+    micro-batch losses add up to the big batch's mean), "sum" or "none" (per-token losses,
+    target's shape). ``z_loss`` adds ``z_loss * logsumexp(logits)**2`` per non-ignored token.
+    An all-ignored batch has loss 0 and gradient 0. The loss is fp32.
+    """
+    fn = "cross_entropy"
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{fn}: logits must be (tokens, vocab) or (..., vocab), got shape {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"{fn}: the vocab (last) dim of logits must be >= 1, got shape {tuple(logits.shape)}")
+    check_target(fn, target, logits.shape[:-1], logits.device, "logits.shape[:-1]")
+    check_loss_options(fn, reduction, label_smoothing, z_loss, ignore_index, num_items, logits.device)
+    items, items_int = split_num_items(num_items)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _cross_entropy_fwd_op(
+        logits.reshape(-1, vocab), target.reshape(-1), items, items_int, ignore_index, reduction,
+        float(label_smoothing), float(z_loss), compute_grad,
+    )
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _row_losses(x, target, valid, label_smoothing, z_loss):
+    """(per-row losses, zero where not valid; logsumexp) of 2-D logits ``x`` (differentiable)."""
+    lse = torch.logsumexp(x, dim=-1)
+    x_t = x.gather(1, target[:, None]).squeeze(1)
+    rows = lse - (1.0 - label_smoothing) * x_t - label_smoothing * x.mean(-1) + z_loss * lse * lse
+    return torch.where(valid, rows, 0.0), lse
+
+
+def cross_entropy_ref(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                      num_items=None):
+    """PyTorch reference of ``cross_entropy`` (differentiable; fp32 math, fp64 for fp64 input)."""
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.reshape(-1, logits.shape[-1]).to(compute)
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    rows, _ = _row_losses(x, torch.where(valid, t, 0).long(), valid, label_smoothing, z_loss)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = valid.sum() if num_items is None else torch.as_tensor(num_items, device=x.device)
+    return total / count.to(compute).clamp_min(1.0)
