@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 
 CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp")
+CPU_SOURCES += ("cpu/cross_entropy.cpp",)
 CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17")
 CPU_LDFLAGS = ("-fopenmp",)
 

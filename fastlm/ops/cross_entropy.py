@@ -23,8 +23,9 @@ Targets are range-checked before any kernel launches: one reduction over ``targe
 integers, negligible next to the logits) and one device-to-host sync per call, so that an
 out-of-range target is a ``ValueError``, never a silent NaN or an out-of-bounds read.
 
-The Triton kernel runs one program per row and loops over the vocabulary in blocks of at
-most ``MAX_BLOCK_V`` with an online logsumexp, so any vocabulary size works (256k and more).
+The Triton kernel runs one program per row (several rows for small vocabularies) and loops
+over the vocabulary in blocks of at most ``MAX_BLOCK_V`` with an online logsumexp, so any
+vocabulary size works (256k and more).
 """
 
 import torch
@@ -47,56 +48,62 @@ MAX_BLOCK_V = 4096
 @triton.jit
 def _cross_entropy_fwd_kernel(
     LOGITS, TARGET, SCALE, LOSS, GRAD,
-    V, stride_logits, stride_grad, ignore_index, label_smoothing, z_loss,
-    HAS_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_rows, V, stride_logits, stride_grad, ignore_index, label_smoothing, z_loss,
+    HAS_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # One program per row. Pass 1: online max / sum of exp / sum of logits over vocab
-    # blocks. Pass 2 (HAS_GRAD): re-read the row and write the scaled gradient. GRAD may be
-    # LOGITS itself: each element is read before it is overwritten, by the same program.
-    row = tl.program_id(0).to(tl.int64)
-    x_row = LOGITS + row * stride_logits
+    # BLOCK_M rows per program (several only for small vocabularies). Pass 1: online max,
+    # sum of exp and sum of logits over vocab blocks. Pass 2 (HAS_GRAD): re-read the rows and
+    # write the scaled gradient. GRAD may be LOGITS itself: each element is read before it is
+    # overwritten, by the same program. Ignored rows load nothing (masked) and get zeros.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    target = tl.load(TARGET + rows, mask=row_ok, other=0).to(tl.int64)
+    valid = row_ok & (target != ignore_index)
+    x_rows = LOGITS + rows.to(tl.int64)[:, None] * stride_logits
     cols = tl.arange(0, BLOCK_V)
-    target = tl.load(TARGET + row).to(tl.int64)
-    if target == ignore_index:
-        tl.store(LOSS + row, 0.0)
-        if HAS_GRAD:
-            zero = tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                c = start + cols
-                tl.store(GRAD + row * stride_grad + c, zero, mask=c < V)
-    else:
-        m = -float("inf")
-        d = 0.0
-        sum_x = 0.0
+    m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    d = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        mask = valid[:, None] & (c[None, :] < V)
+        x = tl.load(x_rows + c[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # A block of -inf logits (masked vocabulary, or an ignored row) must not turn
+        # exp(m - m_new) into NaN.
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
+        m = m_new
+    # d sums exp(x - m_safe); recomputed as a value set in the loop body is not visible here.
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    log_d = tl.log(tl.where(valid, d, 1.0))
+    lse = m_safe + log_d
+    x_t = tl.load(LOGITS + rows.to(tl.int64) * stride_logits + target, mask=valid, other=0.0).to(tl.float32)
+    loss = lse - (1.0 - label_smoothing) * x_t + z_loss * lse * lse
+    if label_smoothing != 0.0:
+        # Guarded: 0 * sum_x would be NaN for a row with -inf logits.
+        loss -= label_smoothing * sum_x / V
+    tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_ok)
+    if HAS_GRAD:
+        if ROW_SCALE:
+            scale = tl.load(SCALE + rows, mask=row_ok, other=0.0)
+        else:
+            scale = tl.load(SCALE)
+        coef = tl.where(valid, scale, 0.0)
+        p_coef = (1.0 + 2.0 * z_loss * lse) * coef
+        smooth = label_smoothing / V * coef
+        hit = (1.0 - label_smoothing) * coef
+        g_rows = GRAD + rows.to(tl.int64)[:, None] * stride_grad
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            mask = c < V
-            x = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # A block of -inf logits (masked vocabulary) must not turn exp(m - m_new) into NaN.
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-        x_t = tl.load(x_row + target).to(tl.float32)
-        loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing * sum_x / V + z_loss * lse * lse
-        tl.store(LOSS + row, loss)
-        if HAS_GRAD:
-            if ROW_SCALE:
-                scale = tl.load(SCALE + row)
-            else:
-                scale = tl.load(SCALE)
-            p_coef = (1.0 + 2.0 * z_loss * lse) * scale
-            smooth = label_smoothing / V * scale
-            hit = (1.0 - label_smoothing) * scale
-            for start in range(0, V, BLOCK_V):
-                c = start + cols
-                mask = c < V
-                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) * p_coef - smooth
-                g = tl.where(c == target, g - hit, g)
-                tl.store(GRAD + row * stride_grad + c, g.to(GRAD.dtype.element_ty), mask=mask)
+            col_ok = c[None, :] < V
+            x = tl.load(x_rows + c[None, :], mask=valid[:, None] & col_ok, other=-float("inf")).to(tl.float32)
+            # exp((x - m) - log d), not exp(x - lse): lse's rounding (half an ulp of a value
+            # ~10) would otherwise land, relative, on every probability.
+            g = tl.exp((x - m_safe[:, None]) - log_d[:, None]) * p_coef[:, None] - smooth[:, None]
+            g = tl.where(c[None, :] == target[:, None], g - hit[:, None], g)
+            tl.store(g_rows + c[None, :], g.to(GRAD.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -104,7 +111,9 @@ def _cross_entropy_fwd_kernel(
 
 def _fwd_config(vocab: int) -> dict:
     block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
-    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4 if block_v >= 256 else 1)
+    # Small vocabularies: several rows per program so each program still moves ~4k elements.
+    block_m = max(1, MAX_BLOCK_V // block_v)
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8 if block_m * block_v >= 2048 else 4)
 
 
 _TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -119,10 +128,12 @@ def _fwd_variants():
                 for has_grad, row_scale in ((False, False), (True, False), (True, True)):
                     signature = {
                         "LOGITS": ptr, "TARGET": target, "SCALE": "*fp32", "LOSS": "*fp32",
-                        "V": "i32", "stride_logits": "i32", "stride_grad": "i32", "ignore_index": "i32",
+                        "n_rows": "i32", "V": "i32", "stride_logits": "i32", "stride_grad": "i32", "ignore_index": "i32",
                         "label_smoothing": "fp32", "z_loss": "fp32",
                     }
-                    constexprs = dict(HAS_GRAD=has_grad, ROW_SCALE=row_scale, BLOCK_V=cfg["BLOCK_V"])
+                    constexprs = dict(
+                        HAS_GRAD=has_grad, ROW_SCALE=row_scale, BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"]
+                    )
                     if has_grad:
                         signature["GRAD"] = ptr
                     else:
@@ -139,11 +150,12 @@ register_kernel(_cross_entropy_fwd_kernel, variants=_fwd_variants)
 
 def _fwd_triton(logits, target, scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale):
     rows, vocab = logits.shape
-    _cross_entropy_fwd_kernel[(rows,)](
+    cfg = _fwd_config(vocab)
+    _cross_entropy_fwd_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
         logits, target, scale, loss, grad,
-        vocab, logits.stride(0), grad.stride(0) if grad is not None else 0, ignore_index,
+        rows, vocab, logits.stride(0), grad.stride(0) if grad is not None else 0, ignore_index,
         label_smoothing, z_loss,
-        HAS_GRAD=grad is not None, ROW_SCALE=row_scale, **_fwd_config(vocab),
+        HAS_GRAD=grad is not None, ROW_SCALE=row_scale, **cfg,
     )
 
 
@@ -161,7 +173,7 @@ def _fwd_torch(logits, target, scale, loss, grad, ignore_index, label_smoothing,
     loss.copy_(rows)
     if grad is not None:
         coef = torch.where(valid, scale if row_scale else scale.expand_as(lse), 0.0)
-        g = torch.exp(x - lse[:, None]) * ((1.0 + 2.0 * z_loss * lse) * coef)[:, None]
+        g = torch.softmax(x, dim=-1) * ((1.0 + 2.0 * z_loss * lse) * coef)[:, None]
         g -= (label_smoothing / x.shape[1] * coef)[:, None]
         g.scatter_add_(1, safe_target[:, None], (-(1.0 - label_smoothing) * coef)[:, None])
         grad.copy_(g)
@@ -351,7 +363,10 @@ def _row_losses(x, target, valid, label_smoothing, z_loss):
     """(per-row losses, zero where not valid; logsumexp) of 2-D logits ``x`` (differentiable)."""
     lse = torch.logsumexp(x, dim=-1)
     x_t = x.gather(1, target[:, None]).squeeze(1)
-    rows = lse - (1.0 - label_smoothing) * x_t - label_smoothing * x.mean(-1) + z_loss * lse * lse
+    rows = lse - (1.0 - label_smoothing) * x_t + z_loss * lse * lse
+    if label_smoothing:
+        # Only when smoothing: 0 * mean(x) is NaN for a row with -inf (masked) logits.
+        rows = rows - label_smoothing * x.mean(-1)
     return torch.where(valid, rows, 0.0), lse
 
 

@@ -1,0 +1,97 @@
+#include "cpu/cross_entropy.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const float* scale, float* loss, T* grad,
+                              int64_t rows, int64_t V, int64_t ignore_index, float ls, float z, bool row_scale) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        // The row is converted to fp32 once: the gradient pass reads the copy, which is also
+        // what lets grad alias logits.
+        std::vector<float> x(V);
+        for (int64_t row = begin; row < end; ++row) {
+            const int64_t t = target[row];
+            T* g_row = grad != nullptr ? grad + row * V : nullptr;
+            if (t == ignore_index) {
+                loss[row] = 0.f;
+                if (g_row != nullptr) {
+                    for (int64_t i = 0; i < V; ++i) g_row[i] = static_cast<T>(0.f);
+                }
+                continue;
+            }
+            const T* x_row = logits + row * V;
+            float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+            for (int64_t i = 0; i < V; ++i) {
+                x[i] = static_cast<float>(x_row[i]);
+                m = std::max(m, x[i]);
+            }
+            // All -inf (fully masked row): keep exp() finite; the loss is then inf, as in torch.
+            const float m_safe = std::isinf(m) && m < 0 ? 0.f : m;
+            // Double accumulators: a float sum of V terms, even split over SIMD lanes, loses
+            // ~sqrt(V / lanes) ulps, visible in the gradient at large V.
+            double d = 0.0, sum_x = 0.0;
+#pragma omp simd reduction(+ : d, sum_x)
+            for (int64_t i = 0; i < V; ++i) {
+                d += std::exp(x[i] - m_safe);
+                sum_x += x[i];
+            }
+            // softmax = exp((x - m) - log d): x - m is exact-ish, log d small; exp(x - lse)
+            // would carry lse's rounding (half an ulp of lse, relative) into every p.
+            const float log_d = static_cast<float>(std::log(d));
+            const float lse = static_cast<float>(m_safe + std::log(d));
+            // The smoothing term only when smoothing: 0 * sum_x is NaN for -inf (masked) logits.
+            const double smooth_term = ls != 0.f ? ls * sum_x / V : 0.0;
+            loss[row] = static_cast<float>(lse - (1.0 - ls) * x[t] - smooth_term + static_cast<double>(z) * lse * lse);
+            if (g_row == nullptr) continue;
+            const float s = row_scale ? scale[row] : scale[0];
+            const float p_coef = (1.f + 2.f * z * lse) * s;
+            const float smooth = ls / V * s;
+#pragma omp simd
+            for (int64_t i = 0; i < V; ++i) x[i] = std::exp((x[i] - m_safe) - log_d) * p_coef - smooth;
+            x[t] -= (1.f - ls) * s;
+            for (int64_t i = 0; i < V; ++i) g_row[i] = static_cast<T>(x[i]);
+        }
+    });
+}
+
+}  // namespace
+
+void cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& scale,
+                           at::Tensor& loss, std::optional<at::Tensor> grad, int64_t ignore_index,
+                           double label_smoothing, double z_loss, bool row_scale) {
+    TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(),
+                "logits must be a contiguous 2-D CPU tensor (rows, V), got ", logits.sizes());
+    const int64_t rows = logits.size(0), V = logits.size(1);
+    TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong && target.is_contiguous() &&
+                    target.dim() == 1 && target.size(0) == rows,
+                "target must be a contiguous int64 CPU tensor of shape (", rows, "), got ", target.sizes(), " ",
+                target.scalar_type());
+    TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                    scale.numel() == (row_scale ? rows : 1),
+                "scale must be a contiguous fp32 CPU tensor of ", row_scale ? rows : 1, " elements, got ",
+                scale.sizes(), " ", scale.scalar_type());
+    TORCH_CHECK(loss.device().is_cpu() && loss.scalar_type() == at::kFloat && loss.is_contiguous() &&
+                    loss.numel() == rows,
+                "loss must be a contiguous fp32 CPU tensor of ", rows, " elements, got ", loss.sizes());
+    if (grad.has_value()) {
+        TORCH_CHECK(grad->device().is_cpu() && grad->sizes() == logits.sizes() && grad->is_contiguous() &&
+                        grad->scalar_type() == logits.scalar_type(),
+                    "grad must be a contiguous CPU tensor like logits ", logits.sizes(), " ",
+                    logits.scalar_type(), ", got ", grad->sizes(), " ", grad->scalar_type());
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
+        cross_entropy_fwd_kernel<scalar_t>(
+            logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), scale.data_ptr<float>(),
+            loss.data_ptr<float>(), grad.has_value() ? grad->data_ptr<scalar_t>() : nullptr, rows, V, ignore_index,
+            static_cast<float>(label_smoothing), static_cast<float>(z_loss), row_scale);
+    });
+}
