@@ -238,3 +238,16 @@ def test_torch_compile_fullgraph():
     head.weight.grad = None
     step(x, target).backward()
     torch.testing.assert_close(compiled_grad, head.weight.grad)
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retained_graph(backend, dtype, reduction):
+    # The backward scales the stored gradient out of place, so a second one gives the same.
+    logits, target = make_inputs(6, 50, dtype)
+    leaf = logits.clone().requires_grad_()
+    with fastlm.use_backend(backend):
+        loss = cross_entropy(leaf, target, reduction=reduction).sum() * 0.5
+        first = torch.autograd.grad(loss, leaf, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, leaf)[0]
+    assert torch.equal(first, second)
