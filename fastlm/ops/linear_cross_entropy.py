@@ -12,7 +12,9 @@ gradient of the same size), not the full logits and their fp32 softmax.
 Chunk size (``chunk_size=None``): ``ceil(tokens / ceil(vocab / dim))`` tokens, so one chunk of
 logits holds about as many elements as ``hidden`` itself, but at least 256 tokens (matmuls
 thinner than that run far below peak) and at most all of them. Any positive ``chunk_size``
-overrides it; it need not divide the token count.
+overrides it; it need not divide the token count. The trade-off: every chunk reads and
+writes the whole fp32 weight-gradient accumulator (vocab x dim) once, so fewer, larger
+chunks cost less time and more memory.
 
 ``reduction="none"`` cannot pre-scale: each row's ``grad_output`` is only known in the
 backward. Then the forward computes the losses only, and the backward recomputes the chunks
