@@ -28,6 +28,11 @@ class Variant:
     num_stages: int = 3
     label: str = ""
     """Short readable name for the report, e.g. ``"bf16 n=4096"``."""
+    divisible_by_16: tuple[str, ...] = ()
+    """Integer arguments that are multiples of 16 in this variant. Triton specializes a launch
+    on it (vectorized loads, aligned wgmma tiles), so a width or stride that can be either way
+    is worth a variant each. Pointer arguments are always taken as 16-byte aligned, as they
+    are for tensors from PyTorch's allocator."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,9 @@ class KernelSpec:
 
     @property
     def name(self) -> str:
-        fn = getattr(self.kernel, "fn", self.kernel)
+        fn = self.kernel
+        while hasattr(fn, "fn"):  # JITFunction, InterpretedFunction, Autotuner, Heuristics
+            fn = fn.fn
         return f"{fn.__module__}.{fn.__name__}"
 
 

@@ -4,11 +4,35 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
+
+// exp(x) for x <= 0 that the compiler vectorizes: std::exp is a libm call it cannot (errno,
+// no -ffast-math). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6
+// polynomial (about 1 ulp), 2^n written into the exponent bits. Every exponent this kernel
+// takes is <= 0 (x - max); below -87.3 (2^n no longer normal) the result is 0, as for -inf.
+inline float exp_nonpositive(float x) {
+    const float xc = std::max(x, -87.3f);
+    const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return x < -87.3f ? 0.f : y * scale;
+}
 
 template <typename T>
 void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const float* scale, float* loss, T* grad,
@@ -41,7 +65,7 @@ void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const floa
             double d = 0.0, sum_x = 0.0;
 #pragma omp simd reduction(+ : d, sum_x)
             for (int64_t i = 0; i < V; ++i) {
-                d += std::exp(x[i] - m_safe);
+                d += exp_nonpositive(x[i] - m_safe);
                 sum_x += x[i];
             }
             // softmax = exp((x - m) - log d): x - m is exact-ish, log d small; exp(x - lse)
@@ -56,8 +80,9 @@ void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const floa
             const float p_coef = (1.f + 2.f * z * lse) * s;
             const float smooth = ls / V * s;
 #pragma omp simd
-            for (int64_t i = 0; i < V; ++i) x[i] = std::exp((x[i] - m_safe) - log_d) * p_coef - smooth;
+            for (int64_t i = 0; i < V; ++i) x[i] = exp_nonpositive((x[i] - m_safe) - log_d) * p_coef - smooth;
             x[t] -= (1.f - ls) * s;
+#pragma omp simd
             for (int64_t i = 0; i < V; ++i) g_row[i] = static_cast<T>(x[i]);
         }
     });

@@ -128,8 +128,8 @@ def _fwd_variants():
                 for has_grad, row_scale in ((False, False), (True, False), (True, True)):
                     signature = {
                         "LOGITS": ptr, "TARGET": target, "SCALE": "*fp32", "LOSS": "*fp32",
-                        "n_rows": "i32", "V": "i32", "stride_logits": "i32", "stride_grad": "i32", "ignore_index": "i32",
-                        "label_smoothing": "fp32", "z_loss": "fp32",
+                        "n_rows": "i32", "V": "i32", "stride_logits": "i32", "stride_grad": "i32",
+                        "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
                     }
                     constexprs = dict(
                         HAS_GRAD=has_grad, ROW_SCALE=row_scale, BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"]
@@ -290,7 +290,9 @@ def check_loss_options(fn, reduction, label_smoothing, z_loss, ignore_index, num
     if num_items is None:
         return
     if reduction != "mean":
-        raise ValueError(f"{fn}: num_items replaces the mean's denominator; it needs reduction='mean', got {reduction!r}")
+        raise ValueError(
+            f"{fn}: num_items replaces the mean's denominator; it needs reduction='mean', got {reduction!r}"
+        )
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0:
             raise ValueError(f"{fn}: num_items must be an int or a 0-d tensor, got shape {tuple(num_items.shape)}")

@@ -12,7 +12,9 @@ gradient of the same size), not the full logits and their fp32 softmax.
 Chunk size (``chunk_size=None``): ``ceil(tokens / ceil(vocab / dim))`` tokens, so one chunk of
 logits holds about as many elements as ``hidden`` itself, but at least 256 tokens (matmuls
 thinner than that run far below peak) and at most all of them. Any positive ``chunk_size``
-overrides it; it need not divide the token count.
+overrides it; it need not divide the token count. The trade-off: every chunk reads and
+writes the whole fp32 weight-gradient accumulator (vocab x dim) once, so fewer, larger
+chunks cost less time and more memory.
 
 ``reduction="none"`` cannot pre-scale: each row's ``grad_output`` is only known in the
 backward. Then the forward computes the losses only, and the backward recomputes the chunks
@@ -211,14 +213,23 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
         )
     else:
         stored_hidden, stored_weight, stored_bias = ctx.saved_tensors
-        grad_hidden = stored_hidden * grad_loss.to(stored_hidden.dtype) if need_hidden else None
-        grad_weight = stored_weight * grad_loss if need_weight else None
-        grad_bias = stored_bias * grad_loss if need_bias else None
+        grad_hidden = _scaled(stored_hidden, grad_loss, stored_hidden.dtype) if need_hidden else None
+        grad_weight = _scaled(stored_weight, grad_loss, ctx.weight_dtype) if need_weight else None
+        grad_bias = _scaled(stored_bias, grad_loss, ctx.bias_dtype) if need_bias else None
     return (
         grad_hidden if need_hidden else None,
         grad_weight.to(ctx.weight_dtype) if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
     ) + (None,) * 11
+
+
+def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """stored * grad_loss in ``dtype``, never modifying ``stored`` (a retained graph may run
+    the backward again) and, for an fp32 accumulator of a bf16/fp16 weight, without an fp32
+    temporary the size of the weight: cast first, then scale the cast in place."""
+    if stored.dtype == dtype:
+        return stored * grad_loss.to(dtype)
+    return stored.to(dtype).mul_(grad_loss.to(dtype))
 
 
 torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)

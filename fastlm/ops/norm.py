@@ -19,10 +19,17 @@ import torch
 from fastlm import alloc, backend
 from fastlm._triton import tl, triton
 from fastlm.extension import cpu_extension
+from fastlm.kernel_registry import Variant, register_kernel
 
 MAX_N = 65536
 # Columns one Triton program holds in registers at once; longer rows loop over tiles.
 MAX_TILE = 8192
+# The backward keeps about twice as many values live per column as the forward, so it takes
+# smaller tiles: on sm_90 a single tile spills registers beyond 4096 columns, and a long
+# row's tiles beyond 2048 when N is not a multiple of 16 (its loads are then not vectorized).
+# See benchmarks/results/compile-report.md.
+MAX_BWD_TILE = 4096
+BWD_LONG_ROW_TILE = 2048
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -65,9 +72,11 @@ def _norm_fwd_kernel(
         tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Long rows: pass 1 forms r and its mean, pass 2 the centred variance, pass 3 writes y.
+        # The loops count tiles from N at run time: over a constexpr NUM_TILES they are fully
+        # unrolled, and the unrolled tiles spill registers (benchmarks/results/compile-report.md).
         SRC = R_OUT if HAS_RES else X
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t in range(NUM_TILES):
+        for t in range(tl.cdiv(N, BLOCK_N)):
             c = t * BLOCK_N + cols
             mask = row_ok[:, None] & (c[None, :] < N)
             x = tl.load(X + row_off + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -85,7 +94,7 @@ def _norm_fwd_kernel(
             mean = tl.sum(acc, axis=1) / N
             tl.store(MEAN + rows, mean, mask=row_ok)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t in range(NUM_TILES):
+        for t in range(tl.cdiv(N, BLOCK_N)):
             c = t * BLOCK_N + cols
             mask = row_ok[:, None] & (c[None, :] < N)
             x = tl.load(SRC + row_off + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -93,7 +102,7 @@ def _norm_fwd_kernel(
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
         tl.store(RSTD + rows, rstd, mask=row_ok)
-        for t in range(NUM_TILES):
+        for t in range(tl.cdiv(N, BLOCK_N)):
             c = t * BLOCK_N + cols
             mask = row_ok[:, None] & (c[None, :] < N)
             x = tl.load(SRC + row_off + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -103,6 +112,67 @@ def _norm_fwd_kernel(
             if HAS_B:
                 y += tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
             tl.store(Y + row_off + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# What the compile gate (fastlm.tools.gpu_compile_check) builds of each kernel. Widths that
+# reach every tile config _fwd_config/_bwd_config can pick: each single-tile power of two,
+# and the fewest and the most tiles of a long row.
+_GATE_WIDTHS = tuple(2**k for k in range(MAX_TILE.bit_length())) + (2 * MAX_TILE, MAX_N)
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _gate_cases():
+    """(dtype, n, is_rms, has_residual, has_weight, has_bias) the gate compiles for each kernel.
+
+    Every tile config in bf16 with every feature on (the most live values); fp32 and fp16 at
+    odd widths, where Triton cannot vectorize (more registers); and the feature sets that
+    drop code (RMSNorm, no residual, no affine), at an odd and an even long row.
+    """
+    full = (False, True, True, True)
+    cases = [(torch.bfloat16, n, *full) for n in _GATE_WIDTHS]
+    odd = (1, 255, 4095, MAX_TILE - 1, MAX_N - 1)
+    cases += [(dtype, n, *full) for dtype in (torch.float32, torch.float16) for n in odd]
+    reduced = ((True, True, True, False), (True, False, False, False), (False, False, False, False))
+    cases += [(torch.bfloat16, n, *flags) for n in (MAX_TILE - 1, MAX_N) for flags in reduced]
+    return cases
+
+
+def _gate_variant(cfg, dtype, n, is_rms, flags, tensors, scalars, label_flags):
+    """The Variant a launch with this config and these arguments compiles.
+
+    ``tensors`` maps pointer args to (present, type); absent ones are None at launch, which
+    Triton specializes as a constexpr.
+    """
+    cfg = dict(cfg)
+    num_warps = cfg.pop("num_warps")
+    signature, constexprs = dict(scalars), dict(IS_RMS=is_rms, **flags, **cfg)
+    for name, (present, ty) in tensors.items():
+        if present:
+            signature[name] = ty
+        else:
+            constexprs[name] = None
+    tiles = f" ({cfg['NUM_TILES']} tiles)" if cfg["NUM_TILES"] > 1 else ""
+    features = "".join(f"+{name}" for name, on in label_flags if on)
+    label = f"{_TRITON_TYPE[dtype]} n={n}{tiles} {'rms' if is_rms else 'ln'}{features}"
+    return Variant(
+        signature, constexprs, num_warps=num_warps, label=label, divisible_by_16=("N",) if n % 16 == 0 else ()
+    )
+
+
+def _norm_fwd_variants():
+    for dtype, n, is_rms, has_res, has_w, has_b in _gate_cases():
+        t = f"*{_TRITON_TYPE[dtype]}"
+        tensors = {
+            "X": (True, t), "RES": (has_res, t), "W": (has_w, t), "B": (has_b, t), "Y": (True, t),
+            "R_OUT": (has_res, t), "MEAN": (not is_rms, "*fp32"), "RSTD": (True, "*fp32"),
+        }
+        yield _gate_variant(
+            _fwd_config(n), dtype, n, is_rms, dict(HAS_RES=has_res, HAS_W=has_w, HAS_B=has_b), tensors,
+            dict(n_rows="i32", N="i32", eps="fp32"), (("res", has_res), ("w", has_w), ("b", has_b)),
+        )
+
+
+register_kernel(_norm_fwd_kernel, variants=_norm_fwd_variants)
 
 
 @triton.jit
@@ -156,13 +226,14 @@ def _norm_bwd_kernel(
     else:
         # Long rows, one at a time: pass 1 the row sums, pass 2 dx and the partials, which
         # accumulate in this program's own row of the partial buffers (zeroed by the launcher).
+        # Tiles counted from N at run time, as in the forward, so the loops are not unrolled.
         for row in range(start, stop):
             row_off = row * N
             rstd = tl.load(RSTD + row)
             mean = 0.0 if IS_RMS else tl.load(MEAN + row)
             sum_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
             sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for t in range(NUM_TILES):
+            for t in range(tl.cdiv(N, BLOCK_N)):
                 c = t * BLOCK_N + cols
                 ok = c < N
                 xhat = tl.where(ok, (tl.load(R + row_off + c, mask=ok, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
@@ -173,7 +244,7 @@ def _norm_bwd_kernel(
                 sum_g += g
             c1 = tl.sum(sum_gx, axis=0) / N
             c2 = 0.0 if IS_RMS else tl.sum(sum_g, axis=0) / N
-            for t in range(NUM_TILES):
+            for t in range(tl.cdiv(N, BLOCK_N)):
                 c = t * BLOCK_N + cols
                 ok = c < N
                 xhat = tl.where(ok, (tl.load(R + row_off + c, mask=ok, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
@@ -194,12 +265,29 @@ def _norm_bwd_kernel(
                     tl.store(DB_PARTIAL + partial_off + c, db + dy, mask=ok)
 
 
+def _norm_bwd_variants():
+    for dtype, n, is_rms, has_dres, has_w, has_b in _gate_cases():
+        t = f"*{_TRITON_TYPE[dtype]}"
+        tensors = {
+            "DY": (True, t), "DR_OUT": (has_dres, t), "R": (True, t), "W": (has_w, t),
+            "MEAN": (not is_rms, "*fp32"), "RSTD": (True, "*fp32"), "DX": (True, t),
+            "DW_PARTIAL": (has_w, "*fp32"), "DB_PARTIAL": (has_b, "*fp32"),
+        }
+        yield _gate_variant(
+            _bwd_config(n), dtype, n, is_rms, dict(HAS_DRES=has_dres, HAS_W=has_w, HAS_B=has_b), tensors,
+            dict(n_rows="i32", N="i32", rows_per_program="i32"), (("dres", has_dres), ("w", has_w), ("b", has_b)),
+        )
+
+
+register_kernel(_norm_bwd_kernel, variants=_norm_bwd_variants)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tiles(n: int) -> tuple[int, int]:
+def _tiles(n: int, max_tile: int = MAX_TILE) -> tuple[int, int]:
     """(BLOCK_N, NUM_TILES) for a row of n columns."""
-    block_n = min(triton.next_power_of_2(n), MAX_TILE)
+    block_n = min(triton.next_power_of_2(n), max_tile)
     return block_n, triton.cdiv(n, block_n)
 
 
@@ -212,9 +300,13 @@ def _fwd_config(n: int) -> dict:
 
 
 def _bwd_config(n: int) -> dict:
-    block_n, num_tiles = _tiles(n)
-    block_m = max(1, 2048 // block_n) if num_tiles == 1 else 1
-    num_warps = min(16, max(1, block_m * block_n // 256))
+    block_n, num_tiles = _tiles(n, MAX_BWD_TILE)
+    if num_tiles == 1:
+        block_m = max(1, 2048 // block_n)
+        num_warps = min(16, max(1, block_m * block_n // 256))
+    else:
+        block_m, num_warps = 1, 16
+        block_n, num_tiles = _tiles(n, BWD_LONG_ROW_TILE)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, NUM_TILES=num_tiles, num_warps=num_warps)
 
 
