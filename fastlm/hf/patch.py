@@ -46,8 +46,8 @@ def _norm_forward(kind: str, eps_attr: str):
             return rms_norm(hidden_states, self.weight, getattr(self, eps_attr))
     elif kind == "rms_offset":
         def forward(self, x):
-            # Gemma stores w and scales by (1 + w); the parameter (and so the checkpoint) stays w.
-            return rms_norm(x, self.weight + 1.0, getattr(self, eps_attr))
+            # Gemma stores w and scales by (1 + w) in fp32 (as transformers does); the parameter stays w.
+            return rms_norm(x, self.weight.float() + 1.0, getattr(self, eps_attr))
     else:
         def forward(self, input):
             return layer_norm(input, self.weight, self.bias, getattr(self, eps_attr))
