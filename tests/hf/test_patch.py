@@ -168,7 +168,22 @@ def test_greedy_generate_unchanged(arch):
     ids = _inputs(arch, batch=2, seqlen=5)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected = _model_of(patched).generate(ids, **kwargs)
+    fastlm.hf.reset_fallback_counts()
     assert torch.equal(patched.generate(ids, **kwargs), expected)
+    if arch != "mistral":  # Mistral's sliding window (5) is exceeded, so its mask is explicit: SDPA fallback
+        assert fastlm.hf.fallback_counts() == {}, "prefill and decode should run fastlm attention"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_generate_left_padded(arch):
+    """Left padding: per-row positions (so per-row rope tables) and the SDPA fallback for the masked calls."""
+    patched, _ = _pair(arch)
+    ids = _inputs(arch, batch=2, seqlen=6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kwargs), _model_of(patched).generate(ids, **kwargs))
 
 
 def test_packed_sequences_use_varlen():
