@@ -3,15 +3,19 @@
 transformers builds the attention mask with its SDPA mask function (registered for "fastlm" too), which
 returns None whenever the pattern is plain causal (or plain bidirectional) with no padding: then fastlm's
 flash attention runs. Packed sequences run the varlen kernel when transformers passes ``cu_seq_lens_q/k``
-(e.g. ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). Anything that cannot be expressed as
-causal/bidirectional/varlen/sliding-window (a padding mask, packing described only by position_ids, chunked
-prefill over a cache, attention weights requested, softcap, sinks, position bias, a head dim fastlm does not
-support) falls back to transformers' SDPA function for that call; ``fallback_counts()`` says how often and why.
+(e.g. ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). A padding mask without a cache offset
+(training, prefill) is recognised (every kept token sees exactly the kept keys, causally or not) and runs
+the varlen kernel on the unpadded tokens; padded positions' outputs are zeros there (transformers' SDPA
+leaves other values that nothing reads). Anything else (a padded decode step, packing described only by
+position_ids, sliding windows shorter than the sequence, chunked prefill over a cache, attention weights
+requested, softcap, sinks, position bias, a head dim fastlm does not support) falls back to transformers'
+SDPA function for that call; ``fallback_counts()`` says how often and why.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 
 import torch
@@ -47,9 +51,32 @@ def _fallback_reason(query, key, value, attention_mask, packed, kwargs) -> str |
         return f"dtype {query.dtype} is not supported"
     if packed:
         return "packed sequences with batch > 1" if query.shape[0] != 1 else None
-    if attention_mask is not None:
-        return "an explicit attention mask (padding, position_ids packing or chunked prefill)"
     return None
+
+
+# The last mask analysed: transformers passes the same mask tensor to every layer of one forward.
+_plan_cache: list = [None, None, None]
+
+
+def _unpad_plan(mask, causal: bool):
+    """If the (batch, 1, s, s) bool mask is padding only (each kept token, i.e. one that sees itself, sees
+    exactly the kept keys, causally if ``causal``), return (kept token indices, cu_seqlens, max length)."""
+    ref, cached_causal, plan = _plan_cache
+    if ref is not None and ref() is mask and cached_causal == causal:
+        return plan
+    plan = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
+        m = mask[:, 0]
+        kept = m.diagonal(dim1=1, dim2=2)
+        allowed = kept[:, None, :].expand_as(m)
+        if causal:
+            allowed = allowed & torch.ones(m.shape[1:], dtype=torch.bool, device=m.device).tril()
+        lengths = kept.sum(1)
+        if torch.equal(m[kept], allowed[kept]) and int(lengths.max()) > 0:
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            plan = kept.flatten().nonzero().squeeze(1), cu, int(lengths.max())
+    _plan_cache[:] = [weakref.ref(mask), causal, plan]
+    return plan
 
 
 def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -60,14 +87,19 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     packed = cu_q is not None and cu_k is not None
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     reason = _fallback_reason(query, key, value, attention_mask, packed, kwargs)
+    plan = None
+    if reason is None and attention_mask is not None and not packed:
+        plan = _unpad_plan(attention_mask, causal) if attention_mask.shape[0] == query.shape[0] else None
+        if plan is None:
+            reason = "an attention mask that is not causal/bidirectional padding (decode step, window, packing)"
     if reason is not None:
         if not _fallbacks[reason]:
             _log.info("fastlm attention: falling back to SDPA (%s)", reason)
         _fallbacks[reason] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     sliding_window = kwargs.get("sliding_window")
     # transformers' sliding window keeps keys with q - k < sliding_window: left = sliding_window - 1.
     window = (int(sliding_window) - 1, 0 if causal else -1) if sliding_window else None
@@ -77,6 +109,14 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
                         cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
                         max_seqlen_q=kwargs.get("max_length_q"), max_seqlen_k=kwargs.get("max_length_k"))
         return out.unsqueeze(0), None
+    if plan is not None:
+        kept, cu, max_len = plan
+        batch, seqlen, heads = q.shape[:3]
+        pick = [t.reshape(batch * seqlen, *t.shape[2:]).index_select(0, kept) for t in (q, k, v)]
+        out = attention(*pick, causal=causal, softmax_scale=scaling, window=window, dropout_p=dropout,
+                        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
+        full = out.new_zeros(batch * seqlen, heads, out.shape[-1]).index_copy(0, kept, out)
+        return full.view(batch, seqlen, heads, -1), None
     q_len, kv_len = q.shape[1], k.shape[1]
     if causal and 1 < q_len < kv_len:
         # The mask was skipped for a prefill into an empty static cache: the keys past q_len are empty slots

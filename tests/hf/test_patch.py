@@ -150,15 +150,30 @@ def test_triton_interpreter_llama():
         _compare("llama", patched, _inputs("llama", batch=1, seqlen=7))
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_padding_mask(arch):
-    """A padding mask makes attention fall back to SDPA (counted); the other kernels still run."""
+def test_padding_mask_runs_varlen(arch, side):
+    """A padding mask (no cache) runs the varlen kernel on the kept tokens; outputs at kept positions and
+    all gradients match (padded positions carry no loss)."""
     patched, _ = _pair(arch)
-    ids = _inputs(arch)
+    ids = _inputs(arch, batch=3)
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding of the first row
+    pad = slice(0, 3) if side == "left" else slice(-4, None)
+    mask[0, pad] = 0
+    mask[2, pad] = 0
     fastlm.hf.reset_fallback_counts()
     _compare(arch, patched, ids, mask=mask, labels=False, attention_mask=mask)
+    assert fastlm.hf.fallback_counts() == {}
+
+
+def test_padded_decode_step_falls_back_to_sdpa():
+    """A decode step over a padded cache is not a varlen pattern here: SDPA runs it, and says so."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama", batch=2, seqlen=6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    fastlm.hf.reset_fallback_counts()
+    patched.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert sum(fastlm.hf.fallback_counts().values()) > 0
 
 
@@ -176,7 +191,7 @@ def test_greedy_generate_unchanged(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_greedy_generate_left_padded(arch):
-    """Left padding: per-row positions (so per-row rope tables) and the SDPA fallback for the masked calls."""
+    """Left padding: per-row positions (so per-row rope tables), a varlen prefill, SDPA decode steps."""
     patched, _ = _pair(arch)
     ids = _inputs(arch, batch=2, seqlen=6)
     mask = torch.ones_like(ids)
