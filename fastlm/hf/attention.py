@@ -3,13 +3,14 @@
 transformers builds the attention mask with its SDPA mask function (registered for "fastlm" too), which
 returns None whenever the pattern is plain causal (or plain bidirectional) with no padding: then fastlm's
 flash attention runs. Packed sequences run the varlen kernel when transformers passes ``cu_seq_lens_q/k``
-(e.g. ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). A padding mask without a cache offset
-(training, prefill) is recognised (every kept token sees exactly the kept keys, causally or not) and runs
-the varlen kernel on the unpadded tokens; padded positions' outputs are zeros there (transformers' SDPA
-leaves other values that nothing reads). Anything else (a padded decode step, packing described only by
-position_ids, sliding windows shorter than the sequence, chunked prefill over a cache, attention weights
-requested, softcap, sinks, position bias, a head dim fastlm does not support) falls back to transformers'
-SDPA function for that call; ``fallback_counts()`` says how often and why.
+(e.g. ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``). A padding mask without a cache
+offset (training, prefill) and packing described only by position_ids (``DataCollatorWithFlattening``)
+are recognised -- every kept token sees exactly the kept keys of its own sequence, causally or not,
+checked against the mask itself -- and run the varlen kernel on the kept tokens; padded positions'
+outputs are zeros there (transformers' SDPA leaves other values there, which nothing reads).
+Anything else (a padded decode step, a sliding window shorter than the sequence, chunked prefill over a
+cache, attention weights requested, softcap, sinks, position bias, a head dim fastlm does not support)
+falls back to transformers' SDPA function for that call; ``fallback_counts()`` says how often and why.
 """
 
 from __future__ import annotations
@@ -54,28 +55,45 @@ def _fallback_reason(query, key, value, attention_mask, packed, kwargs) -> str |
     return None
 
 
-# The last mask analysed: transformers passes the same mask tensor to every layer of one forward.
-_plan_cache: list = [None, None, None]
+# The last mask analysed: transformers passes the same mask (and position_ids) to every layer of one forward.
+_plan_cache: list = [None, None, None, None]
 
 
-def _unpad_plan(mask, causal: bool):
-    """If the (batch, 1, s, s) bool mask is padding only (each kept token, i.e. one that sees itself, sees
-    exactly the kept keys, causally if ``causal``), return (kept token indices, cu_seqlens, max length)."""
-    ref, cached_causal, plan = _plan_cache
-    if ref is not None and ref() is mask and cached_causal == causal:
+def _segments(position_ids, batch: int, seqlen: int):
+    """(batch, seqlen) index of the packed sequence each token belongs to (a new one wherever the position
+    does not follow the previous token's), or None without position_ids."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != seqlen:
+        return None
+    pos = position_ids.expand(batch, seqlen)
+    return (torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)
+
+
+def _unpad_plan(mask, causal: bool, position_ids):
+    """If the (batch, 1, s, s) bool mask is padding and packing only -- each kept token (one that sees
+    itself) sees exactly the kept keys of its own sequence (split where position_ids restart), causally if
+    ``causal`` -- return (kept token indices, cu_seqlens, max length) for the varlen kernel, else None."""
+    mask_ref, pos_ref, cached_causal, plan = _plan_cache
+    if mask_ref is not None and mask_ref() is mask and cached_causal == causal and (
+            (pos_ref is None and position_ids is None) or (pos_ref is not None and pos_ref() is position_ids)):
         return plan
     plan = None
     if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
         m = mask[:, 0]
+        batch, seqlen = m.shape[:2]
         kept = m.diagonal(dim1=1, dim2=2)
         allowed = kept[:, None, :].expand_as(m)
+        segments = _segments(position_ids, batch, seqlen)
+        if segments is None:
+            segments = torch.zeros_like(kept, dtype=torch.long)
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
         if causal:
-            allowed = allowed & torch.ones(m.shape[1:], dtype=torch.bool, device=m.device).tril()
-        lengths = kept.sum(1)
-        if torch.equal(m[kept], allowed[kept]) and int(lengths.max()) > 0:
+            allowed = allowed & torch.ones(seqlen, seqlen, dtype=torch.bool, device=m.device).tril()
+        if kept.any() and torch.equal(m[kept], allowed[kept]):
+            group = (torch.arange(batch, device=m.device)[:, None] * (seqlen + 1) + segments)[kept]
+            lengths = torch.unique_consecutive(group, return_counts=True)[1]
             cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             plan = kept.flatten().nonzero().squeeze(1), cu, int(lengths.max())
-    _plan_cache[:] = [weakref.ref(mask), causal, plan]
+    _plan_cache[:] = [weakref.ref(mask), None if position_ids is None else weakref.ref(position_ids), causal, plan]
     return plan
 
 
@@ -91,9 +109,10 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
     reason = _fallback_reason(query, key, value, attention_mask, packed, kwargs)
     plan = None
     if reason is None and attention_mask is not None and not packed:
-        plan = _unpad_plan(attention_mask, causal) if attention_mask.shape[0] == query.shape[0] else None
+        if attention_mask.shape[0] == query.shape[0]:
+            plan = _unpad_plan(attention_mask, causal, kwargs.get("position_ids"))
         if plan is None:
-            reason = "an attention mask that is not causal/bidirectional padding (decode step, window, packing)"
+            reason = "an attention mask that is not padding/packing (decode step, window, chunked prefill)"
     if reason is not None:
         if not _fallbacks[reason]:
             _log.info("fastlm attention: falling back to SDPA (%s)", reason)

@@ -217,6 +217,20 @@ def test_packed_sequences_use_varlen():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_by_position_ids_only_uses_varlen(arch):
+    """Packing described by position_ids alone (no cu_seq_lens): transformers builds a block-causal mask,
+    which fastlm recognises and runs as varlen; logits and gradients match the unpatched model."""
+    patched, _ = _pair(arch)
+    ids = torch.randint(2, VOCAB, (1, 12))
+    positions = torch.cat([torch.arange(5), torch.arange(4), torch.arange(3)])[None]
+    fastlm.hf.reset_fallback_counts()
+    # transformers detects packing only without a cache
+    _compare(arch, patched, ids, labels=False, position_ids=positions, use_cache=False)
+    assert fastlm.hf.fallback_counts() == {}
+    assert fastlm.hf.attention._plan_cache[-1][1].tolist() == [0, 5, 9, 12], "the varlen path did not run"
+
+
 def test_training_loss_skips_logits_unless_asked():
     patched, _ = _pair("llama")
     patched.train()
