@@ -19,8 +19,7 @@ run fastlm's kernels and which fall back to SDPA, counted by ``fallback_counts()
 (``linear_cross_entropy`` with ``num_items_in_batch``; logits are not built in training unless
 ``return_logits=True``). Parameters are untouched, so ``save_pretrained`` checkpoints load in plain
 transformers. The supported architectures and their conventions are the rows of
-``fastlm.hf.table.ARCHITECTURES``. A patched model cannot be pickled whole (``torch.save(model)``): its
-patched forwards are closures; ``save_pretrained`` / ``state_dict`` work.
+``fastlm.hf.table.ARCHITECTURES``.
 """
 
 from fastlm.hf.attention import fallback_counts, register, reset_fallback_counts
