@@ -23,9 +23,6 @@ from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norm import layer_norm, rms_norm
 from fastlm.ops.rope import rope
 
-KINDS = ("norm", "attention", "mlp", "rope", "loss")
-
-
 @dataclass
 class PatchReport:
     """What a patch replaced: module counts per kind ("norm" includes BERT's fused post-norm blocks),
@@ -230,34 +227,35 @@ def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -
         raise TypeError(f"patch_hf: model must be a transformers PreTrainedModel, got {type(model).__name__}")
     arch = _arch(config.model_type)
     report = PatchReport(config.model_type, counts={k: 0 for k, v in flags.items() if v})
-    by_class = {}
-    for kind, name, fwd in _replacements(arch, config, flags, _class_forward(model)):
-        by_class[name] = (kind, fwd)
+    by_class = {name: (kind, fwd) for kind, name, fwd in _replacements(arch, config, flags, _class_forward(model))}
     # A post-norm block calls its LayerNorm's kernel itself (fused with the residual add): skip those norms.
     inside_post_norm = {id(m.LayerNorm) for m in model.modules() if type(m).__name__ in arch.post_norm_classes}
+    targets = []
     for module in model.modules():
         entry = by_class.get(type(module).__name__)
         if entry is None or (flags["norm"] and id(module) in inside_post_norm):
             continue
-        kind, fwd = entry
-        if kind == "norm" and isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1:
+        if entry[0] == "norm" and isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1:
             continue
-        if getattr(module, "_fastlm_patched", None) is None:
-            module.forward = types.MethodType(fwd, module)
-            module._fastlm_patched = kind
-        report.counts[kind] += 1
+        targets.append((module, *entry))
+        report.counts[entry[0]] += 1
     if attention:
-        hf_attention.register()
-        model.set_attn_implementation(hf_attention.NAME)
-        report.attention = hf_attention.NAME
         report.counts["attention"] = sum(type(m).__name__ == arch.attention_class for m in model.modules())
     report.skipped = _skipped(arch, flags, report.counts, type(model).__name__)
     missing = [k for k, n in report.counts.items() if n == 0 and k not in report.skipped]
-    if missing:
+    if missing:  # checked before anything changes: a failed patch leaves the model as it was
         raise ValueError(
             f"patch_hf: found no {', '.join(missing)} module to patch in {type(model).__name__} "
             f"(model type {config.model_type!r}; expected classes: {_expected(arch)})"
         )
+    for module, kind, fwd in targets:
+        if getattr(module, "_fastlm_patched", None) is None:
+            module.forward = types.MethodType(fwd, module)
+            module._fastlm_patched = kind
+    if attention:
+        hf_attention.register()
+        model.set_attn_implementation(hf_attention.NAME)
+        report.attention = hf_attention.NAME
     return report
 
 

@@ -345,6 +345,18 @@ def test_unsupported_model_raises():
         fastlm.patch_hf(_model("llama"), norm="yes")
 
 
+def test_missing_modules_raise_before_patching():
+    """A model of a supported type whose modules are not the table's classes (here: a custom MLP) is
+    refused, and left unpatched."""
+    model = _model("llama")
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Identity()
+    with pytest.raises(ValueError, match="found no mlp module to patch in LlamaForCausalLM"):
+        fastlm.patch_hf(model)
+    assert not any(getattr(m, "_fastlm_patched", None) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_unsupported_activation_raises():
     config = _config("llama")
     config.hidden_act = "relu"
