@@ -8,9 +8,10 @@ offset (training, prefill) and packing described only by position_ids (``DataCol
 are recognised -- every kept token sees exactly the kept keys of its own sequence, causally or not,
 checked against the mask itself -- and run the varlen kernel on the kept tokens; padded positions'
 outputs are zeros there (transformers' SDPA leaves other values there, which nothing reads).
-Anything else (a padded decode step, a sliding window shorter than the sequence, chunked prefill over a
-cache, attention weights requested, softcap, sinks, position bias, a head dim fastlm does not support)
-falls back to transformers' SDPA function for that call; ``fallback_counts()`` says how often and why.
+Sliding windows (Mistral, Qwen2) run as fastlm windows, with padding too. Anything else (a decode step
+over a padded or windowed cache, chunked prefill over a cache, attention weights requested, softcap,
+sinks, position bias, a head dim fastlm does not support) falls back to transformers' SDPA function for
+that call; ``fallback_counts()`` says how often and why.
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ def _segments(position_ids, batch: int, seqlen: int):
     return (torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)
 
 
-def _unpad_plan(mask, causal: bool, position_ids):
+def _unpad_plan(mask, causal: bool, position_ids, sliding_window):
     """If the (batch, 1, s, s) bool mask is padding and packing only -- each kept token (one that sees
     itself) sees exactly the kept keys of its own sequence (split where position_ids restart), causally if
-    ``causal`` -- return (kept token indices, cu_seqlens, max length) for the varlen kernel, else None."""
-    mask_ref, pos_ref, cached_causal, plan = _plan_cache
-    if mask_ref is not None and mask_ref() is mask and cached_causal == causal and (
+    ``causal``, the last ``sliding_window`` of them if given -- return (kept token indices, cu_seqlens, max
+    length) for the varlen kernel, else None."""
+    mask_ref, pos_ref, cached_key, plan = _plan_cache
+    if mask_ref is not None and mask_ref() is mask and cached_key == (causal, sliding_window) and (
             (pos_ref is None and position_ids is None) or (pos_ref is not None and pos_ref() is position_ids)):
         return plan
     plan = None
@@ -86,15 +88,29 @@ def _unpad_plan(mask, causal: bool, position_ids):
         if segments is None:
             segments = torch.zeros_like(kept, dtype=torch.long)
         allowed = allowed & (segments[:, :, None] == segments[:, None, :])
+        index = torch.arange(seqlen, device=m.device)
+        distance = index[:, None] - index[None, :]
         if causal:
-            allowed = allowed & torch.ones(seqlen, seqlen, dtype=torch.bool, device=m.device).tril()
+            allowed = allowed & (distance >= 0)
+        if sliding_window:
+            allowed = allowed & (distance < sliding_window)
         if kept.any() and torch.equal(m[kept], allowed[kept]):
             group = (torch.arange(batch, device=m.device)[:, None] * (seqlen + 1) + segments)[kept]
+            tokens = kept.flatten().nonzero().squeeze(1)
+            # The kernel's window counts kept tokens, the mask counts positions: equal without holes.
+            holes = ((tokens[1:] - tokens[:-1]) != 1) & (group[1:] == group[:-1])
+            if sliding_window and holes.any():
+                _plan_cache[:] = [weakref.ref(mask), _weak(position_ids), (causal, sliding_window), None]
+                return None
             lengths = torch.unique_consecutive(group, return_counts=True)[1]
             cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            plan = kept.flatten().nonzero().squeeze(1), cu, int(lengths.max())
-    _plan_cache[:] = [weakref.ref(mask), None if position_ids is None else weakref.ref(position_ids), causal, plan]
+            plan = tokens, cu, int(lengths.max())
+    _plan_cache[:] = [weakref.ref(mask), _weak(position_ids), (causal, sliding_window), plan]
     return plan
+
+
+def _weak(t):
+    return None if t is None else weakref.ref(t)
 
 
 def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -110,7 +126,7 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
     plan = None
     if reason is None and attention_mask is not None and not packed:
         if attention_mask.shape[0] == query.shape[0]:
-            plan = _unpad_plan(attention_mask, causal, kwargs.get("position_ids"))
+            plan = _unpad_plan(attention_mask, causal, kwargs.get("position_ids"), kwargs.get("sliding_window"))
         if plan is None:
             reason = "an attention mask that is not padding/packing (decode step, window, chunked prefill)"
     if reason is not None:

@@ -166,6 +166,19 @@ def test_padding_mask_runs_varlen(arch, side):
     assert fastlm.hf.fallback_counts() == {}
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_sliding_window_runs_fastlm_window(padded):
+    """Mistral's window (5) shorter than the sequence: the windowed mask runs as a fastlm window."""
+    patched, _ = _pair("mistral")
+    ids = _inputs("mistral", batch=2, seqlen=11)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    fastlm.hf.reset_fallback_counts()
+    _compare("mistral", patched, ids, mask=mask, labels=False, attention_mask=mask)
+    assert fastlm.hf.fallback_counts() == {}
+
+
 def test_padded_decode_step_falls_back_to_sdpa():
     """A decode step over a padded cache is not a varlen pattern here: SDPA runs it, and says so."""
     patched, _ = _pair("llama")
