@@ -3,7 +3,7 @@
 Importing fastlm compiles nothing and queries no GPU; kernels are built on first use.
 """
 
-from fastlm import nn
+from fastlm import nn, optim
 from fastlm.backend import backend_info, use_backend
 from fastlm.ops import attention, attention_ref, attention_with_kvcache
 from fastlm.ops import layer_norm, rms_norm
@@ -11,7 +11,7 @@ from fastlm.ops import geglu, gelu, rope, swiglu
 from fastlm.ops import cross_entropy, linear_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["backend_info", "use_backend", "layer_norm", "rms_norm", "nn", "__version__"]
+__all__ = ["backend_info", "use_backend", "layer_norm", "rms_norm", "nn", "optim", "__version__"]
 __all__ += ["attention", "attention_ref", "attention_with_kvcache"]
 __all__ += ["swiglu", "geglu", "gelu", "rope"]
 __all__ += ["cross_entropy", "linear_cross_entropy"]

@@ -3,10 +3,11 @@
 Every op declares the backends it implements (``register``); each call asks ``select``
 which one to run for its tensors' device. The choice:
 
-* ``FASTLM_BACKEND`` (``auto`` by default, or ``triton``, ``cpp``, ``torch``), overridden
+* ``FASTLM_BACKEND`` (``auto`` by default, or ``triton``, ``cpp``, ``cuda``, ``torch``), overridden
   inside a ``use_backend(...)`` block, forces one backend; forcing one that cannot run
   on the tensors' device is an error, never a silent substitute.
-* ``auto``: CUDA tensors run Triton; CPU tensors run the C++ extension. When that is not
+* ``auto``: CUDA tensors run Triton (or, for ops written in CUDA C++ rather than Triton, the
+  CUDA extension); CPU tensors run the C++ extension. When that is not
   possible (Triton missing, the extension failed to build), the PyTorch implementation
   runs and a one-time warning says why; ``backend_info()`` reports the same.
 * Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1`` when forced: that is
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from fastlm._triton import HAS_TRITON, TRITON_IMPORT_ERROR, interpreter_enabled
-from fastlm.extension import cpu_extension_error
+from fastlm.extension import cpu_extension_error, cuda_extension_error
 
-BACKENDS = ("triton", "cpp", "torch")
+BACKENDS = ("triton", "cpp", "cuda", "torch")
 _REQUESTS = ("auto",) + BACKENDS
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
 _registry: dict[str, dict[str, Callable]] = {}
@@ -84,6 +85,10 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
         if device_type != "cpu":
             return f"the C++ extension runs on CPU tensors; got {device_type}"
         return cpu_extension_error()
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the CUDA extension runs on CUDA tensors; got {device_type}"
+        return cuda_extension_error()
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -98,6 +103,8 @@ def _choose(op: str, device_type: str) -> Choice:
             raise RuntimeError(f"FASTLM_BACKEND={requested} cannot run op {op!r} on {device_type}: {reason}")
         return Choice(requested, "forced")
     preferred = {"cuda": "triton", "cpu": "cpp"}.get(device_type)
+    if device_type == "cuda" and "triton" not in implementations:
+        preferred = "cuda"
     if preferred is None or preferred not in implementations:
         return Choice("torch", f"no fused kernel for {device_type}")
     reason = _unavailable_reason(preferred, device_type)
@@ -136,6 +143,7 @@ def backend_info() -> dict:
             "error": TRITON_IMPORT_ERROR,
         },
         "cpp": {"available": cpu_extension_error() is None, "error": cpu_extension_error()},
+        "cuda_extension": {"available": cuda_extension_error() is None, "error": cuda_extension_error()},
         "ops": {},
     }
     for op in sorted(_registry):

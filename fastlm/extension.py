@@ -13,10 +13,16 @@ import os
 import platform
 from pathlib import Path
 
-CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp", "cpu/activation.cpp", "cpu/rope.cpp")
+CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp", "cpu/optim8bit.cpp", "cpu/activation.cpp", "cpu/rope.cpp")
 CPU_SOURCES += ("cpu/cross_entropy.cpp",)
-CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17")
+# -fno-math-errno: sqrt never sets errno, so loops that take square roots vectorize.
+CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17", "-fno-math-errno")
 CPU_LDFLAGS = ("-fopenmp",)
+# The CUDA extension: built only on a machine with a CUDA device, on first use. No fast-math:
+# the kernels must round like their PyTorch references.
+CUDA_SOURCES = ("cuda/fastlm_cuda.cpp", "cuda/optim8bit.cu")
+CUDA_CFLAGS = ("-O3", "-std=c++17")
+CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -24,7 +30,7 @@ class ExtensionUnavailable(RuntimeError):
 
 
 def source_dir() -> Path:
-    """Where the C++ sources are: inside the package for a wheel, the repo's csrc/ otherwise."""
+    """Where the C++/CUDA sources are: inside the package for a wheel, the repo's csrc/ otherwise."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / CPU_SOURCES[0]).is_file():
@@ -95,4 +101,47 @@ def cpu_extension():
 def cpu_extension_error() -> str | None:
     """None when the CPU extension loads, else why it does not."""
     module = _load_cpu()
+    return str(module) if isinstance(module, ExtensionUnavailable) else None
+
+
+@functools.cache
+def _load_cuda():
+    import torch
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        return ExtensionUnavailable("the CUDA extension needs a CUDA device; none is available")
+    if cpp_extension.CUDA_HOME is None:
+        return ExtensionUnavailable("the CUDA extension needs the CUDA toolkit (nvcc); CUDA_HOME is not set")
+    root = source_dir()
+    sources = [root / s for s in CUDA_SOURCES]
+    # Key the cache by the device's architecture too: the kernels are compiled for it.
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    try:
+        return cpp_extension.load(
+            name="fastlm_cuda",
+            sources=[str(s) for s in sources],
+            extra_cflags=list(CUDA_CFLAGS),
+            extra_cuda_cflags=list(CUDA_NVCC_FLAGS),
+            extra_include_paths=[str(root)],
+            # The .cuh headers join the cache key (_build_dir hashes only the sources and *.h).
+            build_directory=str(_build_dir("fastlm_cuda", sources + sorted(root.rglob("*.cuh")),
+                                           CUDA_CFLAGS + CUDA_NVCC_FLAGS + (arch,))),
+            verbose=False,
+        )
+    except Exception as exc:  # the compiler's output is in the message
+        return ExtensionUnavailable(f"building the CUDA extension failed: {exc}")
+
+
+def cuda_extension():
+    """The compiled CUDA module; raises ExtensionUnavailable (with the reason) if it cannot build."""
+    module = _load_cuda()
+    if isinstance(module, ExtensionUnavailable):
+        raise module
+    return module
+
+
+def cuda_extension_error() -> str | None:
+    """None when the CUDA extension loads, else why it does not (never builds without a CUDA device)."""
+    module = _load_cuda()
     return str(module) if isinstance(module, ExtensionUnavailable) else None

@@ -33,6 +33,9 @@ class Variant:
     on it (vectorized loads, aligned wgmma tiles), so a width or stride that can be either way
     is worth a variant each. Pointer arguments are always taken as 16-byte aligned, as they
     are for tensors from PyTorch's allocator."""
+    tensor_cores: bool | None = None
+    """Overrides the kernel's ``tensor_cores`` for this variant: e.g. False for an fp32 variant
+    whose dots are exact IEEE fp32 and so never use tensor cores."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ namespace {
 // Columns handled per inner block: the fp32 staging buffers stay in L1.
 constexpr int64_t kChunk = 512;
 
+// The math helpers must inline into the `omp simd` loops: a call left in a loop keeps it
+// scalar (GCC did not inline normal_cdf into the forward loop on its own: 20 ns/element).
+#define FASTLM_ALWAYS_INLINE inline __attribute__((always_inline))
+
 constexpr int kSilu = 0;
 constexpr int kGeluTanh = 1;
 constexpr int kGeluErf = 2;
@@ -25,41 +29,62 @@ constexpr int kGeluErf = 2;
 // (truncation error < 1e-8 relative), and 2^k built in the exponent bits. The input is
 // clamped so 2^k stays a normal float; below -87.3 the result is ~1e-38 instead of smaller,
 // which changes sigmoid(x) = 1 / (1 + exp(-x)) by far less than one ulp of anything it scales.
-inline float exp_approx(float x) {
+FASTLM_ALWAYS_INLINE float exp_approx(float x) {
     x = std::min(std::max(x, -87.3f), 88.3f);
     constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
     const float k = (x * 1.44269504088896341f + kMagic) - kMagic;
     const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-    const float p =
-        1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r * (1.f / 5040)))))));
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 +
+                                                                                   r * (1.f / 720 + r * (1.f / 5040)))))));
     const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
 }
 
-inline float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }
+FASTLM_ALWAYS_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }
+
+// Phi(x), the standard normal CDF, as 0.5 * erfc(-x / sqrt(2)), vectorizable (std::erf is not,
+// and ran ~40 ns per element). erfc(z) = t * exp(-z^2 + P(t)) with t = 1 / (1 + z / 2), z >= 0,
+// P a degree-10 least-squares fit made for fastlm (relative error 5e-8 in fp64); evaluated in
+// fp32, Phi is within 2.2e-7 absolute of the truth, and its negative tail keeps relative accuracy
+// (no 1 + erf(x) cancellation).
+FASTLM_ALWAYS_INLINE float normal_cdf(float x) {
+    const float z = std::fabs(x) * 0.70710678118654752f;
+    const float t = 1.f / (1.f + 0.5f * z);
+    const float p =
+        -1.265549286f +
+        t * (1.001110792f +
+             t * (0.3606774852f +
+                  t * (0.1881862514f +
+                       t * (-0.5679577524f +
+                            t * (1.304611715f +
+                                 t * (-2.942943303f +
+                                      t * (3.563976550f +
+                                           t * (-2.316093484f + t * (0.7827264554f + t * -0.1087453744f)))))))));
+    const float half_erfc = 0.5f * t * exp_approx(p - z * z);
+    return x < 0.f ? half_erfc : 1.f - half_erfc;
+}
 
 // GELU's tanh form, rewritten with 0.5 * (1 + tanh(z)) = sigmoid(2z) so it needs one exp.
 constexpr float kTanhScale = 1.5957691216057308f;  // 2 * sqrt(2 / pi)
 constexpr float kTanhCubic = 0.044715f;
-constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 template <int ACT>
-inline float act_value(float g) {
+FASTLM_ALWAYS_INLINE float act_value(float g) {
     if constexpr (ACT == kSilu) {
         return g * sigmoid(g);
     } else if constexpr (ACT == kGeluTanh) {
         return g * sigmoid(kTanhScale * (g + kTanhCubic * g * g * g));
     } else {
-        return 0.5f * g * (1.f + std::erf(g * kInvSqrt2));
+        return g * normal_cdf(g);
     }
 }
 
 // act(g) and act'(g) together (they share the exp).
 template <int ACT>
-inline void act_value_and_grad(float g, float& a, float& da) {
+FASTLM_ALWAYS_INLINE void act_value_and_grad(float g, float& a, float& da) {
     // s = sigmoid(z) = 1 / (1 + e) with e = exp(-z), and 1 - s = e * s: exact where s rounds
     // to 1 (1 - s would cancel); exp_approx's clamp keeps e finite, so e * s is never inf * 0.
     if constexpr (ACT == kSilu) {
@@ -73,9 +98,9 @@ inline void act_value_and_grad(float g, float& a, float& da) {
         a = g * s;
         da = s + g * (e * s) * s * kTanhScale * (1.f + 3.f * kTanhCubic * g * g);
     } else {
-        const float cdf = 0.5f * (1.f + std::erf(g * kInvSqrt2));
+        const float cdf = normal_cdf(g);
         a = g * cdf;
-        da = cdf + g * kInvSqrt2Pi * std::exp(-0.5f * g * g);
+        da = cdf + g * kInvSqrt2Pi * exp_approx(-0.5f * g * g);
     }
 }
 

@@ -4,6 +4,7 @@
 #include "cpu/activation.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/norm.h"
+#include "cpu/optim8bit.h"
 #include "cpu/rope.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -14,6 +15,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("norm_bwd", &norm_bwd_cpu, "LayerNorm/RMSNorm backward", py::arg("dy"), py::arg("dr_out"),
           py::arg("r"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"),
           py::arg("dbias"), py::arg("is_rms"));
+    m.def("optim8bit_step", &optim8bit_step_cpu, "One block-wise 8-bit AdamW/Adam/Lion step, in place",
+          py::arg("kind"), py::arg("param"), py::arg("grad"), py::arg("state1"), py::arg("absmax1"),
+          py::arg("state2"), py::arg("absmax2"), py::arg("tables1"), py::arg("lut1"), py::arg("tables2"),
+          py::arg("lut2"), py::arg("block_size"), py::arg("hyper"), py::arg("seed"), py::arg("step"),
+          py::arg("stochastic_rounding"));
     m.def("act_fwd", &act_fwd_cpu, "Fused SiLU/GELU activation, optionally gated (act(gate) * up)", py::arg("gate"),
           py::arg("up"), py::arg("y"), py::arg("act"));
     m.def("act_bwd", &act_bwd_cpu, "Gradients of act_fwd, recomputing the activation (optionally returning it)",

@@ -117,14 +117,18 @@ def _config(n_cols: int) -> dict:
 
 
 def _variants(backward: bool):
-    """Every (dtype, activation, gated[, recompute], block) the launchers can choose."""
-    configs = {cfg["BLOCK"]: cfg for cfg in map(_config, (2**i for i in range(13)))}
+    """Each (dtype, activation, gated[, recompute]) with the blocks of rows 1, 7, 123 and >= 1024 wide.
+
+    Contiguous inputs always run as one long row (BLOCK=1024); narrower blocks are for strided rows.
+    """
+    configs = {cfg["BLOCK"]: cfg for cfg in map(_config, (1, 7, 123, 1151))}
     pointers = ("DY", "G", "U", "DG", "DU", "Y") if backward else ("G", "U", "Y")
     for dtype, ty in _TL_DTYPES.items():
         for act, code in ACTS.items():
             for gated in (True, False):
                 for recompute in (True, False) if backward else (False,):
-                    used = [p for p in pointers if (gated or p not in ("U", "DU")) and (p != "Y" or recompute or not backward)]
+                    used = [p for p in pointers if gated or p not in ("U", "DU")]
+                    used = [p for p in used if p != "Y" or recompute or not backward]
                     signature = {p: f"*{ty}" for p in used}
                     signature.update({"n_cols": "i32", "n_col_blocks": "i32"})
                     signature.update({f"stride_{p.lower()}": "i32" for p in pointers})
@@ -133,7 +137,8 @@ def _variants(backward: bool):
                         constexprs.update(ACT=code, GATED=gated, BLOCK=block)
                         if backward:
                             constexprs["RECOMPUTE"] = recompute
-                        label = f"{ty} {act}{' gated' if gated else ''}{' recompute' if recompute else ''} BLOCK={block}"
+                        flags = (" gated" if gated else "") + (" recompute" if recompute else "")
+                        label = f"{ty} {act}{flags} BLOCK={block}"
                         yield Variant(signature, constexprs, num_warps=cfg["num_warps"], label=label)
 
 
@@ -202,15 +207,19 @@ backend.register("act_bwd", triton=_bwd_triton, cpp=_bwd_cpp, torch=_bwd_torch)
 
 
 def _as_rows(*tensors):
-    """2-D (rows, n) views with contiguous columns, as the launchers take them.
+    """2-D (rows, n) views with contiguous columns, as the launchers take them (None stays None).
 
     All-contiguous tensors become one long row (no masked tail per row); strided ones keep
     their rows (a view when the leading dims collapse, else a copy).
     """
-    if all(t.is_contiguous() for t in tensors):
-        return [t.view(1, -1) for t in tensors]
-    views = [t.reshape(-1, t.shape[-1]) for t in tensors]
-    return [v if v.stride(-1) == 1 or v.shape[-1] == 1 else v.contiguous() for v in views]
+    present = [t for t in tensors if t is not None]
+    if all(t.is_contiguous() for t in present):
+        return [t.view(1, -1) if t is not None else None for t in tensors]
+    rows = []
+    for t in tensors:
+        v = t.reshape(-1, t.shape[-1]) if t is not None else None
+        rows.append(v.contiguous() if v is not None and v.stride(-1) != 1 and v.shape[-1] > 1 else v)
+    return rows
 
 
 @torch.library.custom_op("fastlm::act_fwd", mutates_args=())
@@ -218,8 +227,7 @@ def _act_fwd_op(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.
     """y = act(gate) [* up], in gate's shape and dtype."""
     y = alloc.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel() > 0:
-        g2, y2, *u2 = _as_rows(gate, y, *([up] if up is not None else []))
-        backend.select("act_fwd", gate.device)(g2, u2[0] if u2 else None, y2, act)
+        backend.select("act_fwd", gate.device)(*_as_rows(gate, up, y), act)
     return y
 
 
@@ -237,16 +245,7 @@ def _act_bwd_op(
     dup = alloc.empty(gate.shape, dtype=gate.dtype, device=gate.device) if up is not None else None
     y = alloc.empty(gate.shape, dtype=gate.dtype, device=gate.device) if recompute else None
     if gate.numel() > 0:
-        inputs = [dy, gate] + ([up] if up is not None else [])
-        outputs = [t for t in (dgate, dup, y) if t is not None]
-        rows = _as_rows(*inputs, *outputs)
-        dy2, g2 = rows[0], rows[1]
-        u2 = rows[2] if up is not None else None
-        out = iter(rows[len(inputs):])
-        dg2 = next(out)
-        du2 = next(out) if up is not None else None
-        y2 = next(out) if recompute else None
-        backend.select("act_bwd", gate.device)(dy2, g2, u2, dg2, du2, y2, act)
+        backend.select("act_bwd", gate.device)(*_as_rows(dy, gate, up, dgate, dup, y), act)
     # Absent outputs are distinct empty tensors: outputs may not alias each other.
     return dgate, dup if dup is not None else gate.new_empty(0), y if y is not None else gate.new_empty(0)
 

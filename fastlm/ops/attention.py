@@ -24,9 +24,9 @@ in the kernel from a seed taken from the torch RNG; the backward regenerates the
 
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
-sequence per call (no block-diagonal mask to build). Its backward recomputes from
-the saved log-sum-exp in fp32, a query chunk at a time (the flash backward written in PyTorch).
-The log-sum-exp is computed the same way in the forward.
+sequence per call (no block-diagonal mask to build). Its backward recomputes the forward
+and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton backward and
+``return_lse``) is computed separately, a query chunk at a time.
 
 Decoding (``attention_with_kvcache``): the new keys/values are written into the cache at
 each sequence's length, then the forward kernel runs split along the key axis (flash
@@ -76,8 +76,9 @@ def _variant(kernel, kind, dtype, head_dim, pointers, floats=(), nones=(), label
             signature[name] = "fp32" if name in floats else "i32"
     fixed.update(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(dtype),
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **constexprs)
+    # fp32 dots are exact IEEE (no tensor cores); fp16/bf16 must issue HGMMA.
     return Variant(signature, fixed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                   label=f"{dt} d={head_dim} {label}".strip())
+                   label=f"{dt} d={head_dim} {label}".strip(), tensor_cores=None if dtype != torch.float32 else False)
 
 
 def _train_variants(kernel, kind, pointers, floats):
@@ -843,45 +844,11 @@ def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, 
             li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
 
 
-def _torch_grads(dout, q, k, v, out, lse, scale, left, right, dropout_p, keep):
-    """(dq, dk, dv) of (batch, seqlen, heads, headdim) tensors from the saved LSE, a query chunk at a time
-    in fp32: the flash backward in PyTorch (the op's implementations run below autograd, so SDPA's own
-    backward cannot be reached from here)."""
-    group = q.shape[2] // k.shape[2]
-    mask = _visibility(q.shape[1], k.shape[1], left, right, q.device)
-    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # (batch, heads, seqlen_k, headdim)
-    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
-    dk = torch.zeros_like(kf)
-    dv = torch.zeros_like(vf)
-    dq = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=torch.float32, device=q.device)
-    for start in range(0, q.shape[1], _LSE_CHUNK):
-        rows = slice(start, start + _LSE_CHUNK)
-        qc = q[:, rows].float().transpose(1, 2)
-        doc = dout[:, rows].float().transpose(1, 2)
-        delta = (doc * out[:, rows].float().transpose(1, 2)).sum(-1, keepdim=True)
-        s = qc @ kf.transpose(-1, -2) * scale
-        if mask is not None:
-            s = s.masked_fill(~mask[rows], float("-inf"))
-        p = torch.exp(s - lse[:, :, rows, None] / LOG2E)
-        dp = doc @ vf.transpose(-1, -2)
-        if keep is not None:
-            kept = keep[:, :, rows].float() / (1.0 - dropout_p)
-            dv += (p * kept).transpose(-1, -2) @ doc
-            dp = dp * kept
-        else:
-            dv += p.transpose(-1, -2) @ doc
-        ds = p * (dp - delta)
-        dq[:, :, rows] = ds @ kf * scale
-        dk += ds.transpose(-1, -2) @ qc * scale
-    fold = (k.shape[0], k.shape[2], group, k.shape[1], k.shape[3])
-    return dq.transpose(1, 2), dk.view(fold).sum(2).transpose(1, 2), dv.view(fold).sum(2).transpose(1, 2)
-
-
 def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
     varlen = cu_q is not None
     for qs, ks, index in _sequences(q, k, cu_q, cu_k):
         qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
-        doi, oi, li = (dout[qs][None], out[qs][None], lse[:, qs][None]) if varlen else (dout, out, lse)
+        doi = dout[qs][None] if varlen else dout
         grads = (dq[qs][None], dk[ks][None], dv[ks][None]) if varlen else (dq, dk, dv)
         if qi.shape[1] == 0 or ki.shape[1] == 0:
             for g in grads:
@@ -890,7 +857,13 @@ def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, sc
         keep = None
         if dropout_p > 0:
             keep = _torch_keep(seed, index, (qi.shape[0], qi.shape[2], qi.shape[1], ki.shape[1]), dropout_p, q.device)
-        for g, computed in zip(grads, _torch_grads(doi, qi, ki, vi, oi, li, scale, left, right, dropout_p, keep)):
+        # torch.func.vjp reaches SDPA's fused backward from here, below the autograd dispatch
+        # key that the op's implementation runs under (torch.autograd.grad cannot).
+        _, vjp = torch.func.vjp(
+            lambda a, b, c: _torch_attention(a, b, c, scale, left, right, dropout_p, keep, need_lse=False)[0],
+            qi, ki, vi,
+        )
+        for g, computed in zip(grads, vjp(doi)):
             g.copy_(computed)
 
 

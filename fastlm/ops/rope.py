@@ -99,10 +99,10 @@ def _config(headdim: int, half: int) -> dict:
 
 
 def _variants():
-    """The launcher's configs for head dims 64/80/96/128/256 with full, half and quarter rotary."""
+    """The launcher's configs for head dims 64 and 128, full and half (GPT-NeoX) rotary."""
     configs = {}
-    for headdim in (64, 80, 96, 128, 256):
-        for half in (headdim // 2, headdim // 4, headdim // 8):
+    for headdim in (64, 128):
+        for half in (headdim // 2, headdim // 4):
             cfg = _config(headdim, half)
             configs[tuple(sorted(cfg.items()))] = cfg
     for ty in _TL_DTYPES.values():
@@ -120,8 +120,9 @@ def _variants():
                         constexprs.update(INTERLEAVED=interleaved, CONJ=conj, HAS_POS=has_pos)
                         if not has_pos:
                             constexprs["POS"] = None
-                        label = (f"{ty} {'gptj' if interleaved else 'neox'}{' bwd' if conj else ''}"
-                                 f"{' pos' if has_pos else ''} M={cfg['BLOCK_M']} R={cfg['BLOCK_R']} P={cfg['BLOCK_P']}")
+                        flags = "gptj" if interleaved else "neox"
+                        flags += (" bwd" if conj else "") + (" pos" if has_pos else "")
+                        label = f"{ty} {flags} M={cfg['BLOCK_M']} R={cfg['BLOCK_R']} P={cfg['BLOCK_P']}"
                         yield Variant(sig, constexprs, num_warps=cfg["num_warps"], label=label)
 
 

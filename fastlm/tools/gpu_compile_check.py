@@ -61,11 +61,25 @@ _FALSE = ("", "0", "false", "off", "no")
 
 
 def import_package_modules(extra: tuple[str, ...] = ()) -> list[ModuleType]:
-    """Import every fastlm module (so each kernel registers itself), then ``extra`` modules."""
+    """Import every fastlm module (so each kernel registers itself), then ``extra`` modules.
+
+    ``__main__`` modules are skipped (importing one runs a command-line program), and so are
+    modules whose optional third-party dependency is not installed (fastlm.hf without
+    transformers): kernels live in fastlm.ops and fastlm.optim, whose dependencies are required.
+    """
     import fastlm
 
-    names = sorted(info.name for info in pkgutil.walk_packages(fastlm.__path__, "fastlm."))
-    return [importlib.import_module(name) for name in (*names, *extra)]
+    names = sorted(
+        info.name for info in pkgutil.walk_packages(fastlm.__path__, "fastlm.") if not info.name.endswith(".__main__")
+    )
+    modules = []
+    for name in (*names, *extra):
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] == "fastlm":
+                raise
+    return modules
 
 
 def _is_triton_kernel(obj) -> bool:
@@ -213,6 +227,8 @@ class VariantResult:
     arch: int
     num_warps: int
     num_stages: int
+    tensor_cores: bool = False
+    """Whether this variant must issue tensor-core instructions."""
     error: str | None = None
     registers: int | None = None
     stack: int | None = None
@@ -274,7 +290,8 @@ def compile_variant(spec: KernelSpec, variant: Variant, arch: int) -> VariantRes
     import triton
     from triton.backends.compiler import GPUTarget
 
-    result = VariantResult(spec.name, _label(variant), arch, variant.num_warps, variant.num_stages)
+    tensor_cores = spec.tensor_cores if variant.tensor_cores is None else variant.tensor_cores
+    result = VariantResult(spec.name, _label(variant), arch, variant.num_warps, variant.num_stages, tensor_cores)
     try:
         compiled = triton.compile(
             _source(spec.kernel, variant),
@@ -284,7 +301,7 @@ def compile_variant(spec: KernelSpec, variant: Variant, arch: int) -> VariantRes
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "kernel.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            (res,) = inspect_binary(cubin, sass=spec.tensor_cores).values()
+            (res,) = inspect_binary(cubin, sass=tensor_cores).values()
     except Exception as exc:  # the gate reports every failure instead of stopping at the first
         result.error = f"{type(exc).__name__}: {exc}".strip()
         result.problems.append(f"does not compile: {_first_lines(result.error)}")
@@ -292,7 +309,7 @@ def compile_variant(spec: KernelSpec, variant: Variant, arch: int) -> VariantRes
     result.registers, result.stack, result.local = res.registers, res.stack, res.local
     result.shared = compiled.metadata.shared + max(0, res.static_shared - RESERVED_SMEM)
     result.hgmma, result.hmma = res.hgmma, res.hmma
-    result.problems = _resource_problems(result, arch, spec.spills_allowed, spec.tensor_cores)
+    result.problems = _resource_problems(result, arch, spec.spills_allowed, tensor_cores)
     return result
 
 
@@ -533,7 +550,7 @@ def _summary_rows(report: dict) -> list[list[str]]:
     for k in report["kernels"]:
         ok = [v for v in k["variants"] if v["error"] is None]
         bad = sum(bool(v["problems"]) for v in k["variants"])
-        hgmma = [v["hgmma"] for v in ok if v["arch"] >= 90]
+        hgmma = [v["hgmma"] for v in ok if v["arch"] >= 90 and v["tensor_cores"]]
         rows.append([
             f"`{k['name']}`", str(len(k["variants"])),
             str(max((v["registers"] for v in ok), default="-")),

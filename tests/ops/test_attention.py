@@ -347,3 +347,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), mod(x))
     compiled(x).sum().backward()
     assert mod[0].qkv.weight.grad is not None and torch.isfinite(mod[0].qkv.weight.grad).all()
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_kvcache_non_causal_sees_every_cached_key(backend, dtype):
+    q = random_tensor(2, 3, 4, 32)
+    k_cache, v_cache = random_tensor(2, 50, 2, 32), random_tensor(2, 50, 2, 32)
+    k_new, v_new = random_tensor(2, 3, 2, 32), random_tensor(2, 3, 2, 32)
+    cache_seqlens = torch.tensor([20, 41], dtype=torch.int32)
+    with fastlm.use_backend(backend), poison_outputs():
+        out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal=False)
+    for b, length in enumerate((23, 44)):
+        args = (q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length])
+        ref = attention_ref(*(t.double() for t in args))
+        assert_matches_reference(f"out[{b}]", out[b:b + 1], ref, attention_ref(*args), dtype)

@@ -35,6 +35,10 @@ def rotate_half_plain(x, cos, sin, position_ids, interleaved):
     return torch.cat((rot * c + swapped * s, rest), dim=-1)
 
 
+def plain_pair(q, k, cos, sin, position_ids, interleaved):
+    return tuple(rotate_half_plain(t, cos, sin, position_ids, interleaved) for t in (q, k))
+
+
 def make_positions(kind, batch, seqlen, generator=None):
     if kind == "none":
         return None
@@ -75,10 +79,7 @@ def test_matches_float64_reference(backend, dtype, shape, positions, interleaved
     ref, ref_grads = forward_backward(
         lambda q, k: rope_ref(q, k, cos, sin, pos, interleaved), [q.double(), k.double()], grads_out
     )
-    base, base_grads = forward_backward(
-        lambda q, k: (rotate_half_plain(q, cos, sin, pos, interleaved), rotate_half_plain(k, cos, sin, pos, interleaved)),
-        [q, k], grads_out,
-    )
+    base, base_grads = forward_backward(lambda q, k: plain_pair(q, k, cos, sin, pos, interleaved), [q, k], grads_out)
     with fastlm.use_backend(backend), poison_outputs():
         outs, grads = forward_backward(lambda q, k: rope(q, k, cos, sin, pos, interleaved), [q, k], grads_out)
     for name, out, r, b in zip(["q", "k"], outs, ref, base):

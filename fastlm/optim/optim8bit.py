@@ -1,0 +1,270 @@
+"""Block-wise 8-bit AdamW, Adam and Lion (Dettmers et al., ICLR 2022).
+
+Each moment is stored as one uint8 code per element plus one fp32 absmax per block of
+``block_size`` elements (about 1 byte per parameter and moment instead of 4); the update is
+computed per element in fp32 by the rule in csrc/common/optim8bit_rule.h, then requantized.
+Tensors smaller than ``min_8bit_size`` keep fp32 states (their memory does not matter and
+quantizing them would only add error).
+
+Backends (``fastlm.backend``): ``cpp`` (CPU tensors), ``cuda`` (CUDA tensors; the CUDA C++
+extension is compiled on first use) and ``torch`` (``fastlm.optim._rule``, the reference the
+kernels match bit for bit). ``CPUOffloadAdamW8bit`` keeps the states of GPU parameters in CPU
+memory and updates them with the CPU kernel.
+"""
+
+import torch
+
+from fastlm import backend
+from fastlm.extension import cpu_extension, cuda_extension
+from fastlm.optim import _rule
+from fastlm.optim._code import tables
+from fastlm.optim._rule import ADAM, ADAMW, LION
+
+MIN_BLOCK_SIZE = 32
+MAX_BLOCK_SIZE = 4096  # the CUDA kernel runs one thread block per quantization block
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ---- launchers: one optimizer step on one parameter, in place --------------------------------
+def _step_cpp(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,
+              step, stochastic_rounding):
+    cpu_extension().optim8bit_step(
+        kind, param, grad, state1, absmax1, state2, absmax2, tables1[0], tables1[1],
+        tables2[0] if tables2 else None, tables2[1] if tables2 else None, block_size, hyper.as_list(), seed, step,
+        stochastic_rounding,
+    )
+
+def _step_cuda(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,
+               step, stochastic_rounding):
+    cuda_extension().optim8bit_step(
+        kind, param, grad, state1, absmax1, state2, absmax2, tables1[0], tables2[0] if tables2 else None,
+        block_size, hyper.as_list(), seed, step, stochastic_rounding,
+    )
+
+backend.register("optim8bit_step", cpp=_step_cpp, cuda=_step_cuda, torch=_rule.step_8bit)
+
+# ---- argument checks --------------------------------------------------------------------------
+def _lr_value(lr) -> float:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr: expected a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
+        return float(lr.item())
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise TypeError(f"lr: expected a number or a one-element tensor, got {type(lr).__name__}")
+    return float(lr)
+
+def _check_hyper(group: dict, kind: int) -> None:
+    """ValueError/TypeError for a bad hyper-parameter of a param group, naming it."""
+    lr = _lr_value(group["lr"])
+    if not lr >= 0.0:
+        raise ValueError(f"lr: expected >= 0, got {lr}")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"betas: expected two values, got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}]: expected a value in [0, 1), got {beta}")
+    if kind != LION and not group["eps"] > 0.0:
+        raise ValueError(f"eps: expected > 0, got {group['eps']}")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay: expected >= 0, got {group['weight_decay']}")
+    block_size = group["block_size"]
+    if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0
+            or block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+        raise ValueError(
+            f"block_size: expected a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size!r}"
+        )
+    min_8bit_size = group["min_8bit_size"]
+    if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size: expected an integer >= 0, got {min_8bit_size!r}")
+    if not isinstance(group["bf16_stochastic_rounding"], bool):
+        raise TypeError(f"bf16_stochastic_rounding: expected a bool, got {group['bf16_stochastic_rounding']!r}")
+
+def _check_param(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise TypeError("8-bit optimizers do not support sparse gradients; got a sparse grad of shape "
+                        f"{tuple(grad.shape)} (use a dense gradient, e.g. nn.Embedding(sparse=False))")
+    if param.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"param: expected float32, bfloat16 or float16, got {param.dtype}")
+    if grad.dtype != param.dtype or grad.shape != param.shape or grad.device != param.device:
+        raise ValueError(
+            f"grad: expected {param.dtype} of shape {tuple(param.shape)} on {param.device}, "
+            f"got {grad.dtype} of shape {tuple(grad.shape)} on {grad.device}"
+        )
+
+class _Optimizer8bit(torch.optim.Optimizer):
+    """The shared machinery; subclasses fix the rule (``_kind``) and the defaults."""
+
+    _kind: int
+
+    def __init__(self, params, lr, betas, eps, weight_decay, block_size, min_8bit_size, bf16_stochastic_rounding):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
+                        min_8bit_size=min_8bit_size, bf16_stochastic_rounding=bf16_stochastic_rounding)
+        _check_hyper(defaults, self._kind)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_hyper(self.param_groups[-1], self._kind)
+
+    def _param_index(self, param: torch.Tensor) -> int:
+        flat = [p for group in self.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(flat) if p is param)
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        """Where the states of ``param`` live (the offloading subclass keeps them on the CPU)."""
+        return param.device
+
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        n = param.numel()
+        device = self._state_device(param)
+        state = {"step": 0, "seed": self._param_index(param)}
+        two_moments = self._kind != LION
+        if n >= group["min_8bit_size"]:
+            blocks = -(-n // group["block_size"])
+            # Zero codes with zero absmax dequantize to exactly 0, as fp32 states start.
+            state["state1"] = torch.zeros(n, dtype=torch.uint8, device=device)
+            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+            if two_moments:
+                state["state2"] = torch.zeros(n, dtype=torch.uint8, device=device)
+                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+        else:
+            state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=device)
+            if two_moments:
+                state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _check_hyper(group, self._kind)
+            lr = _lr_value(group["lr"])
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                _check_param(param, param.grad)
+                state = self.state[param]
+                if not state:
+                    state.update(self._init_state(param, group))
+                state["step"] += 1
+                hyper = _rule.make_hyper(self._kind, lr, beta1, beta2, group["eps"], group["weight_decay"],
+                                         state["step"])
+                self._update(param, state, group, hyper)
+        return loss
+
+    def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
+        # The kernels take contiguous tensors; a non-contiguous parameter is updated through a copy.
+        target = param.data if param.is_contiguous() else param.data.contiguous()
+        self._update_contiguous(target, param.grad.contiguous(), state, group, hyper)
+        if target is not param.data:
+            param.data.copy_(target)
+
+    def _update_contiguous(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                           hyper: _rule.Hyper) -> None:
+        """One step on contiguous ``param`` and ``grad``, on the device they and the states share."""
+        stochastic = group["bf16_stochastic_rounding"] and param.dtype == torch.bfloat16
+        if "state1" in state:
+            two_moments = self._kind != LION
+            tables1 = tables(True, param.device)
+            tables2 = tables(False, param.device) if two_moments else None
+            impl = backend.select("optim8bit_step", param.device)
+            impl(self._kind, param, grad, state["state1"], state["absmax1"], state.get("state2"),
+                 state.get("absmax2"), tables1, tables2, group["block_size"], hyper, state["seed"], state["step"],
+                 stochastic)
+        else:
+            _rule.step_fp32(self._kind, param, grad, state["exp_avg"], state.get("exp_avg_sq"), hyper,
+                            state["seed"], state["step"], stochastic)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but states keep their dtypes (torch would cast uint8 codes and fp32 absmax
+        to the parameter's dtype), so training continues bit for bit."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for saved, group in zip(saved_groups, self.param_groups):
+            for index, param in zip(saved["params"], group["params"]):
+                if index not in saved_state:
+                    continue
+                self.state[param] = {
+                    key: value.to(device=self._state_device(param), copy=True) if isinstance(value, torch.Tensor)
+                    else value
+                    for key, value in saved_state[index].items()
+                }
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer states (codes, absmax and fp32 states)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+
+class AdamW8bit(_Optimizer8bit):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with block-wise 8-bit states.
+
+    ``bf16_stochastic_rounding``: bf16 parameters are written with stochastic rounding (keyed
+    by the parameter's index, the step and the element), so small updates to pure-bf16 weights
+    accumulate on average instead of rounding away.
+    """
+
+    _kind = ADAMW
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, block_size=256,
+                 min_8bit_size=4096, bf16_stochastic_rounding=False):
+        super().__init__(params, lr, betas, eps, weight_decay, block_size, min_8bit_size, bf16_stochastic_rounding)
+
+class Adam8bit(_Optimizer8bit):
+    """Adam with coupled L2 weight decay (added to the gradient, as ``torch.optim.Adam``), 8-bit states."""
+
+    _kind = ADAM
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, block_size=256,
+                 min_8bit_size=4096, bf16_stochastic_rounding=False):
+        super().__init__(params, lr, betas, eps, weight_decay, block_size, min_8bit_size, bf16_stochastic_rounding)
+
+class Lion8bit(_Optimizer8bit):
+    """Lion (Chen et al., 2023: sign of an interpolated momentum, decoupled decay), one 8-bit state."""
+
+    _kind = LION
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, block_size=256, min_8bit_size=4096,
+                 bf16_stochastic_rounding=False):
+        super().__init__(params, lr, betas, 0.0, weight_decay, block_size, min_8bit_size,
+                         bf16_stochastic_rounding)
+
+
+class CPUOffloadAdamW8bit(AdamW8bit):
+    """AdamW8bit whose states live in CPU memory and whose update runs on the CPU kernel, for
+    models whose optimizer states do not fit the GPU.
+
+    Per GPU parameter and step: the gradient and the parameter are copied into pinned host
+    buffers, the CPU kernel updates them with the CPU-resident states, and the parameter is
+    copied back (asynchronously; the stream orders it before the next use). The CPU and CUDA
+    kernels compute the same bits (tests/gpu/test_optim_cuda.py), so training matches
+    AdamW8bit on the GPU; state dicts are interchangeable. CPU parameters are updated in place
+    as by AdamW8bit. The update does not yet overlap the backward pass.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        # Pinned staging buffers per parameter: scratch, not state (never saved).
+        self._host: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        return torch.device("cpu")
+
+    def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
+        if param.device.type == "cpu":
+            super()._update(param, state, group, hyper)
+            return
+        if param not in self._host:
+            pinned = torch.cuda.is_available()
+            self._host[param] = tuple(
+                torch.empty(param.shape, dtype=param.dtype, pin_memory=pinned) for _ in range(2)
+            )
+        host_param, host_grad = self._host[param]
+        host_param.copy_(param.detach())  # synchronous: the host reads them next
+        host_grad.copy_(param.grad)
+        self._update_contiguous(host_param.view(-1), host_grad.view(-1), state, group, hyper)
+        param.data.copy_(host_param, non_blocking=True)

@@ -1,0 +1,5 @@
+import sys
+
+from fastlm.train import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""Command line of ``fastlm-train`` (flags documented in fastlm/train/__init__.py and docs/training.md)."""
+
+import argparse
+import sys
+
+import torch
+
+from fastlm.train.config import SECTIONS, UserError, presets, resolve
+
+SHORT_FLAGS = {  # short flag -> the config field it sets
+    "data": "data.path", "out": "run.out", "steps": "train.steps", "objective": "train.objective",
+    "seed": "train.seed", "stop_at": "run.stop_at",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastlm-train", allow_abbrev=False,
+        description="Pretrain a Transformer with fastlm's fused kernels. With no arguments: the 'tiny' preset on the "
+                    "shipped Shakespeare corpus (a few minutes on a laptop CPU).",
+        epilog="Any config field can be set as --section.field=value (sections: " + ", ".join(SECTIONS) +
+               "); see docs/training.md.",
+    )
+    p.add_argument("--preset", default="tiny", help=f"base settings: {', '.join(presets())} (default tiny)")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file applied over the preset")
+    p.add_argument("--data", metavar="PATH", help="text file, .jsonl or directory (default: the shipped corpus)")
+    p.add_argument("--out", metavar="DIR", help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--steps", metavar="N", help="optimizer steps")
+    p.add_argument("--objective", choices=("clm", "mlm"), help="causal LM (decoder) or masked LM (encoder)")
+    p.add_argument("--seed", metavar="S", help="random seed")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-at", dest="stop_at", metavar="STEP", help="save and exit after this step")
+    return p
+
+
+def parse(argv: list[str]):
+    """The resolved Config for a command line."""
+    args, rest = _parser().parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unknown argument {arg!r}; use the flags in --help or --section.field=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise UserError(f"--{key} needs a value (--{key}=VALUE)")
+            i += 1
+            value = rest[i]
+        overrides.append((key, value))
+        i += 1
+    for name, dotted in SHORT_FLAGS.items():
+        if getattr(args, name) is not None:
+            overrides.append((dotted, getattr(args, name)))
+    if args.resume:
+        overrides.append(("run.resume", "true"))
+    return resolve(args.preset, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastlm.train.trainer import train
+
+    try:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        summary = train(cfg)
+    except UserError as exc:
+        print(f"fastlm-train: error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("fastlm-train: error: out of memory; lower --train.batch_size (raising --train.grad_accum keeps the "
+              "tokens per step), or set --model.activation_checkpointing=true", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fastlm-train: interrupted before a checkpoint could be written", file=sys.stderr)
+        return 130
+    return summary["exit_code"]

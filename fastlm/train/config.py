@@ -1,0 +1,291 @@
+"""fastlm-train's configuration: nested dataclasses, TOML presets, ``--section.field=value`` overrides.
+
+Precedence, lowest first: the field defaults below, the preset (``--preset NAME``, default
+``tiny``; the TOML files in ``fastlm/train/presets/``), ``--config FILE.toml``, then the
+command-line flags. A TOML file has one table per section::
+
+    [model]
+    d_model = 256
+    [train]
+    steps = 2000
+
+Every field below can be set from the command line as ``--section.field=value`` (``none``
+for an optional field, ``true``/``false`` for a flag).
+"""
+
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from fastlm.models.config import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+class UserError(Exception):
+    """A mistake in the run's input or settings: reported as one line, without a traceback."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Training text: a .txt/.md file, a .jsonl file (one document per line, see text_field), a
+    directory of such files (recursively), each optionally gzipped. None: the shipped corpus (the
+    works of Shakespeare, fastlm/train/corpus/)."""
+    text_field: str = "text"
+    """The field of each .jsonl line that holds the document's text."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer.json to use; None trains a byte-level BPE of vocab_size on the corpus
+    (cached, and saved with every checkpoint)."""
+    vocab_size: int = 50257
+    """Vocabulary of the BPE trained when no tokenizer is given (the model's vocab is the
+    tokenizer's, rounded up to a multiple of 64)."""
+    seq_len: int = 1024
+    """Tokens per training row. Documents are packed into rows, separated by EOS tokens; attention
+    stays within each document (varlen attention)."""
+    val_fraction: float = 0.02
+    """Share of the token stream held out (its end) for validation."""
+    mlm_probability: float = 0.15
+    """MLM: share of tokens selected for prediction; of those 80% become the mask token, 10% a random
+    token and 10% stay unchanged (BERT)."""
+    cache_dir: str | None = None
+    """Where trained tokenizers and token files are cached (keyed by content hash); None:
+    $FASTLM_CACHE_DIR or ~/.cache/fastlm (where the C++ kernels are cached too)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    """Optimizer: torch's AdamW (see fastlm.train.trainer.OPTIMIZERS to add one)."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.95
+    """AdamW's second-moment decay."""
+    eps: float = 1e-8
+    """AdamW's denominator epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to the matmul weights only (never to norms, biases, embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "linear", "constant", "exponential", "step"] = "cosine"
+    """After the linear warmup: cosine or linear decay to min_lr_ratio * lr, constant, exponential
+    decay reaching min_lr_ratio * lr at the last step, or step decay (times step_gamma every step_every)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine, linear, exponential)."""
+    step_every: int = 0
+    """Step decay: multiply by step_gamma every this many steps after warmup; 0 means a third of the run."""
+    step_gamma: float = 0.5
+    """Step decay factor."""
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["clm", "mlm"] = "clm"
+    """clm: causal (next-token) LM with a decoder; mlm: masked LM with a bidirectional encoder."""
+    steps: int = 1000
+    """Optimizer steps; the schedule spans them."""
+    batch_size: int = 16
+    """Rows (of data.seq_len tokens) per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed of the initialization, the data order, the MLM masking and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+    max_nonfinite: int = 5
+    """Non-finite losses in a row (each step is skipped with a warning) before the run stops."""
+    log_every: int = 10
+    """Steps between metrics lines (metrics.jsonl in --out) and progress-bar updates."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250
+    """Steps between validation passes (one also runs at the end); 0: only at the end."""
+    batches: int = 20
+    """Validation micro-batches per pass (fixed, the first of the held-out split)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Steps between checkpoints (one is also written at the end, at --stop-at and on Ctrl-C / SIGTERM);
+    0: only those."""
+    keep_last: int = 2
+    """Checkpoints kept in --out/checkpoints; older ones are deleted after a new one is complete."""
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = ""
+    """Text the end-of-run sample continues (empty: start of a document)."""
+    tokens: int = 100
+    """Tokens generated for the sample; 0 skips it."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"
+    """Output directory: checkpoints/, metrics.jsonl, tokenizer.json."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out (same settings needed; the result is bit-for-bit
+    what an uninterrupted run gives on CPU)."""
+    stop_at: int = 0
+    """Save and exit after this step without changing the schedule (a cluster time limit); 0: never."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network (fastlm.models.ModelConfig). model.vocab_size is taken from the tokenizer and
+    model.causal from train.objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(Config)}
+
+
+def presets() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("fastlm.train.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{where} is not valid TOML ({exc})") from None
+
+
+def load_preset(name: str) -> dict:
+    if name not in presets():
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(presets())}")
+    return _read_toml(resources.files("fastlm.train.presets").joinpath(name + ".toml").read_text(), f"preset {name}")
+
+
+def load_toml_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read --config {path}: {exc.strerror}") from None
+    return _read_toml(text, path)
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def coerce(value, tp, name: str):
+    """``value`` (from TOML, or a command-line string) as type ``tp``; UserError if it is not one."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        inner = [t for t in options if t is not type(None)]
+        return coerce(value, inner[0], name)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{name} must be true or false; got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{name} must be a number; got {value!r}")
+        try:
+            number = tp(value) if isinstance(value, str) or tp is float else value
+        except ValueError:
+            raise UserError(f"{name} must be {'an integer' if tp is int else 'a number'}; got {value!r}") from None
+        if not isinstance(number, tp):
+            raise UserError(f"{name} must be {'an integer' if tp is int else 'a number'}; got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name} must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def _defaults() -> dict:
+    """Raw field defaults (before ModelConfig fills d_ff / n_kv_heads from the other fields)."""
+    out = {}
+    for section, factory in SECTIONS.items():
+        out[section] = {}
+        for f in fields(factory):
+            out[section][f.name] = f.default if f.default is not MISSING else f.default_factory()
+    return out
+
+
+def merge(base: dict, layer: dict, where: str) -> None:
+    """Apply one TOML layer onto ``base`` in place, rejecting unknown sections and fields."""
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise UserError(f"{where}: unknown section [{section}]; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: {section} must be a table ([{section}])")
+        types_ = _field_types(SECTIONS[section])
+        for key, value in values.items():
+            if key not in types_:
+                raise UserError(f"{where}: unknown field {section}.{key}; fields are {', '.join(types_)}")
+            base[section][key] = coerce(value, types_[key], f"{section}.{key}")
+
+
+def set_field(base: dict, dotted: str, text: str) -> None:
+    """Apply one ``--section.field=value`` override."""
+    section, _, key = dotted.partition(".")
+    merge(base, {section: {key: text}}, f"--{dotted}")
+
+
+def build(values: dict) -> Config:
+    """The Config for a fully merged dict of values."""
+    try:
+        return Config(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def resolve(preset: str, config_file: str | None, overrides: list[tuple[str, str]]) -> Config:
+    values = _defaults()
+    merge(values, load_preset(preset), f"preset {preset}")
+    if config_file:
+        merge(values, load_toml_file(config_file), config_file)
+    for dotted, text in overrides:
+        set_field(values, dotted, text)
+    return build(values)

@@ -1,0 +1,269 @@
+"""Training data: read text, train or load a tokenizer, cache the tokens, pack rows, mask for MLM.
+
+- Input: a .txt/.md file (one document), a .jsonl file (one document per line, in the
+  ``data.text_field`` field), or a directory of those (recursively, sorted), each optionally
+  gzipped (.gz).
+- Tokenizer: a given ``tokenizer.json``, else a byte-level BPE trained on the corpus with
+  Hugging Face ``tokenizers`` (cached by the corpus's content hash and the vocab size).
+- Tokens: every document followed by an EOS token, in one stream stored as a flat uint16
+  (uint32 for vocabularies over 65535) file, cached under the hash of the corpus and the
+  tokenizer and memory-mapped, so a second run skips tokenization.
+- Split: the last ``val_fraction`` of the stream is the validation set.
+- Rows: the stream cut into rows of ``seq_len`` tokens (causal LM: inputs and targets shifted by
+  one). A row may hold the end of one document and the start of others; the batch's
+  ``cu_seqlens`` marks where each document (EOS included) starts, so attention never crosses one
+  and positions restart at each.
+- Order: a permutation of the rows per epoch, from the seed and the epoch; micro-batch ``k`` is
+  a pure function of ``k``, so resuming needs only ``k``. MLM masks likewise come from a generator
+  seeded by the seed and ``k``.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastlm.train.config import UserError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>", "<|eos|>")
+MASK_CANDIDATES = ("<|mask|>", "[MASK]", "<mask>")
+IGNORE_INDEX = -100
+_CACHE_VERSION = "1"
+
+
+def shipped_corpus() -> Path:
+    return Path(str(resources.files("fastlm.train").joinpath("corpus/shakespeare.jsonl.gz")))
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("FASTLM_CACHE_DIR", Path.home() / ".cache" / "fastlm"))
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist; pass --data FILE_OR_DIR (.txt, .md, .jsonl, optionally .gz)")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+        if not files:
+            raise UserError(f"no .txt/.md/.jsonl files (optionally .gz) under {path}; point --data at your text")
+        return files
+    if _kind(path) is None:
+        raise UserError(f"{path}: unsupported file type; use .txt, .md or .jsonl (optionally .gz)")
+    return [path]
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def read_documents(files: list[Path], text_field: str) -> tuple[list[str], str]:
+    """The documents and the corpus's content hash (names, text field and bytes)."""
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}|{text_field}".encode())
+    docs = []
+    for path in files:
+        raw = _read_bytes(path)
+        digest.update(path.name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if _kind(path) == "text":
+            docs.append(text)
+            continue
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise UserError(f"{path}:{line_no} has no string field {text_field!r}; set --data.text_field")
+            docs.append(record[text_field])
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"no text in {', '.join(map(str, files[:3]))}; the data is empty")
+    return docs, digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, corpus_hash: str, cache: Path):
+    """A byte-level BPE of ``vocab_size`` with <|endoftext|> and <|mask|>, cached per corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = cache / "tokenizers" / f"bpe-{vocab_size}-{corpus_hash[:24]}.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_CANDIDATES[0], MASK_CANDIDATES[0]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(docs, trainer)
+    _write_atomic(path, tokenizer.to_str().encode())
+    return tokenizer
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
+        raise UserError(f"cannot load tokenizer {path} ({str(exc).splitlines()[0]}); give a Hugging Face "
+                        "tokenizer.json, or drop --data.tokenizer to train one on the corpus") from None
+
+
+def special_id(tokenizer, candidates, what: str, required: bool = True) -> int | None:
+    for token in candidates:
+        idx = tokenizer.token_to_id(token)
+        if idx is not None:
+            return idx
+    if required:
+        raise UserError(f"the tokenizer has no {what} token (looked for {', '.join(candidates)}); add one or "
+                        "drop --data.tokenizer to train one on the corpus")
+    return None
+
+
+def tokenize(docs: list[str], tokenizer, eos_id: int, corpus_hash: str, cache: Path) -> np.ndarray:
+    """All documents, each followed by EOS, as a memory-mapped token array (cached)."""
+    tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    path = cache / "tokens" / f"{corpus_hash[:24]}-{tok_hash[:24]}.{np.dtype(dtype).name}"
+    if not path.exists():
+        pieces = []
+        for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
+            pieces.append(np.asarray(enc.ids, dtype=dtype))
+            pieces.append(np.asarray([eos_id], dtype=dtype))
+        _write_atomic(path, np.concatenate(pieces).tobytes())
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats per token) of the tokens' frequency distribution: the loss of a model that
+    ignores context entirely."""
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / len(tokens)
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX where there is nothing to predict
+    cu_seqlens: torch.Tensor  # (n_docs + 1,) int32: document starts in the flattened B*T tokens
+    max_seqlen: int
+
+    def to(self, device) -> "Batch":
+        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
+                     self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen)
+
+
+class PackedData:
+    """Rows of a token stream, batched in a seeded per-epoch order (see the module docstring)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, eos_id: int,
+                 objective: str, seed: int, mask_id: int | None = None, vocab_size: int = 0,
+                 mlm_probability: float = 0.15):
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1); got {val_fraction}")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.eos_id, self.objective, self.seed = eos_id, objective, seed
+        self.mask_id, self.vocab_size, self.mlm_probability = mask_id, vocab_size, mlm_probability
+        self.span = seq_len + 1 if objective == "clm" else seq_len  # tokens a row reads
+        n = len(tokens)
+        n_val = max(int(n * val_fraction), self.span)
+        self.train_rows = (n - n_val - (self.span - seq_len)) // seq_len
+        self.val_start = n - n_val
+        self.val_rows = (n_val - (self.span - seq_len)) // seq_len
+        if self.train_rows < batch_size or self.val_rows < 1:
+            raise UserError(
+                f"the corpus has {n} tokens: too few for a batch of {batch_size} rows of {seq_len} tokens plus a "
+                f"validation split; use more text or lower --train.batch_size / --data.seq_len")
+        self.batches_per_epoch = self.train_rows // batch_size
+        self._epoch, self._perm = -1, None
+
+    def _rows(self, starts: np.ndarray, generator_seed: int) -> Batch:
+        rows = np.stack([self.tokens[s:s + self.span] for s in starts]).astype(np.int64)
+        data = torch.from_numpy(rows)  # (B, span)
+        if self.objective == "clm":
+            inputs, targets = data[:, :-1], data[:, 1:].clone()  # (B, T) each
+        else:
+            inputs, targets = mask_tokens(data, self.mask_id, self.eos_id, self.vocab_size, self.mlm_probability,
+                                          torch.Generator().manual_seed(generator_seed))
+        cu_seqlens, max_seqlen = document_boundaries(inputs, self.eos_id)
+        return Batch(inputs.contiguous(), targets, cu_seqlens, max_seqlen)
+
+    def train_batch(self, k: int) -> Batch:
+        """Micro-batch ``k`` (0-based, counted over the whole run)."""
+        epoch, i = divmod(k, self.batches_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.train_rows, generator=gen).numpy()
+        rows = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self._rows(rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + k) * 2 + 1)
+
+    def val_batches(self, count: int) -> list[Batch]:
+        """The first ``count`` validation micro-batches (fixed: the same every evaluation)."""
+        out = []
+        for b in range(min(count, -(-self.val_rows // self.batch_size))):
+            rows = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.val_rows))
+            out.append(self._rows(self.val_start + rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + b) * 2))
+        return out
+
+
+def document_boundaries(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) of the documents in the flattened rows: a document ends after each EOS
+    and at each row end. Also the longest document's length."""
+    B, T = inputs.shape
+    flat = inputs.flatten()  # (B*T,)
+    after_eos = (flat == eos_id).nonzero().flatten() + 1
+    row_starts = torch.arange(0, B * T + 1, T)
+    cu = torch.unique(torch.cat([row_starts, after_eos]))  # sorted
+    return cu.to(torch.int32), int(cu.diff().max())
+
+
+def mask_tokens(tokens: torch.Tensor, mask_id: int, eos_id: int, vocab_size: int, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: select ``probability`` of the non-EOS tokens; of those, 80% -> mask_id,
+    10% -> a random token, 10% unchanged. Returns (inputs, targets); targets are IGNORE_INDEX
+    except at the selected positions."""
+    selected = (torch.rand(tokens.shape, generator=generator) < probability) & (tokens != eos_id)
+    targets = torch.where(selected, tokens, IGNORE_INDEX)
+    action = torch.rand(tokens.shape, generator=generator)
+    random_tokens = torch.randint(vocab_size, tokens.shape, generator=generator)
+    inputs = torch.where(selected & (action < 0.8), mask_id, tokens)
+    inputs = torch.where(selected & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+    return inputs, targets

@@ -1,0 +1,332 @@
+"""The training loop behind ``fastlm-train`` (see fastlm/train/__init__.py for the user guide)."""
+
+import json
+import math
+import random
+import resource
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastlm.models import ModelConfig, Transformer
+from fastlm.train import checkpoint, data
+from fastlm.train.config import Config, UserError
+
+# Peak dense bf16 tensor FLOP/s by GPU name, for MFU; GPUs not listed get no MFU figure.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def _adamw(groups, cfg):
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+# optim.name -> constructor(param_groups, OptimConfig). fastlm.optim.AdamW8bit joins here as "adamw8bit".
+OPTIMIZERS = {"adamw": _adamw}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the matmul weights only: not on norms, biases or embedding tables (a tied
+    output head is the embedding table, so it is not decayed either)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(total - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.min_lr_ratio
+    if cfg.kind == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.kind == "linear":
+        return 1 - (1 - floor) * progress
+    if cfg.kind == "exponential":
+        return floor ** progress if floor > 0 else 1 - progress
+    if cfg.kind == "step":
+        every = cfg.step_every or max(span // 3, 1)
+        return cfg.step_gamma ** ((step - cfg.warmup_steps) // every)
+    return 1.0
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB: the CUDA allocator's peak, or this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Stop:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nfastlm-train: {signal.Signals(signum).name} received; saving a checkpoint after this step",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_resume(out: Path, cfg: Config):
+    """The checkpoint to resume from (or None), refusing combinations that would overwrite one."""
+    last = checkpoint.latest(out)
+    if cfg.run.resume and last is None:
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start a new run")
+    if not cfg.run.resume and last is not None:
+        raise UserError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, "
+                        "or choose another --out")
+    return last
+
+
+# Model fields that change only how the computation runs, not the model: free to differ on resume.
+_RUNTIME_MODEL_FIELDS = {"activation_checkpointing"}
+
+
+def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> None:
+    ours = current.to_dict()
+    diffs = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
+             if saved.get(k) != v and k not in _RUNTIME_MODEL_FIELDS]
+    if diffs:
+        raise UserError(f"checkpoint {where} is from another model config ({'; '.join(diffs[:3])}); resume with "
+                        "the settings it was trained with, or use another --out")
+
+
+def _prepare_data(cfg: Config, resume_from: Path | None):
+    files = data.corpus_files(cfg.data.path or data.shipped_corpus())
+    docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
+    cache = data.cache_root(cfg.data.cache_dir)
+    if resume_from is not None:
+        tokenizer = data.load_tokenizer(resume_from / "tokenizer.json")
+    elif cfg.data.tokenizer:
+        tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    else:
+        if cfg.data.vocab_size < 300:
+            raise UserError(f"data.vocab_size must be at least 300 (256 bytes + specials + merges); got "
+                            f"{cfg.data.vocab_size}")
+        print(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus (cached)",
+              file=sys.stderr)
+        tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
+    eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
+    mask_id = data.special_id(tokenizer, data.MASK_CANDIDATES, "mask", required=cfg.train.objective == "mlm")
+    tokens = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache)
+    packed = data.PackedData(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.val_fraction, eos_id,
+                             cfg.train.objective, cfg.train.seed, mask_id, tokenizer.get_vocab_size(),
+                             cfg.data.mlm_probability)
+    return tokenizer, tokens, packed, eos_id, mask_id
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        b = batch.to(device)
+        with autocast():
+            loss = model(b.inputs, b.targets, b.cu_seqlens, b.max_seqlen)
+        n = int((b.targets != data.IGNORE_INDEX).sum())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _sample(model, tokenizer, cfg: Config, eos_id, mask_id, val_batch, device) -> str:
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    model.eval()
+    if model.cfg.causal:
+        prompt = tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids if cfg.sample.prompt else [eos_id]
+        ids = torch.tensor([prompt], device=device)
+        out = model.generate(ids, cfg.sample.tokens, cfg.sample.temperature, generator=gen)[0].tolist()
+        if out[0] == eos_id:
+            out = out[1:]
+        return tokenizer.decode(out)
+    # MLM: fill the masks of one validation row with the model's best guesses.
+    inputs = val_batch.inputs[:1].to(device)
+    with torch.no_grad():
+        guess = model(inputs).argmax(-1)  # (1, T, V) -> (1, T)
+    filled = torch.where(inputs == mask_id, guess, inputs)[0, :64].tolist()
+    return tokenizer.decode(filled)
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the summary. Raises UserError for bad input."""
+    out = Path(cfg.run.out)
+    if cfg.train.steps < 1:
+        raise UserError(f"--steps must be at least 1; got {cfg.train.steps}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--train.device=cuda but no CUDA device is available; use --train.device=cpu")
+    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.train.device == "auto" else cfg.train.device)
+    resume_from = _check_resume(out, cfg)
+    saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
+
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from)
+    cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
+                                  causal=cfg.train.objective == "clm")
+    if saved_cfg is not None:
+        _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
+
+    model = Transformer(cfg.model).to(device)
+    optimizer = OPTIMIZERS[cfg.optim.name](param_groups(model, cfg.optim.weight_decay), cfg.optim)
+    step, micro, tokens_seen, nonfinite = 0, 0, 0, 0
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer)
+        step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
+        print(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(tokenizer.to_str())
+    forward = torch.compile(model) if cfg.train.compile else model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+
+    entropy = data.unigram_entropy(tokens[:packed.val_start])
+    val_batches = packed.val_batches(cfg.eval.batches)
+    n_params = model.num_params()
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
+                       and k in torch.cuda.get_device_name(device)), None)
+    print(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
+          f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} nats/token, "
+          f"device {device}", file=sys.stderr)
+
+    metrics = open(out / "metrics.jsonl", "a")
+    config_dict = cfg.to_dict()
+
+    def save(reason: str) -> Path:
+        path = checkpoint.save(out, step, model, optimizer, config_dict, tokenizer.to_str(),
+                               {"micro_batch": micro, "tokens_seen": tokens_seen, "reason": reason},
+                               cfg.checkpoint.keep_last)
+        return path
+
+    def log(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    from tqdm import tqdm
+
+    model.train()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    window_start, window_tokens = start, 0
+    train_loss = val_loss = float("nan")
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    # disable=None: a live bar on a terminal, none in logs (metrics.jsonl has the figures).
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="fastlm-train", dynamic_ncols=True, file=sys.stderr,
+               disable=None)
+    stopped = None
+    try:
+        with _Stop() as stop:
+            while step < cfg.train.steps:
+                lr = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, finite = 0.0, True
+                for _ in range(cfg.train.grad_accum):
+                    batch = packed.train_batch(micro).to(device)
+                    micro += 1
+                    with autocast():
+                        loss = forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss / cfg.train.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                grad_norm = None
+                if finite and cfg.optim.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                    finite = math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    nonfinite = 0
+                    train_loss = loss_sum / cfg.train.grad_accum
+                else:
+                    nonfinite += 1
+                    warnings.warn(f"step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)")
+                    if nonfinite >= cfg.train.max_nonfinite:
+                        raise UserError(f"{nonfinite} non-finite steps in a row at step {step}; lower --optim.lr or "
+                                        "raise --schedule.warmup_steps, then --resume from the last checkpoint")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                bar.update(1)
+
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens": tokens_seen, "tokens_per_s": tok_s, "peak_mem_mib": _peak_memory(device)}
+                    postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
+                               "mem": f"{record['peak_mem_mib']:.0f}MiB"}
+                    if peak_flops:
+                        record["mfu"] = tok_s * flops_per_token / peak_flops
+                        postfix["mfu"] = f"{record['mfu']:.1%}"
+                    bar.set_postfix(postfix, refresh=False)
+                    log(record)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    val_loss = evaluate(model, val_batches, device, autocast)
+                    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
+                if step == cfg.run.stop_at and step < cfg.train.steps:
+                    stopped = f"--stop-at {step}"
+                    break
+                if stop.signal is not None:
+                    stopped = signal.Signals(stop.signal).name
+                    break
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                    save("periodic")
+    finally:
+        bar.close()
+    if stopped is not None:
+        path = save(stopped)
+        metrics.close()
+        print(f"fastlm-train: stopped at step {step} ({stopped}); checkpoint {path}. Continue with the same "
+              f"command plus --resume", file=sys.stderr)
+        return {"stopped": stopped, "step": step, "checkpoint": str(path),
+                "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
+
+    val_loss = evaluate(model, val_batches, device, autocast)
+    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+    path = save("final")
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
+    summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
+               "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
+               "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
+    log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
+    metrics.close()
+    print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
+          f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
+          f"{entropy:.3f} nats/token; checkpoint {path}")
+    if sample:
+        print(f"--- sample ({'fill-mask' if not model.cfg.causal else 'generated'}) ---\n{sample}\n---")
+    return summary

@@ -1,0 +1,204 @@
+"""fastlm.models: the Transformer against itself on the torch reference ops, the seams against
+plain formulas, init, parameter and FLOP counts, and that it learns."""
+
+import math
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.models import ModelConfig, Transformer, layers
+from fastlm.ops.norm import layer_norm_ref, rms_norm_ref
+from fastlm.testing import assert_matches_reference
+
+FAMILIES = {
+    "llama-gqa": lambda **kw: ModelConfig.llama(n_heads=4, n_kv_heads=2, **kw),
+    "gpt2": lambda **kw: ModelConfig.gpt2(n_heads=3, **kw),
+    "bert": lambda **kw: ModelConfig.bert(n_heads=3, **kw),
+}
+SMALL = dict(vocab_size=97, d_model=24, n_layers=2, max_seq_len=32)
+
+
+def _batch(B=3, T=13, V=97):
+    inputs = torch.randint(0, V, (B, T))
+    targets = torch.randint(0, V, (B, T))
+    targets[:, ::4] = -100  # ignored positions (MLM unselected, padding)
+    cu_seqlens = torch.tensor([0, 5, 13, 20, 26, 39], dtype=torch.int32)  # 5 documents, boundaries inside rows
+    return inputs, targets, cu_seqlens, 13
+
+
+def _loss_and_grads(model, inputs, targets, cu_seqlens, max_seqlen):
+    model.zero_grad()
+    loss = model(inputs, targets, cu_seqlens, max_seqlen)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
+    """The model on fastlm's default backend (C++ norms on CPU) vs the same model on the torch
+    backend, both fp32, against the float64 model (FlashAttention rule). The fused norms take
+    no float64, so the float64 model runs their references."""
+    model = Transformer(FAMILIES[family](**SMALL))
+    inputs, targets, cu, max_seqlen = _batch()
+    if not packed:
+        cu = max_seqlen = None
+    loss, grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
+    with fastlm.use_backend("torch"):
+        base_loss, base_grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
+    ref_model = Transformer(model.cfg).double()
+    ref_model.load_state_dict(model.state_dict())
+    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
+    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
+    ref_loss, ref_grads = _loss_and_grads(ref_model, inputs, targets, cu, max_seqlen)
+    assert_matches_reference("loss", loss, ref_loss, base_loss, torch.float32)
+    for name in grads:
+        assert_matches_reference(f"grad {name}", grads[name], ref_grads[name], base_grads[name], torch.float32,
+                                 grad=True)
+
+
+def _attention_formula(q, k, v, causal):
+    """softmax(q k^T / sqrt(D)) v for one sequence, (T, H, D), in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_varlen_attention_is_per_document_attention(causal):
+    cu = torch.tensor([0, 3, 10, 11, 24], dtype=torch.int32)
+    q = torch.randn(24, 4, 8)
+    k, v = torch.randn(24, 2, 8), torch.randn(24, 2, 8)
+    out = layers.attention(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=13, max_seqlen_k=13)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = _attention_formula(q[s:e], k[s:e], v[s:e], causal)
+        torch.testing.assert_close(out[s:e].double(), expected, atol=1e-5, rtol=1e-5)
+    dense = layers.attention(q[None, 3:10], k[None, 3:10], v[None, 3:10], causal=causal)[0]
+    torch.testing.assert_close(dense, out[3:10], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotates_pairs_by_position_angle():
+    cos, sin = layers.rope_cache(16, 6, 10000.0)
+    q, k = torch.randn(2, 5, 3, 6), torch.randn(2, 5, 1, 6)
+    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
+    rq, rk = layers.rope(q, k, cos, sin, position_ids=positions)
+    for b in range(2):
+        for t in range(5):
+            p = positions[b, t].item()
+            for i in range(3):
+                angle = p / 10000.0 ** (2 * i / 6)
+                x1, x2 = q[b, t, :, i], q[b, t, :, i + 3]
+                torch.testing.assert_close(rq[b, t, :, i], x1 * math.cos(angle) - x2 * math.sin(angle))
+                torch.testing.assert_close(rq[b, t, :, i + 3], x1 * math.sin(angle) + x2 * math.cos(angle))
+    # Rotation preserves norms, and q.k depends only on the position difference.
+    torch.testing.assert_close(rk.norm(dim=-1), k.norm(dim=-1))
+    q1, k1 = layers.rope(q[:, :1], k[:, :1], cos, sin, position_ids=torch.tensor([[2]]))
+    q2, k2 = layers.rope(q[:, :1], k[:, :1], cos, sin, position_ids=torch.tensor([[9]]))
+    torch.testing.assert_close((q1[..., :1, :] * k1).sum(-1), (q2[..., :1, :] * k2).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_cross_entropy_matches_cross_entropy_of_logits():
+    h, w, b = torch.randn(11, 8, dtype=torch.float64), torch.randn(19, 8, dtype=torch.float64), torch.randn(19)
+    target = torch.randint(0, 19, (11,))
+    target[3] = -100
+    logits = h @ w.T + b.double()
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    torch.testing.assert_close(layers.linear_cross_entropy(h, w, target, bias=b.double()), expected.float())
+    z = torch.logsumexp(logits, -1)[target != -100].square().sum()
+    total = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    torch.testing.assert_close(layers.linear_cross_entropy(h, w, target, bias=b.double(), z_loss=1e-2, num_items=7),
+                               ((total + 1e-2 * z) / 7).float())
+
+
+def test_packed_positions_restart_at_each_document():
+    """A document packed after another gives the same hidden states as the document alone."""
+    for family in FAMILIES:
+        model = Transformer(FAMILIES[family](**SMALL)).eval()
+        doc_a, doc_b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 10))
+        packed = torch.cat([doc_a, doc_b], dim=1)  # (1, 16)
+        cu = torch.tensor([0, 6, 16], dtype=torch.int32)
+        h_packed = model.hidden_states(packed, cu, 10)
+        torch.testing.assert_close(h_packed[:, 6:], model.hidden_states(doc_b), atol=1e-5, rtol=1e-5)
+
+
+def test_init_scales_residual_projections_and_counts():
+    cfg = ModelConfig.gpt2(vocab_size=512, d_model=128, n_layers=8, n_heads=4, max_seq_len=64)
+    model = Transformer(cfg)
+    std = model.blocks[0].mlp.fc2.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.1 * 0.02 / math.sqrt(16)
+    assert abs(model.blocks[0].mlp.fc1.weight.std().item() - 0.02) < 0.002
+    C, F, L, V = 128, 512, 8, 512
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C) + 4 * C
+    assert model.num_params() == V * C + 64 * C + L * per_block + 2 * C
+    assert model.num_params(exclude_embeddings=True) == L * per_block + 2 * C
+    matmul = L * (C * 3 * C + C * C + C * F + F * C) + V * C
+    assert model.flops_per_token(64) == 6 * matmul + 12 * L * C * 64
+    untied = Transformer(ModelConfig.llama(vocab_size=512, d_model=128, n_layers=2, n_heads=4))
+    assert untied.num_params() - untied.num_params(exclude_embeddings=True) == 512 * 128
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = FAMILIES["llama-gqa"](**SMALL, resid_dropout=0.1)
+    model = Transformer(cfg)
+    inputs, targets, cu, max_seqlen = _batch()
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
+    model.cfg.activation_checkpointing = True
+    torch.manual_seed(1)
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name])
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bert"])
+def test_loss_decreases_on_a_tiny_corpus(family):
+    """A few dozen AdamW steps on a repeating sequence drive the loss well below ln(V)."""
+    model = Transformer(FAMILIES[family](**SMALL))
+    text = torch.arange(32).repeat(4) % 17 + 3  # (128,) a periodic "corpus"
+    rows = text.view(4, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        if model.cfg.causal:
+            loss = model(rows[:, :-1], rows[:, 1:])
+        else:
+            masked = rows.clone()
+            targets = torch.full_like(rows, -100)
+            pick = torch.rand(rows.shape) < 0.3
+            targets[pick], masked[pick] = rows[pick], 1
+            loss = model(masked, targets)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.8 * math.log(97)
+    assert loss.item() < 0.5 * first
+
+
+def test_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="divisible by model.n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="multiple of model.n_kv_heads"):
+        ModelConfig(d_model=32, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="model.norm must be one of"):
+        ModelConfig(norm="batchnorm")
+    assert ModelConfig.llama(d_model=96, n_heads=4).d_ff == 256  # 8/3 * 96 rounded up to 64
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_runs_under_bf16_autocast(family):
+    """The GPU training path's dtype plumbing (bf16 branches joining an fp32 residual stream, fused
+    norms on mixed dtypes), exercised with CPU autocast."""
+    model = Transformer(FAMILIES[family](**SMALL))
+    inputs, targets, cu, max_seqlen = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(inputs, targets, cu, max_seqlen)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
