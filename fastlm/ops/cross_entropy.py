@@ -40,6 +40,7 @@ TARGET_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 # Vocabulary columns one Triton program holds at once; longer rows loop over blocks.
 MAX_BLOCK_V = 4096
+MAX_BLOCK_M = 128
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -106,13 +107,11 @@ def _cross_entropy_fwd_kernel(
             tl.store(g_rows + c[None, :], g.to(GRAD.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
-# ----------------------------------------------------------------------------- launchers
-
-
 def _fwd_config(vocab: int) -> dict:
     block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
-    # Small vocabularies: several rows per program so each program still moves ~4k elements.
-    block_m = max(1, MAX_BLOCK_V // block_v)
+    # Small vocabularies: several rows per program so each program still moves ~4k elements,
+    # but at most MAX_BLOCK_M rows (each row's statistics live in registers).
+    block_m = max(1, min(MAX_BLOCK_V // block_v, MAX_BLOCK_M))
     return dict(BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8 if block_m * block_v >= 2048 else 4)
 
 
@@ -120,9 +119,12 @@ _TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16:
 
 
 def _fwd_variants():
-    """Every dtype / target dtype / gradient mode, at the block configs of small, mid and large vocabularies."""
-    for vocab in (2, 1000, 50257):
+    """Every dtype / target dtype / gradient mode at the block configs of a small, a mid and a
+    large vocabulary, the large one both odd (GPT-2's 50257) and a multiple of 16 (Llama 3's
+    128256, where Triton vectorizes the row loads)."""
+    for vocab in (2, 1000, 50257, 128256):
         cfg = _fwd_config(vocab)
+        even = ("V", "stride_logits") if vocab % 16 == 0 else ()
         for dtype, ptr in _TRITON_TYPES.items():
             for target in ("*i64", "*i32"):
                 for has_grad, row_scale in ((False, False), (True, False), (True, True)):
@@ -139,13 +141,18 @@ def _fwd_variants():
                     else:
                         constexprs["GRAD"] = None
                     mode = "row-scaled grad" if row_scale else "grad" if has_grad else "loss only"
+                    # Without a gradient the launcher passes stride_grad = 0, a multiple of 16.
+                    grad_even = ("stride_grad",) if even or not has_grad else ()
                     yield Variant(
-                        signature, constexprs, num_warps=cfg["num_warps"],
+                        signature, constexprs, num_warps=cfg["num_warps"], divisible_by_16=even + grad_even,
                         label=f"{str(dtype).removeprefix('torch.')} {target[1:]} V={vocab} {mode}",
                     )
 
 
 register_kernel(_cross_entropy_fwd_kernel, variants=_fwd_variants)
+
+
+# ----------------------------------------------------------------------------- launchers
 
 
 def _fwd_triton(logits, target, scale, loss, grad, ignore_index, label_smoothing, z_loss, row_scale):

@@ -6,8 +6,9 @@ fp32 accumulation), then the cross-entropy kernel writes the loss and, in place 
 chunk's logits, their gradient; from it the chunk's ``grad_hidden`` (a matmul into its rows)
 and the fp32 ``grad_weight`` / ``grad_bias`` accumulators. All this happens in the FORWARD,
 so the backward only scales the stored gradients by ``grad_output``: the extra memory at the
-peak is one chunk of logits (plus, for bf16/fp16 weights, one vocab slice of the weight
-gradient of the same size), not the full logits and their fp32 softmax.
+peak is the fp32 weight-gradient accumulator (vocab x dim) and one chunk of logits (plus, for
+bf16/fp16 weights, one vocab slice of the weight gradient of the same size), not the full
+logits and their fp32 softmax.
 
 Chunk size (``chunk_size=None``): ``ceil(tokens / ceil(vocab / dim))`` tokens, so one chunk of
 logits holds about as many elements as ``hidden`` itself, but at least 256 tokens (matmuls
