@@ -385,9 +385,19 @@ def test_importing_fastlm_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
 
 
-def test_training_curves_match_over_50_steps():
-    """50 AdamW steps on a learnable copy task: the patched and unpatched loss curves agree and fall.
-    (The Trainer itself needs accelerate, which the test environment lacks; this is the same loop.)"""
+@pytest.mark.parametrize("optimizer", ["torch.AdamW", "fastlm.AdamW8bit"])
+def test_training_curves_match_over_50_steps(optimizer):
+    """50 optimizer steps on a learnable copy task: the patched and unpatched loss curves agree and fall,
+    with torch's AdamW and with fastlm's 8-bit AdamW (the optimizer examples/hf_trainer.py gives the
+    Trainer; the Trainer itself needs accelerate, which the test environment lacks: this is its loop)."""
+    from fastlm.optim import AdamW8bit
+
+    def make(params, **kwargs):
+        if optimizer == "torch.AdamW":
+            return torch.optim.AdamW(params, **kwargs)
+        # min_8bit_size=1024: the tiny model's matrices (>= 1536 elements) get 8-bit states
+        return AdamW8bit(params, min_8bit_size=1024, **kwargs)
+
     torch.manual_seed(0)
     half = torch.randint(2, VOCAB, (64, 8))
     data = torch.cat([half, half], dim=1)
@@ -395,7 +405,7 @@ def test_training_curves_match_over_50_steps():
     curves = []
     for model in (_model_of(patched), patched):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = make(model.parameters(), lr=1e-2, weight_decay=0.01)
         curve = []
         for step in range(50):
             batch = data[(step * 8) % 64:(step * 8) % 64 + 8]
