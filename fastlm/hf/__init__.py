@@ -22,6 +22,11 @@ transformers. The supported architectures and their conventions are the rows of
 ``fastlm.hf.table.ARCHITECTURES``.
 """
 
+try:
+    import transformers  # noqa: F401
+except ImportError as err:
+    raise ImportError("fastlm.hf needs transformers: pip install 'fastlm[hf]'") from err
+
 from fastlm.hf.attention import fallback_counts, register, reset_fallback_counts
 from fastlm.hf.patch import PatchReport, patch_hf, patch_hf_class, unpatch_hf_class
 from fastlm.hf.table import ARCHITECTURES
