@@ -15,3 +15,15 @@ __all__ = ["backend_info", "use_backend", "layer_norm", "rms_norm", "nn", "optim
 __all__ += ["attention", "attention_ref", "attention_with_kvcache"]
 __all__ += ["swiglu", "geglu", "gelu", "rope"]
 __all__ += ["cross_entropy", "linear_cross_entropy"]
+
+_HF_EXPORTS = ("patch_hf", "patch_hf_class")
+__all__ += list(_HF_EXPORTS)
+
+
+def __getattr__(name):
+    # fastlm.hf imports transformers, so it is only imported when these are first used.
+    if name in _HF_EXPORTS:
+        import fastlm.hf
+
+        return getattr(fastlm.hf, name)
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

@@ -30,6 +30,7 @@ from fastlm.bench.roofline import measure_roofline
 SUITES = {
     "norm": "fastlm.bench.norms",
     "cross_entropy": "fastlm.bench.cross_entropy",
+    "hf": "fastlm.bench.hf",
 }
 MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
 
