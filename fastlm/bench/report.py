@@ -23,6 +23,10 @@ def best_peer_ratio(rows: list[dict]) -> dict[int, float]:
     return ratios
 
 
+# Figures some ops add to their rows (Case.extra, or computed from it): column title and format.
+EXTRA_COLUMNS = {"tokens_per_s": ("tokens/s", ",.0f"), "state_bytes_per_param": ("state B/param", ".2f")}
+
+
 def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
     ratios = best_peer_ratio(rows)
     lines = [
@@ -40,12 +44,14 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
     for i, r in enumerate(rows):
         by_op[r["op"]].append(i)
     for op, members in by_op.items():
+        extras = [key for key in EXTRA_COLUMNS if any(rows[i].get(key) is not None for i in members)]
         lines += [
             "",
             f"## {op}",
             "",
-            "| mode | shape | provider | ms | GB/s | TFLOP/s | % roofline | peak MiB | vs best peer |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| mode | shape | provider | ms | GB/s | TFLOP/s | % roofline | peak MiB | vs best peer |"
+            + "".join(f" {EXTRA_COLUMNS[key][0]} |" for key in extras),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extras),
         ]
         for i in members:
             r = rows[i]
@@ -56,6 +62,7 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
                 f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {_fmt(r.get('gbps'), '.1f')} | "
                 f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(pct, '.0f')} | {_fmt(peak, '.1f')} | "
                 f"{_fmt(ratios.get(i), '.2f')} |"
+                + "".join(f" {_fmt(r.get(key), EXTRA_COLUMNS[key][1])} |" for key in extras)
             )
     return "\n".join(lines) + "\n"
 

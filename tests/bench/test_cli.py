@@ -9,12 +9,15 @@ from fastlm.bench.report import best_peer_ratio
 def test_quick_suite_writes_results_report_and_plots(tmp_path):
     assert main(["--suite", "quick", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in rows} == set(SUITES), "an op of the suite produced no rows"
     assert {r["op"].split("_")[0] for r in rows} >= {"rms", "layer"}
     assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
     assert all(r["commit"] is not None and r["torch"] and r["device"] for r in rows)
     assert all(r["pct_bandwidth"] is not None for r in rows if r["gbps"] is not None)
     report = (tmp_path / "report.md").read_text()
     assert "## rms_norm" in report and "## layer_norm" in report
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["bench"] == "train")
+    assert "| tokens/s |" in report and "| state B/param |" in report
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
 
 
