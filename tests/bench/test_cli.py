@@ -1,6 +1,8 @@
 """fastlm-bench's quick suite runs end to end (it proves the suite works; speed is not asserted)."""
 
 import json
+import subprocess
+import sys
 
 from fastlm.bench.cli import SUITES, main
 from fastlm.bench.report import best_peer_ratio
@@ -36,3 +38,12 @@ def test_best_peer_ratio_compares_within_one_shape_and_mode():
         {"op": "x", "mode": "fwd", "shape": "b", "provider": "torch", "median_ms": 0.1},
     ]
     assert best_peer_ratio(rows) == {0: 2.0}
+
+
+def test_suite_modules_import_no_peer_library():
+    """Peers (transformers, Liger, flash-attn, ...) are imported inside cases(), only when found."""
+    peers = ["transformers", "liger_kernel", "flash_attn", "xformers", "bitsandbytes", "apex"]
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {list(SUITES.values())!r}]; "
+            f"print([p for p in {peers!r} if p in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
