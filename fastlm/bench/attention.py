@@ -87,7 +87,8 @@ def _case(name, layout, fn, batch, seqlen, heads, head_dim, causal, dtype, devic
     calls = autograd_modes(lambda q, k, v: fn(q, k, v, causal), [q, k, v], dout, train_forward=False)
     for mode, call in calls.items():
         yield Case("attention", name, mode, label, call, size=seqlen, flops=int(fwd_flops * FLOP_FACTOR[mode]),
-                   extra={"causal": causal, "head_dim": head_dim})
+                   extra={"causal": causal, "head_dim": head_dim,
+                          "series": f"d{head_dim}{' causal' if causal else ''}"})
 
 
 def cases(suite: str, device: torch.device) -> Iterator[Case]:

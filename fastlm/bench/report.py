@@ -68,7 +68,8 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per op and mode with several sizes: throughput (or time) vs size per provider."""
+    """One PNG per op, mode and series (a row's optional ``series``, e.g. head dim and causality
+    for attention) with several sizes: throughput (or time) vs size per provider."""
     try:
         import matplotlib
 
@@ -79,9 +80,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     groups = defaultdict(list)
     for r in rows:
         if r.get("size") is not None:
-            groups[(r["op"], r["mode"])].append(r)
+            groups[(r["op"], r["mode"], r.get("series", ""))].append(r)
     written = []
-    for (op, mode), members in groups.items():
+    for (op, mode, series), members in groups.items():
         if len({r["size"] for r in members}) < 2:
             continue
         metric = "tflops" if members[0].get("tflops") else "gbps" if members[0].get("gbps") else "median_ms"
@@ -93,10 +94,11 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("size")
         ax.set_ylabel(label)
-        ax.set_title(f"{op} {mode}")
+        ax.set_title(f"{op} {mode} {series}".strip())
         ax.legend()
         ax.grid(alpha=0.3)
-        path = out_dir / f"{op}-{mode.replace('+', '_')}.png"
+        name = "-".join(part for part in (op, mode, series) if part)
+        path = out_dir / f"{name.replace('+', '_').replace(' ', '_')}.png"
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
         written.append(path)

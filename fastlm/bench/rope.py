@@ -17,7 +17,7 @@ from fastlm.bench.harness import Case, autograd_modes
 SIZES = {
     "quick": [(2, 128, 8, 2, 64)],
     "full": [(4, 2048, 32, 8, 128)],
-    "gpu": [(4, 4096, 32, 8, 128), (1, 16384, 32, 8, 128)],
+    "gpu": [(1, 4096, 32, 8, 128), (8, 8192, 32, 8, 128)],
 }
 
 

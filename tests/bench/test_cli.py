@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fastlm.bench.cli import SUITES, main
-from fastlm.bench.report import best_peer_ratio
+from fastlm.bench.report import best_peer_ratio, plot
 
 
 def test_quick_suite_writes_results_report_and_plots(tmp_path):
@@ -47,3 +49,13 @@ def test_suite_modules_import_no_peer_library():
             f"print([p for p in {peers!r} if p in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_plot_draws_one_figure_per_series(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"op": "attention", "mode": "fwd", "provider": p, "size": s, "tflops": 1.0, "series": series}
+        for p in ("fastlm", "torch") for s in (1024, 2048) for series in ("d64", "d64 causal")
+    ]
+    written = sorted(path.name for path in plot(rows, tmp_path))
+    assert written == ["attention-fwd-d64.png", "attention-fwd-d64_causal.png"]
