@@ -20,7 +20,7 @@ from fastlm.bench.harness import Case, autograd_modes
 # suite -> (seqlens, head dims, tokens = batch * seqlen, hidden = heads * head dim)
 SIZES = {
     "quick": ([128], [64], 256, 128),
-    "full": ([512, 1024, 2048, 4096], [64, 128], 8192, 2048),
+    "full": ([512, 1024, 2048], [64, 128], 4096, 2048),
     "gpu": ([1024, 2048, 4096, 8192, 16384], [64, 128], 16384, 2048),
 }
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}

@@ -19,7 +19,7 @@ from fastlm.bench.harness import Case, autograd_modes
 # suite -> (elementwise [(tokens, hidden)], MLP [(tokens, dim, hidden)])
 SIZES = {
     "quick": ([(256, 1000)], [(128, 256, 688)]),
-    "full": ([(4096, 4096), (4096, 11008)], [(4096, 4096, 11008)]),
+    "full": ([(4096, 4096), (4096, 11008)], [(1024, 2048, 5632)]),
     "gpu": ([(4096, 11008), (8192, 14336)], [(8192, 4096, 11008)]),
 }
 
