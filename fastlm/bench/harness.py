@@ -142,7 +142,8 @@ class Case:
     flops: int | None = None
     """Floating-point operations; gives TFLOP/s."""
     extra: dict = field(default_factory=dict)
-    """Further figures for the row; a ``tokens`` count (per call) also gives tokens/s."""
+    """Further figures for the row; a ``tokens`` count (per call) also gives tokens/s, a ``series``
+    name draws its own plot (e.g. one per attention head dim and causality)."""
 
 
 def autograd_modes(fn: Callable, inputs: list[torch.Tensor], grad_out, train_forward: bool = True) -> dict:
