@@ -21,16 +21,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 
 from fastlm.bench.harness import environment, measure
 from fastlm.bench.report import markdown, plot, write_atomic
 from fastlm.bench.roofline import measure_roofline
 
-# op name -> module with ``cases(suite, device) -> list[Case]``
+# op name -> module with ``cases(suite, device)``, an iterable of Cases (a generator where the
+# tensors are large, so that only the case being measured holds them)
 SUITES = {
     "norm": "fastlm.bench.norms",
     "cross_entropy": "fastlm.bench.cross_entropy",
     "hf": "fastlm.bench.hf",
+    "attention": "fastlm.bench.attention",
+    "ffn": "fastlm.bench.ffn",
+    "rope": "fastlm.bench.rope",
+    "optim": "fastlm.bench.optim",
+    "train": "fastlm.bench.train",
 }
 MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
 
@@ -62,6 +69,9 @@ def main(argv=None) -> int:
             p.error("--suite gpu needs a CUDA device")
         gpu_correctness_pass()
 
+    # The bwd modes replay one saved backward (retain_graph=True), which a torch.compile'd
+    # backward with donated buffers refuses.
+    torch._functorch.config.donated_buffer = False
     env = environment()
     out = args.out or Path("benchmarks/out") / f"{datetime.date.today()}-{env['device'].split(' (')[0].replace(' ', '_')}"
     start = time.perf_counter()
@@ -70,7 +80,7 @@ def main(argv=None) -> int:
     for op in ops:
         for case in importlib.import_module(SUITES[op]).cases(args.suite, device):
             row = measure(case, device, MIN_RUN_TIME[args.suite], roofline)
-            rows.append({**row, **env, "suite": args.suite})
+            rows.append({**row, **env, "suite": args.suite, "bench": op})
             print(f"  {case.op:14s} {case.mode:8s} {case.shape:22s} {case.provider:14s} {row['median_ms']:10.3f} ms",
                   file=sys.stderr)
 

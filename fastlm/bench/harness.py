@@ -142,6 +142,35 @@ class Case:
     flops: int | None = None
     """Floating-point operations; gives TFLOP/s."""
     extra: dict = field(default_factory=dict)
+    """Further figures for the row; a ``tokens`` count (per call) also gives tokens/s, a ``series``
+    name draws its own plot (e.g. one per attention head dim and causality)."""
+
+
+def autograd_modes(fn: Callable, inputs: list[torch.Tensor], grad_out, train_forward: bool = True) -> dict:
+    """{mode: zero-argument callable} timing ``fn(*inputs)``: fwd, bwd and fwd+bwd.
+
+    fwd is the training forward (the graph is built) unless ``train_forward`` is False, then
+    it runs under no_grad (inference). bwd replays the backward of one saved forward
+    (retain_graph), through torch.autograd.grad so gradients never accumulate. ``grad_out``
+    matches ``fn``'s output (a tensor or a sequence of them). The saved forward runs here,
+    once, so build these per size and let them go when measured.
+    """
+
+    def fwd():
+        if train_forward:
+            return fn(*inputs)
+        with torch.no_grad():
+            return fn(*inputs)
+
+    saved = fn(*inputs)
+
+    def bwd():
+        return torch.autograd.grad(saved, inputs, grad_out, retain_graph=True)
+
+    def both():
+        return torch.autograd.grad(fn(*inputs), inputs, grad_out)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
 def measure(case: Case, device: torch.device, min_run_time: float, roofline: dict | None = None) -> dict:
@@ -157,6 +186,8 @@ def measure(case: Case, device: torch.device, min_run_time: float, roofline: dic
         "peak_mem_bytes": peak_memory_bytes(case.fn, device),
         **case.extra,
     }
+    if "tokens" in case.extra:
+        row["tokens_per_s"] = case.extra["tokens"] / timing.median_ms * 1e3
     if roofline:
         row["pct_bandwidth"] = 100 * gbps / roofline["copy_gbps"] if gbps else None
         row["pct_compute"] = 100 * tflops / roofline["matmul_tflops"] if tflops else None

@@ -23,6 +23,10 @@ def best_peer_ratio(rows: list[dict]) -> dict[int, float]:
     return ratios
 
 
+# Figures some ops add to their rows (Case.extra, or computed from it): column title and format.
+EXTRA_COLUMNS = {"tokens_per_s": ("tokens/s", ",.0f"), "state_bytes_per_param": ("state B/param", ".2f")}
+
+
 def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
     ratios = best_peer_ratio(rows)
     lines = [
@@ -40,12 +44,14 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
     for i, r in enumerate(rows):
         by_op[r["op"]].append(i)
     for op, members in by_op.items():
+        extras = [key for key in EXTRA_COLUMNS if any(rows[i].get(key) is not None for i in members)]
         lines += [
             "",
             f"## {op}",
             "",
-            "| mode | shape | provider | ms | GB/s | TFLOP/s | % roofline | peak MiB | vs best peer |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| mode | shape | provider | ms | GB/s | TFLOP/s | % roofline | peak MiB | vs best peer |"
+            + "".join(f" {EXTRA_COLUMNS[key][0]} |" for key in extras),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extras),
         ]
         for i in members:
             r = rows[i]
@@ -56,12 +62,14 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
                 f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {_fmt(r.get('gbps'), '.1f')} | "
                 f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(pct, '.0f')} | {_fmt(peak, '.1f')} | "
                 f"{_fmt(ratios.get(i), '.2f')} |"
+                + "".join(f" {_fmt(r.get(key), EXTRA_COLUMNS[key][1])} |" for key in extras)
             )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per op and mode with several sizes: throughput (or time) vs size per provider."""
+    """One PNG per op, mode and series (a row's optional ``series``, e.g. head dim and causality
+    for attention) with several sizes: throughput (or time) vs size per provider."""
     try:
         import matplotlib
 
@@ -72,9 +80,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     groups = defaultdict(list)
     for r in rows:
         if r.get("size") is not None:
-            groups[(r["op"], r["mode"])].append(r)
+            groups[(r["op"], r["mode"], r.get("series", ""))].append(r)
     written = []
-    for (op, mode), members in groups.items():
+    for (op, mode, series), members in groups.items():
         if len({r["size"] for r in members}) < 2:
             continue
         metric = "tflops" if members[0].get("tflops") else "gbps" if members[0].get("gbps") else "median_ms"
@@ -86,10 +94,11 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("size")
         ax.set_ylabel(label)
-        ax.set_title(f"{op} {mode}")
+        ax.set_title(f"{op} {mode} {series}".strip())
         ax.legend()
         ax.grid(alpha=0.3)
-        path = out_dir / f"{op}-{mode.replace('+', '_')}.png"
+        name = "-".join(part for part in (op, mode, series) if part)
+        path = out_dir / f"{name.replace('+', '_').replace(' ', '_')}.png"
         write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
         written.append(path)

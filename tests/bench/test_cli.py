@@ -1,20 +1,27 @@
 """fastlm-bench's quick suite runs end to end (it proves the suite works; speed is not asserted)."""
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 from fastlm.bench.cli import SUITES, main
-from fastlm.bench.report import best_peer_ratio
+from fastlm.bench.report import best_peer_ratio, plot
 
 
 def test_quick_suite_writes_results_report_and_plots(tmp_path):
     assert main(["--suite", "quick", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in rows} == set(SUITES), "an op of the suite produced no rows"
     assert {r["op"].split("_")[0] for r in rows} >= {"rms", "layer"}
     assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
     assert all(r["commit"] is not None and r["torch"] and r["device"] for r in rows)
     assert all(r["pct_bandwidth"] is not None for r in rows if r["gbps"] is not None)
     report = (tmp_path / "report.md").read_text()
     assert "## rms_norm" in report and "## layer_norm" in report
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["bench"] == "train")
+    assert "| tokens/s |" in report and "| state B/param |" in report
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
 
 
@@ -33,3 +40,22 @@ def test_best_peer_ratio_compares_within_one_shape_and_mode():
         {"op": "x", "mode": "fwd", "shape": "b", "provider": "torch", "median_ms": 0.1},
     ]
     assert best_peer_ratio(rows) == {0: 2.0}
+
+
+def test_suite_modules_import_no_peer_library():
+    """Peers (transformers, Liger, flash-attn, ...) are imported inside cases(), only when found."""
+    peers = ["transformers", "liger_kernel", "flash_attn", "xformers", "bitsandbytes", "apex"]
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {list(SUITES.values())!r}]; "
+            f"print([p for p in {peers!r} if p in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_plot_draws_one_figure_per_series(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"op": "attention", "mode": "fwd", "provider": p, "size": s, "tflops": 1.0, "series": series}
+        for p in ("fastlm", "torch") for s in (1024, 2048) for series in ("d64", "d64 causal")
+    ]
+    written = sorted(path.name for path in plot(rows, tmp_path))
+    assert written == ["attention-fwd-d64.png", "attention-fwd-d64_causal.png"]

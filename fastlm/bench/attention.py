@@ -1,0 +1,106 @@
+"""Attention: fastlm vs every SDPA backend that runs here, flash-attn and xformers when importable.
+
+TFLOP/s count the matmuls only: forward 4 * batch * heads * seqlen^2 * headdim, halved for
+causal (the visible half, as FlashAttention counts it); backward 2.5x the forward (five
+matmuls instead of two), forward+backward 3.5x. batch * seqlen stays at ``tokens`` and
+heads * headdim at ``hidden``, as in FlashAttention's benchmarks, so every size does the
+same work per token. fwd is the inference forward (no graph); bwd the backward of one
+saved forward.
+"""
+
+import importlib.util
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm.bench.harness import Case, autograd_modes
+
+# suite -> (seqlens, head dims, tokens = batch * seqlen, hidden = heads * head dim)
+SIZES = {
+    "quick": ([128], [64], 256, 128),
+    "full": ([512, 1024, 2048], [64, 128], 4096, 2048),
+    "gpu": ([1024, 2048, 4096, 8192, 16384], [64, 128], 16384, 2048),
+}
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+MATH_MAX_SEQLEN_CUDA = 4096
+"""The math backend materializes batch * heads * seqlen^2 scores (and their gradient): beyond
+this it costs tens of GB and seconds per call on a GPU for a figure nobody compares against."""
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
+
+
+def _xformers():
+    import xformers.ops as xops
+
+    def call(q, k, v, causal):
+        return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask() if causal else None)
+
+    return call
+
+
+def providers(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, tuple[str, object]]:
+    """Provider -> (layout, fn(q, k, v, causal)) for those that run this dtype and head dim here.
+
+    layout is "bshd" (fastlm, flash-attn, xformers) or "bhsd" (SDPA). A dry run on a small
+    input decides: a backend not built in, or not for this dtype/device/head dim, is left out.
+    """
+    from torch.nn.attention import SDPBackend
+
+    candidates = {"fastlm": ("bshd", lambda q, k, v, causal: fastlm.attention(q, k, v, causal=causal))}
+    for name, backend in (("sdpa-math", SDPBackend.MATH), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        candidates[name] = ("bhsd", _sdpa(backend))
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):
+        from flash_attn import flash_attn_func
+
+        candidates["flash-attn"] = ("bshd", lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal))
+    if importlib.util.find_spec("xformers"):
+        candidates["xformers"] = ("bshd", _xformers())
+    found = {}
+    probe = torch.randn(1, 128, 2, head_dim, device=device, dtype=dtype)
+    for name, (layout, fn) in candidates.items():
+        try:
+            fn(probe, probe, probe, True)
+        except (RuntimeError, NotImplementedError, ValueError):
+            continue
+        found[name] = (layout, fn)
+    return found
+
+
+def _case(name, layout, fn, batch, seqlen, heads, head_dim, causal, dtype, device) -> Iterator[Case]:
+    shape = (batch, seqlen, heads, head_dim) if layout == "bshd" else (batch, heads, seqlen, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(shape, device=device, dtype=dtype)
+    label = f"b{batch} s{seqlen} h{heads} d{head_dim}{' causal' if causal else ''} {str(dtype).removeprefix('torch.')}"
+    fwd_flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    calls = autograd_modes(lambda q, k, v: fn(q, k, v, causal), [q, k, v], dout, train_forward=False)
+    for mode, call in calls.items():
+        yield Case("attention", name, mode, label, call, size=seqlen, flops=int(fwd_flops * FLOP_FACTOR[mode]),
+                   extra={"causal": causal, "head_dim": head_dim,
+                          "series": f"d{head_dim}{' causal' if causal else ''}"})
+
+
+def cases(suite: str, device: torch.device) -> Iterator[Case]:
+    """Built lazily: each provider's tensors (and its saved forward) live only while measured."""
+    seqlens, head_dims, tokens, hidden = SIZES[suite]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for head_dim in head_dims:
+        found = providers(device, dtype, head_dim)
+        for seqlen in seqlens:
+            for causal in (False, True):
+                for name, (layout, fn) in found.items():
+                    if name == "sdpa-math" and device.type == "cuda" and seqlen > MATH_MAX_SEQLEN_CUDA:
+                        continue
+                    yield from _case(name, layout, fn, max(1, tokens // seqlen), seqlen, hidden // head_dim,
+                                     head_dim, causal, dtype, device)
