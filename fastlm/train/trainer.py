@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fastlm.models import ModelConfig, Transformer
+from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data
 from fastlm.train.config import Config, UserError
 
@@ -24,8 +25,12 @@ def _adamw(groups, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-# optim.name -> constructor(param_groups, OptimConfig). fastlm.optim.AdamW8bit joins here as "adamw8bit".
-OPTIMIZERS = {"adamw": _adamw}
+def _adamw8bit(groups, cfg):
+    return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+# optim.name -> constructor(param_groups, OptimConfig); each group carries its own weight decay.
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

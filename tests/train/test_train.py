@@ -158,9 +158,11 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 # --------------------------------------------------------------------------------- CLI end to end
-def test_stop_and_resume_is_bit_for_bit(corpus, cache, tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_stop_and_resume_is_bit_for_bit(optimizer, corpus, cache, tmp_path, capsys):
     """--steps 6 straight == --steps 6 --stop-at 3, then --steps 6 --resume (dropout on)."""
-    extra = ["--steps", "6", "--model.resid_dropout=0.1", "--model.attn_dropout=0.1", "--model.embd_dropout=0.1"]
+    extra = ["--steps", "6", "--model.resid_dropout=0.1", "--model.attn_dropout=0.1", "--model.embd_dropout=0.1",
+             f"--optim.name={optimizer}"]
     assert main(tiny_args(corpus, cache, tmp_path / "straight", *extra)) == 0
     assert main(tiny_args(corpus, cache, tmp_path / "split", *extra, "--stop-at", "3")) == 0
     assert "--resume" in capsys.readouterr().err
