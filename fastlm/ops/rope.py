@@ -90,8 +90,10 @@ def _config(headdim: int, half: int) -> dict:
     block_r = triton.next_power_of_2(half)
     rest = headdim - 2 * half
     block_p = triton.next_power_of_2(rest) if rest else 1
-    # About 2k rotated pairs per program, and at least 16 (token, head) rows.
-    block_m = max(16, 2048 // block_r)
+    # About 2k rotated pairs per program, and at least 16 (token, head) rows. Partial rotary
+    # also copies the pass-through features, whose pointers take registers too: a quarter of the
+    # rows keeps it from spilling on sm_90 (see benchmarks/results/compile-report.md).
+    block_m = max(16, 2048 // block_r // (4 if rest else 1))
     return dict(
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_P=block_p, HAS_PASS=rest > 0,
         num_warps=max(1, min(4, block_m * max(block_r, block_p) // 256)),
