@@ -1,5 +1,7 @@
 #include "cpu/activation.h"
 
+#include "cpu/huge_pages.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -233,6 +235,7 @@ void act_fwd_cpu(const at::Tensor& gate, const std::optional<at::Tensor>& up, at
     if (up.has_value()) check_rows(*up, "up", gate);
     check_rows(y, "y", gate);
     const int64_t rows = gate.size(0), n = gate.size(1);
+    advise_huge_pages(y);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "act_fwd_cpu", [&] {
         dispatch_act(act, [&](auto act_c) {
             constexpr int A = decltype(act_c)::value;
@@ -260,6 +263,9 @@ void act_bwd_cpu(const at::Tensor& dy, const at::Tensor& gate, const std::option
     }
     if (y.has_value()) check_rows(*y, "y", gate);
     const int64_t rows = gate.size(0), n = gate.size(1);
+    advise_huge_pages(dgate);
+    if (dup.has_value()) advise_huge_pages(*dup);
+    if (y.has_value()) advise_huge_pages(*y);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "act_bwd_cpu", [&] {
         dispatch_act(act, [&](auto act_c) {
             constexpr int A = decltype(act_c)::value;

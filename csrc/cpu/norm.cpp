@@ -1,5 +1,7 @@
 #include "cpu/norm.h"
 
+#include "cpu/huge_pages.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -175,6 +177,8 @@ void norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
     TORCH_CHECK(is_rms != mean.has_value(), "mean must be given exactly for LayerNorm");
     if (mean.has_value()) check_like(*mean, "mean", {rows}, at::kFloat);
     check_like(rstd, "rstd", {rows}, at::kFloat);
+    advise_huge_pages(y);
+    if (r_out.has_value()) advise_huge_pages(*r_out);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "norm_fwd_cpu", [&] {
         norm_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
                                   w.defined() ? w.data_ptr<float>() : nullptr,
@@ -205,6 +209,7 @@ void norm_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dr_out,
     auto f32 = r.options().dtype(at::kFloat);
     at::Tensor dw_partial = dweight.has_value() ? at::zeros({chunks, n}, f32) : at::Tensor();
     at::Tensor db_partial = dbias.has_value() ? at::zeros({chunks, n}, f32) : at::Tensor();
+    advise_huge_pages(dx);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.scalar_type(), "norm_bwd_cpu", [&] {
         auto launch = [&](auto has_dr, auto has_dw, auto has_db) {
             norm_bwd_kernel<scalar_t, decltype(has_dr)::value, decltype(has_dw)::value, decltype(has_db)::value>(
