@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fastlm import alloc, backend
 from fastlm._triton import tl, triton
+from fastlm.checks import check_like
 from fastlm.extension import cpu_extension
 from fastlm.kernel_registry import Variant, register_kernel
 
@@ -289,12 +290,7 @@ def _check_pair(fn: str, gate, up) -> None:
     """Raise TypeError/ValueError naming the argument, before any kernel launches."""
     _check_tensor(fn, "gate", gate)
     _check_tensor(fn, "up", up)
-    if up.shape != gate.shape:
-        raise ValueError(f"{fn}: up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"{fn}: up must have gate's dtype {gate.dtype}, got {up.dtype}")
-    if up.device != gate.device:
-        raise ValueError(f"{fn}: up is on {up.device} but gate is on {gate.device}")
+    check_like(fn, "up", up, "gate", gate)
 
 
 def _gelu_act(fn: str, approximate) -> str:

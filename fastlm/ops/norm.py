@@ -18,6 +18,7 @@ import torch
 
 from fastlm import alloc, backend
 from fastlm._triton import tl, triton
+from fastlm.checks import check_like
 from fastlm.extension import cpu_extension
 from fastlm.kernel_registry import Variant, register_kernel
 
@@ -525,12 +526,7 @@ def _check(fn: str, x, weight, bias, residual, eps) -> None:
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{fn}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.shape != x.shape:
-            raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{fn}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+        check_like(fn, "residual", residual, "x", x)
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"{fn}: eps must be a non-negative number, got {eps!r}")
 
