@@ -13,7 +13,8 @@ Settings come from a preset (``tiny``, ``gpt2-124m``, ``llama-1b``, ``bert-base`
 
 A run writes to ``--out``: ``checkpoints/step_XXXXXXXX/`` (weights, optimizer, RNG, data
 position, config, tokenizer; the newest ``checkpoint.keep_last`` kept), ``metrics.jsonl`` (loss,
-lr, tokens/s, peak memory, MFU on GPU, validation loss and perplexity) and ``tokenizer.json``.
+lr, tokens/s, peak memory, MFU on GPU, validation loss and perplexity; mirrored to TensorBoard in
+``tensorboard/`` when it is installed) and ``tokenizer.json``.
 Ctrl-C or SIGTERM saves a checkpoint after the current step; ``--stop-at STEP`` saves and exits
 after that step (the schedule still spans ``--steps``); ``--resume`` continues exactly, bit for
 bit on CPU. Bad input ends with one line saying what to change and exit code 2.

@@ -146,12 +146,15 @@ class SampleConfig:
 @dataclass
 class RunConfig:
     out: str = "runs/default"
-    """Output directory: checkpoints/, metrics.jsonl, tokenizer.json."""
+    """Output directory: checkpoints/, metrics.jsonl, tokenizer.json (and tensorboard/)."""
     resume: bool = False
     """Continue from the newest checkpoint in out (same settings needed; the result is bit-for-bit
     what an uninterrupted run gives on CPU)."""
     stop_at: int = 0
     """Save and exit after this step without changing the schedule (a cluster time limit); 0: never."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to out/tensorboard when the tensorboard package is
+    installed (metrics.jsonl is written either way)."""
 
 
 @dataclass

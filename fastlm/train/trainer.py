@@ -1,6 +1,5 @@
 """The training loop behind ``fastlm-train`` (see fastlm/train/__init__.py for the user guide)."""
 
-import json
 import math
 import random
 import resource
@@ -16,6 +15,7 @@ from fastlm.models import ModelConfig, Transformer
 from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data
 from fastlm.train.config import Config, UserError
+from fastlm.train.metrics import MetricsLog
 
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU; GPUs not listed get no MFU figure.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -223,7 +223,7 @@ def train(cfg: Config) -> dict:
           f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} nats/token, "
           f"device {device}", file=sys.stderr)
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = MetricsLog(out, cfg.run.tensorboard)
     config_dict = cfg.to_dict()
 
     def save(reason: str) -> Path:
@@ -231,10 +231,6 @@ def train(cfg: Config) -> dict:
                                {"micro_batch": micro, "tokens_seen": tokens_seen, "reason": reason},
                                cfg.checkpoint.keep_last)
         return path
-
-    def log(record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
 
     from tqdm import tqdm
 
@@ -296,10 +292,10 @@ def train(cfg: Config) -> dict:
                         record["mfu"] = tok_s * flops_per_token / peak_flops
                         postfix["mfu"] = f"{record['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
-                    log(record)
+                    metrics.log(record)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     val_loss = evaluate(model, val_batches, device, autocast)
-                    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 if step == cfg.run.stop_at and step < cfg.train.steps:
                     stopped = f"--stop-at {step}"
@@ -320,14 +316,14 @@ def train(cfg: Config) -> dict:
                 "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
 
     val_loss = evaluate(model, val_batches, device, autocast)
-    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
     summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
-    log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
+    metrics.log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
     print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
           f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
