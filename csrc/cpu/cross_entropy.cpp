@@ -1,5 +1,7 @@
 #include "cpu/cross_entropy.h"
 
+#include "cpu/fast_math.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,26 +15,7 @@
 
 namespace {
 
-// exp(x) for x <= 0 that the compiler vectorizes: std::exp is a libm call it cannot (errno,
-// no -ffast-math). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6
-// polynomial (about 1 ulp), 2^n written into the exponent bits. Every exponent this kernel
-// takes is <= 0 (x - max); below -87.3 (2^n no longer normal) the result is 0, as for -inf.
-inline float exp_nonpositive(float x) {
-    const float xc = std::max(x, -87.3f);
-    const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return x < -87.3f ? 0.f : y * scale;
-}
+using fastlm_cpu::exp_nonpositive;
 
 template <typename T>
 void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const float* scale, float* loss, T* grad,
