@@ -17,6 +17,9 @@ namespace {
 
 using fastlm_cpu::exp_nonpositive;
 
+// Terms summed in fp32 before joining the double accumulator (see the row loop).
+constexpr int64_t kSumChunk = 256;
+
 template <typename T>
 void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const float* scale, float* loss, T* grad,
                               int64_t rows, int64_t V, int64_t ignore_index, float ls, float z, bool row_scale) {
@@ -43,13 +46,23 @@ void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const floa
             }
             // All -inf (fully masked row): keep exp() finite; the loss is then inf, as in torch.
             const float m_safe = std::isinf(m) && m < 0 ? 0.f : m;
-            // Double accumulators: a float sum of V terms, even split over SIMD lanes, loses
+            // Float sums over chunks of kSumChunk terms (full SIMD width), added into double
+            // accumulators: one float sum of V terms, even split over SIMD lanes, loses
             // ~sqrt(V / lanes) ulps, visible in the gradient at large V.
             double d = 0.0, sum_x = 0.0;
-#pragma omp simd reduction(+ : d, sum_x)
-            for (int64_t i = 0; i < V; ++i) {
-                d += exp_nonpositive(x[i] - m_safe);
-                sum_x += x[i];
+            for (int64_t c = 0; c < V; c += kSumChunk) {
+                const int64_t n = std::min(kSumChunk, V - c);
+                const float* xc = x.data() + c;
+                float dc = 0.f;
+#pragma omp simd reduction(+ : dc)
+                for (int64_t i = 0; i < n; ++i) dc += exp_nonpositive(xc[i] - m_safe);
+                d += dc;
+                if (ls != 0.f) {  // the smoothing term's sum, only when smoothing
+                    float sc = 0.f;
+#pragma omp simd reduction(+ : sc)
+                    for (int64_t i = 0; i < n; ++i) sc += xc[i];
+                    sum_x += sc;
+                }
             }
             // softmax = exp((x - m) - log d): x - m is exact-ish, log d small; exp(x - lse)
             // would carry lse's rounding (half an ulp of lse, relative) into every p.
