@@ -294,6 +294,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def config_from_hf(hf_config: dict) -> ModelConfig:
+    """The ModelConfig of an HF ``config.json`` dict; ValueError for an unsupported architecture or option."""
+    return _arch(hf_config)[1].read_config(hf_config)
+
+
 def convert_state_dict(hf_config: dict, tensors: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict]:
     """(ModelConfig, fastlm state_dict) from an HF config dict and its tensors (any dtype, kept)."""
     _, arch = _arch(hf_config)

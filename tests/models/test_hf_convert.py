@@ -220,3 +220,22 @@ def test_unexportable_models_are_refused(cfg, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         save_hf(Transformer(cfg), None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_cli_from_a_fastlm_checkpoint(tmp_path, capsys):
+    """python -m fastlm.models.hf_convert RUN_DIR OUT: the newest checkpoint of a run -> an HF directory."""
+    from fastlm.models.hf_convert import main
+    from fastlm.train import checkpoint
+
+    cfg = ModelConfig.llama(vocab_size=320, d_model=HIDDEN, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                            init_std=0.2)
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokenizer = _tokenizer()
+    checkpoint.save(tmp_path / "run", 3, model, optimizer, {"model": cfg.to_dict()}, tokenizer.to_str(), {}, 1)
+    assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "llama" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    _assert_same_logits("exported checkpoint", model.eval(), hf, torch.randint(0, 320, (1, 9)))
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "hf2")]) == 2
+    assert "no such directory" in capsys.readouterr().err
