@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the conversion tests 
 from fastlm.models import ModelConfig, Transformer  # noqa: E402
 from fastlm.models.hf_convert import export_type, from_hf, hf_state_dict, load_hf, save_hf  # noqa: E402
 from fastlm.testing import assert_matches_reference  # noqa: E402
+from tests import tiny_hf  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, LAYERS, FFN = 97, 32, 4, 2, 48
 
@@ -107,18 +108,6 @@ def test_sharded_checkpoint_and_original_gpt2_names(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tok
-
-
 EXPORTS = {
     "llama-gqa-untied": ModelConfig.llama(n_heads=4, n_kv_heads=2, rope_theta=321.0, norm_eps=1e-6),
     "llama-bias-tied": ModelConfig.llama(n_heads=4, bias=True, tie_embeddings=True),
@@ -136,7 +125,7 @@ def test_export_round_trip(name, tmp_path):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
-    tokenizer = _tokenizer()
+    tokenizer = tiny_hf.tokenizer()
     save_hf(model, tokenizer, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__.lower().startswith(name.split("-")[0])
@@ -231,7 +220,7 @@ def test_export_cli_from_a_fastlm_checkpoint(tmp_path, capsys):
                             init_std=0.2)
     model = Transformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
-    tokenizer = _tokenizer()
+    tokenizer = tiny_hf.tokenizer()
     checkpoint.save(tmp_path / "run", 3, model, optimizer, {"model": cfg.to_dict()}, tokenizer.to_str(), {}, 1)
     assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     assert "llama" in capsys.readouterr().out
