@@ -133,8 +133,14 @@ def detect_format(files: list[Path], text_field: str) -> str:
     and ``response`` fields and no ``text_field``; else "text"."""
     if not all(_kind(p) == "jsonl" for p in files):
         return "text"
-    first = next(_jsonl_records(files[0], _read_bytes(files[0]).decode("utf-8", errors="replace")), None)
-    record = first[1] if first else None
+    record = None
+    opener = gzip.open if files[0].name.lower().endswith(".gz") else open
+    try:
+        with opener(files[0], "rt", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.strip()), "")
+        record = json.loads(line)
+    except (OSError, EOFError, json.JSONDecodeError):
+        pass  # unreadable: the reader of the text format reports it
     if isinstance(record, dict) and text_field not in record and all(isinstance(record.get(f), str) for f in SFT_FIELDS):
         return "sft"
     return "text"

@@ -160,9 +160,12 @@ def test_fine_tune_hf_model_on_sft_data_and_export(hf_dir, sft_data, tmp_path, c
     from fastlm.models.hf_convert import load_hf
 
     out, export = tmp_path / "run", tmp_path / "export"
-    assert main(_args(sft_data, out, tmp_path / "cache", "--init-from", str(hf_dir), "--steps", "12",
-                      "--optim.lr=1e-2", "--export-hf", str(export))) == 0
-    assert "starting from" in capsys.readouterr().err
+    args = _args(sft_data, out, tmp_path / "cache", "--init-from", str(hf_dir), "--steps", "12", "--optim.lr=1e-2",
+                 "--export-hf", str(export))
+    assert main(args + ["--stop-at", "5"]) == 0  # an interrupted fine-tune resumes like any run
+    assert "starting from" in capsys.readouterr().err and not export.exists()
+    assert main(args + ["--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
     losses = _losses(out)
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses  # observed ~0.6
     saved = json.loads((checkpoint.latest(out) / "config.json").read_text())
