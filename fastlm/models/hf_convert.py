@@ -21,8 +21,9 @@ Loading reads ``config.json`` and the safetensors file(s) (``model.safetensors``
 - RoPE: HF Llama rotates the halves (``rotate_half``, the GPT-NeoX convention), as fastlm's
   ``rope`` does by default, so q/k weights need no permutation. Only the default rope type is
   accepted (no rope scaling), with the full head rotated.
-- Qwen2 has q/k/v biases but no other bias: ``ModelConfig.qkv_bias``. Mistral's sliding window:
-  ``ModelConfig.sliding_window``.
+- Qwen2 has q/k/v biases but no other bias: ``ModelConfig.qkv_bias``. Mistral's (and Phi-3's)
+  sliding window: ``ModelConfig.sliding_window``. Phi-3 is Llama with fused ``qkv_proj`` and
+  ``gate_up_proj`` (import only: such a model exports as Llama or Mistral).
 
 An unsupported ``model_type`` or config option, a missing file or tensor, or an HF tensor the
 table does not account for raises a ValueError / FileNotFoundError that says which.
@@ -58,14 +59,15 @@ class Arch:
     ``names`` maps a fastlm parameter name (``{i}`` for the block index) to the HF tensor name, or
     to a tuple of names concatenated along dim 0 (fused projections). ``transposed``: the fastlm
     names whose HF tensors are stored (in, out) (GPT-2's Conv1D). ``body``: the prefix of the
-    decoder body's tensors (some GPT-2 files omit it).
+    decoder body's tensors (some GPT-2 files omit it). ``write_config`` None: import only (export
+    writes another row's architecture for such a model).
     """
 
     hf_class: str
     body: str
     names: dict
     read_config: Callable[[dict], ModelConfig]
-    write_config: Callable[[ModelConfig], dict]
+    write_config: Callable[[ModelConfig], dict] | None
     transposed: frozenset = frozenset()
 
 
@@ -86,6 +88,14 @@ def _llama_names() -> dict:
         "blocks.{i}.mlp.fc2.weight": mlp + "down_proj.weight",
         "blocks.{i}.mlp.fc2.bias": mlp + "down_proj.bias",
     }
+
+
+def _phi3_names() -> dict:
+    """Llama's names, but q/k/v and gate/up are already fused (in fastlm's order: [q; k; v], [gate; up])."""
+    names = _llama_names()
+    names.update({"blocks.{i}.attn.qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+                  "blocks.{i}.mlp.fc1.weight": "model.layers.{i}.mlp.gate_up_proj.weight"})
+    return names
 
 
 def _gpt2_names() -> dict:
@@ -206,6 +216,7 @@ ARCHITECTURES: dict[str, Arch] = {
                     lambda cfg: _write_llama_like(cfg, "mistral")),
     "qwen2": Arch("Qwen2ForCausalLM", "model.", _llama_names(), lambda hf: _read_llama_like(hf, qkv_bias=True),
                   lambda cfg: _write_llama_like(cfg, "qwen2")),
+    "phi3": Arch("Phi3ForCausalLM", "model.", _phi3_names(), lambda hf: _read_llama_like(hf, window=True), None),
     "gpt2": Arch("GPT2LMHeadModel", "transformer.", _gpt2_names(), _read_gpt2, _write_gpt2,
                  transposed=frozenset({"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.proj.weight",
                                        "blocks.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc2.weight"})),

@@ -11,7 +11,7 @@ Settings come from a preset (``tiny``, ``gpt2-124m``, ``llama-1b``, ``bert-base`
 ``--config FILE.toml``, then flags; every field of ``fastlm.train.config`` can be set as
 ``--section.field=value``. Short flags: ``--preset --config --data --out --steps --objective
 --seed --resume --stop-at --init-from --export-hf``. ``--init-from`` starts from a fastlm checkpoint or
-a local Hugging Face model (Llama, Mistral, Qwen2, GPT-2); .jsonl lines with ``prompt`` and
+a local Hugging Face model (Llama, Mistral, Qwen2, Phi-3, GPT-2); .jsonl lines with ``prompt`` and
 ``response`` are supervised fine-tuning data (loss on the response only); ``--export-hf`` writes the
 final model as a transformers directory (docs/training.md, "Fine-tuning from Hugging Face").
 

@@ -159,7 +159,7 @@ class RunConfig:
     init_from: str | None = None
     """Start from these weights: a fastlm checkpoint directory, a fastlm-train --out directory (its newest
     checkpoint) or a local Hugging Face model directory (config.json + safetensors + tokenizer.json;
-    Llama, Mistral, Qwen2, GPT-2). The model config and the tokenizer come from it; model.* settings may
+    Llama, Mistral, Qwen2, Phi-3, GPT-2). The model config and the tokenizer come from it; model.* settings may
     change only dropout, activation checkpointing and (RoPE models) max_seq_len."""
     export_hf: str | None = None
     """After the run completes, also write the model as a Hugging Face (transformers) directory here."""

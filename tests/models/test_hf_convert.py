@@ -36,12 +36,14 @@ def _hf_config(arch):
         "llama-bias": lambda: t.LlamaConfig(**decoder, attention_bias=True, mlp_bias=True),
         "mistral-window": lambda: t.MistralConfig(**decoder, sliding_window=5),  # shorter than the 13 tokens
         "qwen2-gqa": lambda: t.Qwen2Config(**decoder),
+        "phi3-gqa-window": lambda: t.Phi3Config(**decoder, sliding_window=6, pad_token_id=None, eos_token_id=None),
         "gpt2-tied": lambda: t.GPT2Config(**gpt2),
         "gpt2-untied": lambda: t.GPT2Config(**gpt2, tie_word_embeddings=False),
     }[arch]()
 
 
-ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "mistral-window", "qwen2-gqa", "gpt2-tied", "gpt2-untied"]
+ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "mistral-window", "qwen2-gqa", "phi3-gqa-window", "gpt2-tied",
+         "gpt2-untied"]
 
 
 def _hf_model(arch):
@@ -72,7 +74,7 @@ def test_load_matches_transformers(arch, tmp_path):
     assert (cfg.rope_theta, cfg.norm_eps) == ((500.0, 1e-5) if cfg.position == "rope" else (10000.0, 1e-4))
     assert cfg.tie_embeddings == ("tied" in arch.split("-"))
     assert cfg.n_kv_heads == (2 if "gqa" in arch or "window" in arch or arch == "llama-bias" else HEADS)
-    assert cfg.sliding_window == (5 if "window" in arch else None)
+    assert cfg.sliding_window == {"mistral-window": 5, "phi3-gqa-window": 6}.get(arch)
     _assert_same_logits(arch, model, hf, torch.randint(0, VOCAB, (2, 13)))
 
 
