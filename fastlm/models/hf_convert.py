@@ -315,7 +315,7 @@ def convert_state_dict(hf_config: dict, tensors: dict[str, torch.Tensor]) -> tup
     _, arch = _arch(hf_config)
     cfg = arch.read_config(hf_config)
     tensors = {k: v for k, v in tensors.items() if not _BUFFERS.search(k)}
-    if not any(k.startswith(arch.body) for k in tensors):  # e.g. the original GPT-2 files: "h.0..." not "transformer.h.0..."
+    if not any(k.startswith(arch.body) for k in tensors):  # the original GPT-2 files: "h.0...", not "transformer.h.0..."
         tensors = {k if k.startswith("lm_head.") else arch.body + k: v for k, v in tensors.items()}
     used, state = set(), {}
     for name, shape in _expected(cfg).items():
