@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_bias = None if cfg.causal else nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.position == "rope":
-            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:

@@ -13,6 +13,7 @@ Every field below can be set from the command line as ``--section.field=value`` 
 for an optional field, ``true``/``false`` for a flag).
 """
 
+import json
 import sys
 import types
 import typing
@@ -251,6 +252,15 @@ def coerce(value, tp, name: str):
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"{name} must be a string; got {value!r}")
+        return value
+    if tp is dict:  # a TOML table, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{name} must be a JSON object ({{...}}) or a TOML table; got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a JSON object ({{...}}) or a TOML table; got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp} for {name}")
 

@@ -35,6 +35,13 @@ def _hf_config(arch):
         "llama-tied-mha": lambda: t.LlamaConfig(**{**decoder, "num_key_value_heads": HEADS}, tie_word_embeddings=True),
         "llama-bias": lambda: t.LlamaConfig(**decoder, attention_bias=True, mlp_bias=True),
         "mistral-window": lambda: t.MistralConfig(**decoder, sliding_window=5),  # shorter than the 13 tokens
+        # Llama 3.1-style scaling with an original context of 8 tokens, so the 13-token inputs and the
+        # 8-dim heads' wavelengths (2 pi .. ~2 pi * 500^(3/4)) straddle all three frequency bands.
+        "llama3-rope-scaling": lambda: t.LlamaConfig(**{**decoder, "rope_theta": None}, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8)),
+        "llama-linear-rope": lambda: t.LlamaConfig(**{**decoder, "rope_theta": None}, rope_parameters=dict(
+            rope_type="linear", rope_theta=500.0, factor=2.5)),
         "qwen2-gqa": lambda: t.Qwen2Config(**decoder),
         "phi3-gqa-window": lambda: t.Phi3Config(**decoder, sliding_window=6, pad_token_id=None, eos_token_id=None),
         "gpt2-tied": lambda: t.GPT2Config(**gpt2),
@@ -42,8 +49,8 @@ def _hf_config(arch):
     }[arch]()
 
 
-ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "mistral-window", "qwen2-gqa", "phi3-gqa-window", "gpt2-tied",
-         "gpt2-untied"]
+ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "llama3-rope-scaling", "llama-linear-rope", "mistral-window",
+         "qwen2-gqa", "phi3-gqa-window", "gpt2-tied", "gpt2-untied"]
 
 
 def _hf_model(arch):
@@ -73,8 +80,10 @@ def test_load_matches_transformers(arch, tmp_path):
     cfg = model.cfg
     assert (cfg.rope_theta, cfg.norm_eps) == ((500.0, 1e-5) if cfg.position == "rope" else (10000.0, 1e-4))
     assert cfg.tie_embeddings == ("tied" in arch.split("-"))
-    assert cfg.n_kv_heads == (2 if "gqa" in arch or "window" in arch or arch == "llama-bias" else HEADS)
+    assert cfg.n_kv_heads == (HEADS if arch == "llama-tied-mha" or arch.startswith("gpt2") else 2)
     assert cfg.sliding_window == {"mistral-window": 5, "phi3-gqa-window": 6}.get(arch)
+    assert (cfg.rope_scaling or {}).get("rope_type") == {"llama3-rope-scaling": "llama3",
+                                                         "llama-linear-rope": "linear"}.get(arch)
     _assert_same_logits(arch, model, hf, torch.randint(0, VOCAB, (2, 13)))
 
 
@@ -115,6 +124,8 @@ EXPORTS = {
     "llama-bias-tied": ModelConfig.llama(n_heads=4, bias=True, tie_embeddings=True),
     "qwen2-qkv-bias": ModelConfig.llama(n_heads=4, n_kv_heads=1, qkv_bias=True),
     "mistral-window": ModelConfig.llama(n_heads=4, n_kv_heads=2, sliding_window=6),
+    "llama-llama3-rope": ModelConfig.llama(n_heads=4, rope_theta=300.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=6)),
     "gpt2-tied": ModelConfig.gpt2(n_heads=4, norm_eps=1e-4),
 }
 
@@ -161,7 +172,7 @@ def _saved(tmp_path, arch="llama-gqa", **config_changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "bert"}, "unsupported Hugging Face model_type 'bert'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"head_dim": 16}, "head_dim 16"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
@@ -271,7 +282,11 @@ def test_sliding_window_holds_in_packed_sequences():
 @pytest.mark.parametrize("changes, message", [
     (dict(sliding_window=0), "sliding_window must be a positive integer"),
     (dict(sliding_window=4, causal=False), "sliding_window needs a causal model"),
-], ids=["zero", "encoder"])
-def test_sliding_window_config_checks(changes, message):
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type one of"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling\['factor'\] must be a positive number"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                        "original_max_position_embeddings": 8}), "high_freq_factor must exceed"),
+], ids=["window-zero", "window-encoder", "rope-type", "rope-missing-factor", "rope-bands"])
+def test_config_checks(changes, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.llama(**changes)

@@ -222,3 +222,15 @@ def test_free_model_fields_apply_under_init_from(hf_dir):
                                  ("model.max_seq_len", "32")])
     assert (cfg.model.d_model, cfg.model.vocab_size, cfg.model.attn_dropout, cfg.model.max_seq_len) == (32, 320, 0.1, 32)
     assert cfg.model.n_layers == 2  # the tiny preset's 4 layers yield to the pretrained model's
+
+
+def test_rope_scaling_from_the_command_line_and_toml(tmp_path):
+    cfg = resolve("tiny", None, [("model.rope_scaling", '{"rope_type": "linear", "factor": 2}')])
+    assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 2}
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\nrope_scaling = {rope_type = "linear", factor = 4.0}\n')
+    assert resolve("tiny", str(toml), []).model.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    with pytest.raises(UserError, match="model.rope_scaling must be a JSON object"):
+        resolve("tiny", None, [("model.rope_scaling", "linear")])
+    with pytest.raises(UserError, match="rope_type one of"):
+        resolve("tiny", None, [("model.rope_scaling", '{"rope_type": "yarn"}')])
