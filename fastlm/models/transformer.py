@@ -46,7 +46,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                             bias=cfg.bias or cfg.qkv_bias)
+        # Sliding window: a query sees itself and window - 1 keys before it.
+        self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_projection = True
 
@@ -60,11 +63,11 @@ class Attention(nn.Module):
             q, k = layers.rope(q, k, *rope_cache, position_ids=position_ids)  # (B, T, H, D), (B, T, K, D)
         dropout_p = cfg.attn_dropout if self.training else 0.0
         if cu_seqlens is None:
-            y = layers.attention(q, k, v, causal=cfg.causal, dropout_p=dropout_p)  # (B, T, H, D)
+            y = layers.attention(q, k, v, causal=cfg.causal, window=self.window, dropout_p=dropout_p)  # (B, T, H, D)
         else:
             y = layers.attention(
                 q.reshape(B * T, H, D), k.reshape(B * T, K, D), v.reshape(B * T, K, D), causal=cfg.causal,
-                dropout_p=dropout_p, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                window=self.window, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
             )  # (N, H, D)
         return self.proj(y.reshape(B, T, H * D))  # (B, T, C)
@@ -124,7 +127,7 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_bias = None if cfg.causal else nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.position == "rope":
-            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastlm.models import ModelConfig, Transformer
+from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data
 from fastlm.train.config import Config, UserError
@@ -113,19 +113,31 @@ _RUNTIME_MODEL_FIELDS = {"activation_checkpointing"}
 
 def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> None:
     ours = current.to_dict()
-    diffs = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
-             if saved.get(k) != v and k not in _RUNTIME_MODEL_FIELDS]
+    # A field added after the checkpoint was written has its default there.
+    saved = {k: saved.get(k, getattr(ModelConfig, k, None)) for k in ours}
+    diffs = [f"model.{k}={saved[k]!r} there, {v!r} here" for k, v in ours.items()
+             if saved[k] != v and k not in _RUNTIME_MODEL_FIELDS]
     if diffs:
         raise UserError(f"checkpoint {where} is from another model config ({'; '.join(diffs[:3])}); resume with "
                         "the settings it was trained with, or use another --out")
 
 
-def _prepare_data(cfg: Config, resume_from: Path | None):
+def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretrained | None):
     files = data.corpus_files(cfg.data.path or data.shipped_corpus())
-    docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
+    sft = (cfg.data.format if cfg.data.format != "auto" else data.detect_format(files, cfg.data.text_field)) == "sft"
+    if sft:
+        examples, corpus_hash = data.read_examples(files)
+        docs = [prompt + response for prompt, response in examples]  # what a trained tokenizer learns from
+    else:
+        docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
     cache = data.cache_root(cfg.data.cache_dir)
     if resume_from is not None:
         tokenizer = data.load_tokenizer(resume_from / "tokenizer.json")
+    elif init is not None:
+        if cfg.data.tokenizer:
+            raise UserError("--data.tokenizer cannot be combined with --init-from: the pretrained model's tokenizer "
+                            f"({init.tokenizer_path}) is the one its token ids refer to")
+        tokenizer = data.load_tokenizer(init.tokenizer_path)
     elif cfg.data.tokenizer:
         tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     else:
@@ -135,12 +147,21 @@ def _prepare_data(cfg: Config, resume_from: Path | None):
         print(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus (cached)",
               file=sys.stderr)
         tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
-    eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
+    if init is not None and init.eos_token_id is not None:  # an HF model names its end-of-text token
+        eos_id = init.eos_token_id
+    else:
+        eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
     mask_id = data.special_id(tokenizer, data.MASK_CANDIDATES, "mask", required=cfg.train.objective == "mlm")
-    tokens = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache)
+    if sft:
+        tokens, roles = data.tokenize_sft(examples, tokenizer, eos_id, corpus_hash, cache)
+    else:
+        tokens, roles = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache), None
     packed = data.PackedData(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.val_fraction, eos_id,
                              cfg.train.objective, cfg.train.seed, mask_id, tokenizer.get_vocab_size(),
-                             cfg.data.mlm_probability)
+                             cfg.data.mlm_probability, roles=roles)
+    if packed.cut_examples:
+        print(f"fastlm-train: {packed.cut_examples} SFT examples are longer than data.seq_len + 1 "
+              f"({cfg.data.seq_len + 1} tokens) and were cut", file=sys.stderr)
     return tokenizer, tokens, packed, eos_id, mask_id
 
 
@@ -189,18 +210,44 @@ def train(cfg: Config) -> dict:
         raise UserError("--train.device=cuda but no CUDA device is available; use --train.device=cpu")
     device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.train.device == "auto" else cfg.train.device)
+    if cfg.run.export_hf:
+        try:
+            hf_convert.export_type(cfg.model.replace(causal=cfg.train.objective == "clm"))
+        except ValueError as exc:
+            raise UserError(f"--export-hf: {exc}") from None
     resume_from = _check_resume(out, cfg)
     saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
+    init = None
+    if cfg.run.init_from:  # the model config is already the pretrained one (config.resolve)
+        if cfg.model.causal != (cfg.train.objective == "clm"):
+            raise UserError(f"--init-from {cfg.run.init_from} is a {'causal' if cfg.model.causal else 'masked'} LM; "
+                            f"train it with --objective {'clm' if cfg.model.causal else 'mlm'}")
+        try:
+            init = checkpoint.resolve_pretrained(cfg.run.init_from, load_weights=resume_from is None)
+        except UserError as exc:
+            raise UserError(f"--init-from {exc}") from None
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from)
-    cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
-                                  causal=cfg.train.objective == "clm")
+    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from, init)
+    if init is None:
+        cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
+                                      causal=cfg.train.objective == "clm")
+    elif tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"--init-from {init.path}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                        f"only {cfg.model.vocab_size} embeddings")
     if saved_cfg is not None:
         _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
 
     model = Transformer(cfg.model).to(device)
+    if init is not None and init.state_dict is not None:
+        try:
+            model.load_state_dict(init.state_dict)
+        except RuntimeError as exc:
+            raise UserError(f"--init-from {init.path}: the weights do not match its config "
+                            f"({str(exc).splitlines()[0]})") from None
+        print(f"fastlm-train: starting from {init.path} ({'Hugging Face' if init.source == 'hf' else 'fastlm'} "
+              "weights)", file=sys.stderr)
     optimizer = OPTIMIZERS[cfg.optim.name](param_groups(model, cfg.optim.weight_decay), cfg.optim)
     step, micro, tokens_seen, nonfinite = 0, 0, 0, 0
     if resume_from is not None:
@@ -325,6 +372,10 @@ def train(cfg: Config) -> dict:
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
     metrics.log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
+    if cfg.run.export_hf:
+        hf_convert.save_hf(model, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
+        summary["export_hf"] = cfg.run.export_hf
+        print(f"fastlm-train: wrote the model as a Hugging Face directory to {cfg.run.export_hf}", file=sys.stderr)
     print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
           f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
           f"{entropy:.3f} nats/token; checkpoint {path}")
