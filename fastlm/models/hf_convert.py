@@ -15,7 +15,7 @@ Loading reads ``config.json`` and the safetensors file(s) (``model.safetensors``
 - fastlm's attention has one fused projection ``qkv`` = [q; k; v] (rows), HF Llama-style models
   three (``q_proj``, ``k_proj``, ``v_proj``): concatenated on load, split on export. GPT-2's
   ``c_attn`` is already fused in that order.
-- fastlm's SwiGLU ``fc1`` = [gate; up] (``layers.swiglu(gate, up)`` = silu(gate) * up), HF's
+- fastlm's SwiGLU ``fc1`` = [gate; up] (``layers.fused_mlp`` computes silu(gate) * up), HF's
   ``gate_proj`` and ``up_proj``.
 - GPT-2 stores its linear layers as ``Conv1D`` with (in, out) weights: transposed both ways.
 - RoPE: HF Llama rotates the halves (``rotate_half``, the GPT-NeoX convention), as fastlm's

@@ -1,8 +1,10 @@
 """The fused ops the model is built from, bound in one place.
 
-``attention`` (flash attention, varlen with ``cu_seqlens``), ``swiglu``, ``gelu`` (the tanh
-approximation of GPT-2 and BERT), ``rope`` and ``linear_cross_entropy`` (the LM head and the
-loss fused, logits never materialized) are fastlm's ops: Triton on CUDA, C++ or PyTorch on
+``attention`` (flash attention, varlen with ``cu_seqlens``), ``fused_mlp`` (the MLP around
+the fused SwiGLU / GELU activation, saving neither the activation's output nor a concatenated
+gate/up gradient), ``gelu`` (the tanh approximation of GPT-2 and BERT, for the MLM head),
+``rope`` and ``linear_cross_entropy`` (the LM head and the loss fused, logits never
+materialized) are fastlm's ops: Triton on CUDA, C++ or PyTorch on
 CPU, chosen per call (``fastlm.use_backend("torch")`` gives the plain PyTorch model).
 Layouts follow FlashAttention: ``(batch, seqlen, nheads, headdim)``, or packed
 ``(total_tokens, nheads, headdim)`` with ``cu_seqlens`` (int32, ``[0, len_0, ..., total]``).
@@ -16,9 +18,9 @@ from fastlm.ops.activation import gelu as _gelu
 from fastlm.ops.attention import attention
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.rope import rope
-from fastlm.ops.activation import swiglu
+from fastlm.nn.mlp import fused_mlp
 
-__all__ = ["attention", "gelu", "linear_cross_entropy", "rope", "rope_cache", "swiglu"]
+__all__ = ["attention", "fused_mlp", "gelu", "linear_cross_entropy", "rope", "rope_cache"]
 
 
 def gelu(x):

@@ -83,9 +83,10 @@ class MLP(nn.Module):
         self.fc2.residual_projection = True
 
     def forward(self, x):
-        h = self.fc1(x)  # (B, T, 2F) or (B, T, F)
-        h = layers.swiglu(*h.chunk(2, dim=-1)) if self.gated else layers.gelu(h)  # (B, T, F)
-        return self.fc2(h)  # (B, T, C)
+        # fc1 (C -> 2F or F), the activation (-> F), fc2 (-> C) in one autograd node that keeps
+        # only x and fc1's output for backward and recomputes the activation there.
+        return layers.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                "silu" if self.gated else "gelu_tanh", self.gated)  # (B, T, C)
 
 
 class Block(nn.Module):

@@ -8,7 +8,8 @@ import torch
 
 import fastlm
 from fastlm.models import ModelConfig, Transformer, layers
-from fastlm.ops import attention_ref, gelu_ref, linear_cross_entropy_ref, rope_ref, swiglu_ref
+from fastlm.nn.mlp import fused_mlp_ref
+from fastlm.ops import attention_ref, gelu_ref, linear_cross_entropy_ref, rope_ref
 from fastlm.ops.norm import layer_norm_ref, rms_norm_ref
 from fastlm.testing import assert_matches_reference
 
@@ -54,7 +55,7 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
     monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
     monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
     monkeypatch.setattr(layers, "attention", attention_ref)
-    monkeypatch.setattr(layers, "swiglu", swiglu_ref)
+    monkeypatch.setattr(layers, "fused_mlp", fused_mlp_ref)
     monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
     monkeypatch.setattr(layers, "rope", rope_ref)
     monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
