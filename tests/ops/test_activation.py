@@ -40,7 +40,7 @@ def forward_backward(fn, inputs, grad_out):
 
 def check_against_reference(name, inputs, dtype, backend):
     fn, ref_fn, plain_fn, _ = ACTIVATIONS[name]
-    grad_out = random_tensor(*inputs[0].shape, dtype=torch.float64)
+    grad_out = random_tensor(*inputs[0].shape, dtype=torch.float64, device=inputs[0].device)
     ref, ref_grads = forward_backward(ref_fn, [t.double() for t in inputs], grad_out)
     base, base_grads = forward_backward(plain_fn, inputs, grad_out)
     with fastlm.use_backend(backend), poison_outputs():
