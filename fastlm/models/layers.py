@@ -1,6 +1,7 @@
 """The fused ops the model is built from, bound in one place.
 
-``attention`` (flash attention, varlen with ``cu_seqlens``), ``swiglu``, ``gelu`` (the tanh
+``attention`` (flash attention, varlen with ``cu_seqlens``), ``attention_with_kvcache`` (decoding
+against a preallocated key/value cache), ``swiglu``, ``gelu`` (the tanh
 approximation of GPT-2 and BERT), ``rope`` and ``linear_cross_entropy`` (the LM head and the
 loss fused, logits never materialized) are fastlm's ops: Triton on CUDA, C++ or PyTorch on
 CPU, chosen per call (``fastlm.use_backend("torch")`` gives the plain PyTorch model).
@@ -11,12 +12,12 @@ Layouts follow FlashAttention: ``(batch, seqlen, nheads, headdim)``, or packed
 import torch
 
 from fastlm.ops.activation import gelu as _gelu
-from fastlm.ops.attention import attention
+from fastlm.ops.attention import attention, attention_with_kvcache
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.rope import rope
 from fastlm.ops.activation import swiglu
 
-__all__ = ["attention", "gelu", "linear_cross_entropy", "rope", "rope_cache", "swiglu"]
+__all__ = ["attention", "attention_with_kvcache", "gelu", "linear_cross_entropy", "rope", "rope_cache", "swiglu"]
 
 
 def gelu(x):
