@@ -136,7 +136,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
 class _Streamer:
     """Turns a row's tokens into text pieces as they come: decodes the row so far and emits what
     is new, holding back while the text ends in an incomplete UTF-8 character (a byte-level BPE
-    token can carry part of one)."""
+    token can carry part of one); ``finish`` emits what is held back when generation ends."""
 
     def __init__(self, tokenizer, rows: int, callback: Callable[[int, str], None]):
         self.tokenizer, self.callback = tokenizer, callback
@@ -145,8 +145,15 @@ class _Streamer:
 
     def __call__(self, row: int, token: int) -> None:
         self.tokens[row].append(token)
+        self._emit(row, final=False)
+
+    def finish(self) -> None:
+        for row in range(len(self.tokens)):
+            self._emit(row, final=True)
+
+    def _emit(self, row: int, final: bool) -> None:
         text = self.tokenizer.decode(self.tokens[row])
-        if text.endswith("\ufffd") or len(text) <= self.sent[row]:
+        if (text.endswith("\ufffd") and not final) or len(text) <= self.sent[row]:
             return
         self.callback(row, text[self.sent[row]:])
         self.sent[row] = len(text)
@@ -194,4 +201,6 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     streamer = _Streamer(tokenizer, len(ids), stream) if stream is not None else None
     out = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, generator, eos_id,
                        tokenizer.get_vocab_size(), streamer)
+    if streamer is not None:
+        streamer.finish()
     return [tokenizer.decode(tokens) for tokens in out]
