@@ -90,9 +90,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("generate_ids: every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.cfg.max_seq_len:
+    # The KV cache holds one context; a sliding-window model decodes within its window.
+    context = min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
+    if longest + max_new_tokens > context:
         raise GenerationError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"context of {model.cfg.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
+                              f"context of {context} tokens; shorten the prompt or ask for fewer tokens")
     device = model.tok_emb.weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)

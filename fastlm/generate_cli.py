@@ -1,11 +1,14 @@
-"""``fastlm-generate``: continue text with a trained causal LM (fastlm checkpoint).
+"""``fastlm-generate``: continue text with a causal LM (a fastlm checkpoint or a Hugging Face model).
 
     fastlm-generate --checkpoint runs/tiny --prompt "KING." --max-new-tokens 80
     fastlm-generate --checkpoint runs/tiny/checkpoints/step_00000600 --prompt "To be" --temperature 0
     fastlm-generate --checkpoint runs/tiny --prompts-file prompts.txt --top-p 0.9 --seed 1
 
 ``--checkpoint``: a checkpoint directory (model.safetensors + config.json + tokenizer.json, as
-fastlm-train writes them) or a run's ``--out`` directory (its newest checkpoint is used).
+fastlm-train writes them), a run's ``--out`` directory (its newest checkpoint is used), or a local
+Hugging Face model directory of an architecture fastlm converts (config.json + safetensors +
+tokenizer.json; see fastlm/models/hf_convert.py). Prompts are encoded without special tokens, as
+fastlm-train encodes documents; write a BOS token into the prompt if an HF model wants one.
 One ``--prompt``: the prompt is printed, then the generated text streams to stdout token by
 token. ``--prompts-file``: one prompt per line (blank lines skipped), generated as one batch;
 each result is printed when the batch is done, as one JSON line
@@ -20,12 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model
 
 from fastlm.generate import GenerationError, generate
-from fastlm.models import ModelConfig, Transformer
-from fastlm.train import checkpoint, data
+from fastlm.train import checkpoint
 from fastlm.train.config import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,9 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlm-generate", allow_abbrev=False,
-                                description="Generate text with a causal LM trained by fastlm-train.")
+                                description="Generate text with a causal LM: a fastlm-train checkpoint or a Hugging "
+                                            "Face model directory.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a checkpoint directory, or a run --out directory (its newest checkpoint)")
+                   help="a checkpoint directory, a run --out directory (its newest checkpoint) or an HF model "
+                        "directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="text to continue (streams to stdout)")
     source.add_argument("--prompts-file", metavar="FILE", type=Path,
@@ -51,43 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint directory ``path`` names: itself, or a run directory's newest checkpoint."""
-    if not path.is_dir():
-        raise UserError(f"--checkpoint {path} is not a directory")
-    if (path / "model.safetensors").is_file():
-        return path
-    newest = checkpoint.latest(path)
-    if newest is None:
-        raise UserError(f"--checkpoint {path} holds no model.safetensors and no checkpoints/step_*; give a "
-                        "checkpoint directory or a fastlm-train --out directory")
-    return newest
-
-
-def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode, tokenizer) from a fastlm checkpoint directory."""
-    run_config = checkpoint.read_json(path / "config.json")
-    try:
-        cfg = ModelConfig.from_dict(run_config["model"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path / 'config.json'} has no valid model config ({exc}); is it a fastlm checkpoint?") \
-            from None
-    if not cfg.causal:
-        raise UserError(f"{path} is a masked LM (trained with --objective mlm); fastlm-generate needs a causal LM "
-                        "(--objective clm)")
-    model = Transformer(cfg)
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"cannot load {path / 'model.safetensors'} ({str(exc).splitlines()[0]})") from None
-    if missing or unexpected:
-        raise UserError(f"{path / 'model.safetensors'} does not match its config.json (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    tokenizer = data.load_tokenizer(path / "tokenizer.json")
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise UserError(f"{path / 'tokenizer.json'} has {tokenizer.get_vocab_size()} tokens but the model only "
-                        f"{cfg.vocab_size}; the checkpoint's files do not belong together")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+def load(path: str, device: torch.device, dtype: torch.dtype):
+    """(model in eval mode, tokenizer, EOS id or None) from a fastlm checkpoint, a run directory or
+    a Hugging Face model directory (``checkpoint.resolve_pretrained`` tells them apart)."""
+    found = checkpoint.resolve_pretrained(path, load_weights=False)  # configs only: check before loading
+    if not found.config.causal:
+        raise UserError(f"{found.path} is a masked LM (trained with --objective mlm); fastlm-generate needs a causal "
+                        "LM (--objective clm)")
+    model, tokenizer = checkpoint.load_pretrained_model(found.path, dtype, device)
+    return model, tokenizer, found.eos_token_id
 
 
 def _device(name: str) -> torch.device:
@@ -120,9 +94,9 @@ def _prompts(args) -> list[str]:
 def run(args) -> None:
     prompts = _prompts(args)
     device = _device(args.device)
-    model, tokenizer = load_checkpoint(resolve_checkpoint(Path(args.checkpoint)), device, DTYPES[args.dtype])
+    model, tokenizer, eos_id = load(args.checkpoint, device, DTYPES[args.dtype])
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, eos_id=eos_id)
     try:
         if args.prompt is not None:
             printed = []  # the prompt goes out with the first piece, so a rejected prompt prints nothing

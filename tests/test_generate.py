@@ -57,6 +57,14 @@ def test_greedy_with_cache_equals_recomputing_each_step(family):
         assert tokens == _greedy_recomputed(model, prompt, 9)
 
 
+def test_sliding_window_models_decode_within_their_window():
+    """Within the window the cache needs no window of its own; past it, generation refuses."""
+    model, prompt = _model(sliding_window=12), [4, 8, 15, 16, 23]
+    assert generate_ids(model, [prompt], 7, temperature=0)[0] == _greedy_recomputed(model, prompt, 7)
+    with pytest.raises(GenerationError, match="context of 12 tokens"):
+        generate_ids(model, [prompt], 8, temperature=0)
+
+
 def test_ragged_batch_equals_each_prompt_alone():
     model = _model()
     batch = generate_ids(model, PROMPTS, 12, temperature=0)

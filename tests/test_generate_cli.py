@@ -1,6 +1,7 @@
 """fastlm-generate: a checkpoint written by fastlm-train's checkpoint module (or a run directory,
-whose newest checkpoint is used) generates what ``fastlm.generate`` does; one prompt streams,
-a prompts file gives JSON lines; bad input ends with one line and exit code 2."""
+whose newest checkpoint is used, or a Hugging Face directory written by hf_convert) generates
+what ``fastlm.generate`` does; one prompt streams, a prompts file gives JSON lines; bad input
+ends with one line and exit code 2."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 import fastlm
 from fastlm.generate_cli import main
-from fastlm.models import ModelConfig, Transformer
+from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.train import checkpoint
 from tests.test_generate import SMALL, _model, tokenizer  # noqa: F401 (tokenizer is a fixture)
 
@@ -70,6 +71,15 @@ def test_prompts_file_gives_json_lines(run, tokenizer, tmp_path, capsys):  # noq
     assert lines == [{"prompt": "To be", "completion": expected[0]}, {"prompt": "KING.", "completion": expected[1]}]
 
 
+def test_hugging_face_directory(run, tokenizer, tmp_path, capsys):  # noqa: F811
+    """An HF directory (hf_convert.save_hf) generates what the fastlm model it came from does."""
+    _, models = run
+    hf_dir = hf_convert.save_hf(models[3], tokenizer, tmp_path / "hf")
+    expected = fastlm.generate(models[3], tokenizer, "To be", max_new_tokens=8, temperature=0)[0]
+    assert main(["--checkpoint", str(hf_dir), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "To be" + expected + "\n"
+
+
 def test_runs_as_a_command(run):
     out, _ = run
     result = subprocess.run([sys.executable, "-m", "fastlm.generate_cli", "--checkpoint", str(out), "--prompt", "To be",
@@ -85,8 +95,8 @@ def mlm_checkpoint(tmp_path_factory, tokenizer):  # noqa: F811
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "is not a directory"),
-    ("empty-dir", "holds no model.safetensors and no checkpoints"),
+    ("missing", "no such directory"),
+    ("empty-dir", "neither a fastlm checkpoint"),
     ("mlm", "is a masked LM"),
     ("empty-prompts-file", "holds no prompt"),
     ("too-long", "exceeds the model's context of 40 tokens"),

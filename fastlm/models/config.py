@@ -46,6 +46,12 @@ class ModelConfig:
     """swiglu: silu(x W_gate) * (x W_up) W_down (Llama); gelu: gelu(x W_1) W_2 (GPT-2, BERT)."""
     bias: bool = True
     """Biases in the linear layers and norms (GPT-2, BERT) or none (Llama)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projection even when ``bias`` is False (Qwen2: biased q, k, v
+    but unbiased output projection, MLP and norms)."""
+    sliding_window: int | None = None
+    """Causal models only: each token attends to itself and the sliding_window - 1 tokens before it
+    (Mistral's sliding-window attention); None: to every earlier token of its document."""
     tie_embeddings: bool = True
     """The output head reuses the token embedding matrix."""
     causal: bool = True
@@ -77,6 +83,10 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"model.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.sliding_window is not None and not self.causal:
+            raise ValueError("model.sliding_window needs a causal model (model.causal=true)")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got d_model / n_heads = {self.head_dim}")
         choices = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "mlp": ("swiglu", "gelu")}

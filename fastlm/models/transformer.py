@@ -65,6 +65,10 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len ({max_len}) exceeds the model's max_seq_len ({cfg.max_seq_len})")
+        if cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            # Within the window every token sees all earlier ones, so the cache needs no window of its own.
+            raise ValueError(f"KVCache: max_len ({max_len}) exceeds the model's sliding_window ({cfg.sliding_window}); "
+                             "decoding past the window is not supported")
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)  # (B, S, K, D)
         # Uninitialized: attention reads only slots below seqlens, which were written first.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
@@ -88,7 +92,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                             bias=cfg.bias or cfg.qkv_bias)
+        # Sliding window: a query sees itself and window - 1 keys before it.
+        self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_projection = True
 
@@ -104,14 +111,15 @@ class Attention(nn.Module):
         dropout_p = cfg.attn_dropout if self.training else 0.0
         if kv_cache is not None:
             k_cache, v_cache, seqlens = kv_cache  # (B, S, K, D) x2, (B,)
-            # Appends k, v to the caches in place at each row's length, then attends over all of the row's keys.
+            # Appends k, v to the caches in place at each row's length, then attends over all of the row's keys
+            # (no window needed: a KVCache is never longer than the sliding window).
             y = layers.attention_with_kvcache(q, k_cache, v_cache, seqlens, k, v, causal=cfg.causal)  # (B, T, H, D)
         elif cu_seqlens is None:
-            y = layers.attention(q, k, v, causal=cfg.causal, dropout_p=dropout_p)  # (B, T, H, D)
+            y = layers.attention(q, k, v, causal=cfg.causal, window=self.window, dropout_p=dropout_p)  # (B, T, H, D)
         else:
             y = layers.attention(
                 q.reshape(B * T, H, D), k.reshape(B * T, K, D), v.reshape(B * T, K, D), causal=cfg.causal,
-                dropout_p=dropout_p, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                window=self.window, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
             )  # (N, H, D)
         return self.proj(y.reshape(B, T, H * D))  # (B, T, C)

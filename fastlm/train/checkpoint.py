@@ -17,12 +17,14 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from fastlm.models.config import ModelConfig
 from fastlm.train.config import UserError
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -138,3 +140,79 @@ def _python_rng_to_json(state):
 def _python_rng_from_json(data):
     version, internal, gauss = data
     return version, tuple(internal), gauss
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+
+@dataclass
+class Pretrained:
+    """A model to start from (``--init-from``) or to run: a fastlm checkpoint or an HF directory."""
+
+    config: ModelConfig
+    state_dict: dict | None  # None when only the config was read (pretrained_config)
+    tokenizer_path: Path
+    eos_token_id: int | None  # from an HF config.json; None: look the end-of-text token up in the tokenizer
+    source: str  # "fastlm" or "hf"
+    path: Path  # the directory the weights are in
+
+
+def _fastlm_checkpoint_dir(path: Path) -> Path | None:
+    """``path`` itself if it is a checkpoint directory, else its newest checkpoint if it is a run's --out."""
+    if (path / "model.safetensors").is_file() and (path / "trainer_state.json").is_file():
+        return path
+    return latest(path)
+
+
+def resolve_pretrained(path, load_weights: bool = True) -> Pretrained:
+    """Read a fastlm checkpoint directory, a fastlm-train --out directory (its newest checkpoint) or a
+    local Hugging Face model directory (config.json + safetensors of a supported architecture).
+    ``load_weights=False`` reads only the configs (cheap). UserError when it is none of these."""
+    from fastlm.models import hf_convert
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory; give a fastlm checkpoint, a fastlm-train --out "
+                        "directory or a Hugging Face model directory")
+    if hf_convert.is_hf_dir(path):
+        hf_config = read_json(path / hf_convert.CONFIG_FILE)
+        try:
+            cfg, state = hf_convert.from_hf(path) if load_weights else (hf_convert.config_from_hf(hf_config), None)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UserError(f"{path}: {exc}") from None
+        if not (path / hf_convert.TOKENIZER_FILE).is_file():
+            raise UserError(f"{path}: no {hf_convert.TOKENIZER_FILE} (fastlm needs the fast tokenizer file "
+                            "next to the weights)")
+        eos = hf_config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return Pretrained(cfg, state, path / hf_convert.TOKENIZER_FILE, eos if isinstance(eos, int) else None, "hf", path)
+    ckpt = _fastlm_checkpoint_dir(path)
+    if ckpt is None:
+        raise UserError(f"{path}: neither a fastlm checkpoint (model.safetensors + trainer_state.json), a "
+                        "fastlm-train --out directory with checkpoints/, nor a Hugging Face model directory "
+                        "(config.json with a model_type)")
+    saved = read_json(ckpt / "config.json")
+    try:
+        cfg = ModelConfig.from_dict(saved["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{ckpt}: config.json has no valid model section ({exc})") from None
+    state = None
+    if load_weights:
+        try:
+            state = load_file(str(ckpt / "model.safetensors"))
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{ckpt}: cannot read model.safetensors ({exc})") from None
+    return Pretrained(cfg, state, ckpt / "tokenizer.json", None, "fastlm", ckpt)
+
+
+def load_pretrained_model(path, dtype: torch.dtype = torch.float32, device=None):
+    """(Transformer in eval mode, tokenizers.Tokenizer) from anything ``resolve_pretrained`` reads."""
+    from fastlm.models.hf_convert import build_model
+    from fastlm.train.data import load_tokenizer
+
+    pretrained = resolve_pretrained(path)
+    try:
+        model = build_model(pretrained.config, pretrained.state_dict, dtype, device)
+    except RuntimeError as exc:
+        raise UserError(f"{pretrained.path}: the weights do not match its config ({str(exc).splitlines()[0]})") from None
+    return model, load_tokenizer(pretrained.tokenizer_path)
