@@ -880,18 +880,24 @@ def _kvcache_torch(q, k_cache, v_cache, seqlens_k, out, scale, causal):
         return
     ragged = min(lengths) != longest
     square_causal = causal and not ragged and seqlen_q == longest  # SDPA's own is_causal, no mask
+    k, v = k_cache[:, :longest], v_cache[:, :longest]  # (B, S, K, D)
     mask = None
     if ragged or (causal and seqlen_q > 1 and not square_causal):
         slot = torch.arange(longest, device=q.device)  # (S,)
         length = seqlens_k.long()[:, None, None]  # (B, 1, 1)
         mask = slot < length  # (B, 1, S)
+        if ragged:
+            # Slots past a sequence's length may hold anything (unwritten memory, NaN): a masked
+            # score is still computed and 0 * NaN is NaN, so they are zeroed, not just masked.
+            k = k.masked_fill(~mask[:, 0, :, None, None], 0.0)
+            v = v.masked_fill(~mask[:, 0, :, None, None], 0.0)
         if causal:
             query = torch.arange(seqlen_q, device=q.device)[None, :, None]  # (1, Tq, 1)
             mask = mask & (slot <= query + length - seqlen_q)  # (B, Tq, S)
         mask = mask[:, None]  # (B, 1, Tq or 1, S): broadcast over heads
     o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2), v_cache[:, :longest].transpose(1, 2),
-        attn_mask=mask, is_causal=square_causal, scale=scale, enable_gqa=q.shape[2] != k_cache.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=square_causal,
+        scale=scale, enable_gqa=q.shape[2] != k_cache.shape[2],
     ).transpose(1, 2)  # (B, Tq, H, D)
     if mask is not None:
         # A query that sees no key (an empty sequence, or a causal query before its first key) outputs zeros.
