@@ -26,7 +26,7 @@ def _model(family="llama-gqa", **overrides):
 
 def _greedy_recomputed(model, prompt, n):
     """The reference: the plain forward over the whole sequence for every new token."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.tok_emb.weight.device)
     with torch.no_grad():
         for _ in range(n):
             nxt = model(ids)[0, -1].argmax()
