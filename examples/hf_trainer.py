@@ -1,6 +1,6 @@
 """Train a small Llama-style model with the transformers Trainer, fastlm kernels and fastlm's 8-bit AdamW.
 
-    pip install "fastlm[hf]" accelerate
+    pip install "fastlm[hf]"
     python examples/hf_trainer.py --steps 50                      # patched model + AdamW8bit
     python examples/hf_trainer.py --steps 50 --no-patch --optimizer torch   # the plain transformers baseline
 

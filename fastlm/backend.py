@@ -113,6 +113,11 @@ def _choose(op: str, device_type: str) -> Choice:
     return Choice("torch", f"fallback: {reason}")
 
 
+def chosen(op: str, device: torch.device) -> str:
+    """The name of the backend that ``select(op, device)`` would run, for ops whose inputs depend on it."""
+    return _choose(op, device.type).backend
+
+
 def select(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` to run for tensors on ``device``."""
     choice = _choose(op, device.type)

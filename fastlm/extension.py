@@ -2,8 +2,8 @@
 
 The extension is compiled by ``torch.utils.cpp_extension.load`` the first time an op
 needs it (never at import), and cached under ``$FASTLM_CACHE_DIR`` (default
-``~/.cache/fastlm``) in a folder keyed by the sources, the flags, torch's version and
-the CPU, so a second process loads it in milliseconds. A failed build is remembered
+``~/.cache/fastlm``) in a folder keyed by the sources and their location, the flags, torch's
+version and the CPU, so a second process loads it in milliseconds. A failed build is remembered
 with the compiler's message, which ``fastlm.backend_info()`` reports.
 """
 
@@ -58,6 +58,9 @@ def _build_dir(name: str, sources: list[Path], flags: tuple[str, ...]) -> Path:
     digest.update(" ".join(flags).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_signature().encode())
+    # ninja's build file names the sources by absolute path: two checkouts with the same sources
+    # would otherwise share a folder and rebuild over each other.
+    digest.update(str(source_dir()).encode())
     root = Path(os.environ.get("FASTLM_CACHE_DIR", Path.home() / ".cache" / "fastlm"))
     path = root / f"{name}-{digest.hexdigest()[:16]}"
     path.mkdir(parents=True, exist_ok=True)

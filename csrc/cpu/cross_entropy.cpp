@@ -1,5 +1,7 @@
 #include "cpu/cross_entropy.h"
 
+#include "cpu/fast_math.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,26 +15,10 @@
 
 namespace {
 
-// exp(x) for x <= 0 that the compiler vectorizes: std::exp is a libm call it cannot (errno,
-// no -ffast-math). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6
-// polynomial (about 1 ulp), 2^n written into the exponent bits. Every exponent this kernel
-// takes is <= 0 (x - max); below -87.3 (2^n no longer normal) the result is 0, as for -inf.
-inline float exp_nonpositive(float x) {
-    const float xc = std::max(x, -87.3f);
-    const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return x < -87.3f ? 0.f : y * scale;
-}
+using fastlm_cpu::exp_nonpositive;
+
+// Terms summed in fp32 before joining the double accumulator (see the row loop).
+constexpr int64_t kSumChunk = 256;
 
 template <typename T>
 void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const float* scale, float* loss, T* grad,
@@ -60,13 +46,23 @@ void cross_entropy_fwd_kernel(const T* logits, const int64_t* target, const floa
             }
             // All -inf (fully masked row): keep exp() finite; the loss is then inf, as in torch.
             const float m_safe = std::isinf(m) && m < 0 ? 0.f : m;
-            // Double accumulators: a float sum of V terms, even split over SIMD lanes, loses
+            // Float sums over chunks of kSumChunk terms (full SIMD width), added into double
+            // accumulators: one float sum of V terms, even split over SIMD lanes, loses
             // ~sqrt(V / lanes) ulps, visible in the gradient at large V.
             double d = 0.0, sum_x = 0.0;
-#pragma omp simd reduction(+ : d, sum_x)
-            for (int64_t i = 0; i < V; ++i) {
-                d += exp_nonpositive(x[i] - m_safe);
-                sum_x += x[i];
+            for (int64_t c = 0; c < V; c += kSumChunk) {
+                const int64_t n = std::min(kSumChunk, V - c);
+                const float* xc = x.data() + c;
+                float dc = 0.f;
+#pragma omp simd reduction(+ : dc)
+                for (int64_t i = 0; i < n; ++i) dc += exp_nonpositive(xc[i] - m_safe);
+                d += dc;
+                if (ls != 0.f) {  // the smoothing term's sum, only when smoothing
+                    float sc = 0.f;
+#pragma omp simd reduction(+ : sc)
+                    for (int64_t i = 0; i < n; ++i) sc += xc[i];
+                    sum_x += sc;
+                }
             }
             // softmax = exp((x - m) - log d): x - m is exact-ish, log d small; exp(x - lse)
             // would carry lse's rounding (half an ulp of lse, relative) into every p.

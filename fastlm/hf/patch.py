@@ -9,6 +9,7 @@ same on the classes (for models loaded later with ``from_pretrained``); ``unpatc
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from dataclasses import dataclass, field
@@ -142,8 +143,11 @@ def _rope_attention(self, qk_norm, hidden_states, position_embeddings, attention
 def _causal_lm_forward(original, body_attr: str):
     """With labels: the body's hidden states go straight into ``linear_cross_entropy`` with the head's
     weight (no logits tensor); ``num_items_in_batch`` is the loss denominator, as in transformers' loss.
-    Logits are still computed in eval mode or with ``return_logits=True``. Without labels: the original."""
+    Logits are still computed in eval mode or with ``return_logits=True``. Without labels: the original.
+    ``functools.wraps`` gives it the original's signature, which the Trainer inspects to choose the dataset
+    columns it passes and whether the model takes ``num_items_in_batch``."""
 
+    @functools.wraps(original)
     def forward(self, *args, labels=None, return_logits=None, **kwargs):
         shift_labels = kwargs.pop("shift_labels", None)
         if labels is None and shift_labels is None:

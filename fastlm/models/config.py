@@ -16,6 +16,26 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 
+# rope_scaling["rope_type"] -> the numeric keys it needs.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling) -> None:
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"model.rope_scaling must be None or a dict with rope_type one of {sorted(ROPE_SCALING_KEYS)}, "
+                         f"got {scaling!r}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"model.rope_scaling[{key!r}] must be a positive number for rope_type {kind!r}, got {value!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"model.rope_scaling: high_freq_factor must exceed low_freq_factor, got {scaling!r}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
@@ -42,6 +62,11 @@ class ModelConfig:
     token embeddings (GPT-2, BERT)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling of long-context models, in Hugging Face's form: None, {"rope_type":
+    "linear", "factor": f} (every frequency / f) or {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+: low frequencies / factor, high
+    ones kept, a smooth blend between)."""
     mlp: Literal["swiglu", "gelu"] = "gelu"
     """swiglu: silu(x W_gate) * (x W_up) W_down (Llama); gelu: gelu(x W_1) W_2 (GPT-2, BERT)."""
     bias: bool = True
@@ -87,6 +112,8 @@ class ModelConfig:
             raise ValueError(f"model.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.sliding_window is not None and not self.causal:
             raise ValueError("model.sliding_window needs a causal model (model.causal=true)")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got d_model / n_heads = {self.head_dim}")
         choices = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "mlp": ("swiglu", "gelu")}

@@ -15,14 +15,15 @@ Loading reads ``config.json`` and the safetensors file(s) (``model.safetensors``
 - fastlm's attention has one fused projection ``qkv`` = [q; k; v] (rows), HF Llama-style models
   three (``q_proj``, ``k_proj``, ``v_proj``): concatenated on load, split on export. GPT-2's
   ``c_attn`` is already fused in that order.
-- fastlm's SwiGLU ``fc1`` = [gate; up] (``layers.swiglu(gate, up)`` = silu(gate) * up), HF's
+- fastlm's SwiGLU ``fc1`` = [gate; up] (``layers.fused_mlp`` computes silu(gate) * up), HF's
   ``gate_proj`` and ``up_proj``.
 - GPT-2 stores its linear layers as ``Conv1D`` with (in, out) weights: transposed both ways.
 - RoPE: HF Llama rotates the halves (``rotate_half``, the GPT-NeoX convention), as fastlm's
-  ``rope`` does by default, so q/k weights need no permutation. Only the default rope type is
-  accepted (no rope scaling), with the full head rotated.
-- Qwen2 has q/k/v biases but no other bias: ``ModelConfig.qkv_bias``. Mistral's sliding window:
-  ``ModelConfig.sliding_window``.
+  ``rope`` does by default, so q/k weights need no permutation. Rope types: default, linear and
+  llama3 (``ModelConfig.rope_scaling``), with the full head rotated.
+- Qwen2 has q/k/v biases but no other bias: ``ModelConfig.qkv_bias``. Mistral's (and Phi-3's)
+  sliding window: ``ModelConfig.sliding_window``. Phi-3 is Llama with fused ``qkv_proj`` and
+  ``gate_up_proj`` (import only: such a model exports as Llama or Mistral).
 
 An unsupported ``model_type`` or config option, a missing file or tensor, or an HF tensor the
 table does not account for raises a ValueError / FileNotFoundError that says which.
@@ -38,7 +39,7 @@ from typing import Callable
 import torch
 
 from fastlm.models import layers
-from fastlm.models.config import ModelConfig
+from fastlm.models.config import ROPE_SCALING_KEYS, ModelConfig
 from fastlm.models.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -58,14 +59,15 @@ class Arch:
     ``names`` maps a fastlm parameter name (``{i}`` for the block index) to the HF tensor name, or
     to a tuple of names concatenated along dim 0 (fused projections). ``transposed``: the fastlm
     names whose HF tensors are stored (in, out) (GPT-2's Conv1D). ``body``: the prefix of the
-    decoder body's tensors (some GPT-2 files omit it).
+    decoder body's tensors (some GPT-2 files omit it). ``write_config`` None: import only (export
+    writes another row's architecture for such a model).
     """
 
     hf_class: str
     body: str
     names: dict
     read_config: Callable[[dict], ModelConfig]
-    write_config: Callable[[ModelConfig], dict]
+    write_config: Callable[[ModelConfig], dict] | None
     transposed: frozenset = frozenset()
 
 
@@ -86,6 +88,14 @@ def _llama_names() -> dict:
         "blocks.{i}.mlp.fc2.weight": mlp + "down_proj.weight",
         "blocks.{i}.mlp.fc2.bias": mlp + "down_proj.bias",
     }
+
+
+def _phi3_names() -> dict:
+    """Llama's names, but q/k/v and gate/up are already fused (in fastlm's order: [q; k; v], [gate; up])."""
+    names = _llama_names()
+    names.update({"blocks.{i}.attn.qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+                  "blocks.{i}.mlp.fc1.weight": "model.layers.{i}.mlp.gate_up_proj.weight"})
+    return names
 
 
 def _gpt2_names() -> dict:
@@ -110,17 +120,20 @@ def _get(hf: dict, key: str, default=None, required: bool = False):
     return hf[key]
 
 
-def _rope_theta(hf: dict) -> float:
-    """The RoPE base; refuses rope scaling (fastlm's RoPE tables are unscaled)."""
-    params = hf.get("rope_parameters") or {}  # transformers >= 5
-    scaling = hf.get("rope_scaling") or {}  # older files
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(f"config.json: rope type {rope_type!r} (rope scaling) is not supported; only the default RoPE")
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """The RoPE base and ``ModelConfig.rope_scaling``; refuses the scalings fastlm does not implement."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # older files, transformers >= 5
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type != "default" and rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"config.json: rope type {rope_type!r} is not supported; fastlm implements default, "
+                         f"{', '.join(sorted(ROPE_SCALING_KEYS))}")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"config.json: partial_rotary_factor {partial} is not supported; only full-head RoPE")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **{key: params.get(key) for key in ROPE_SCALING_KEYS[rope_type]}}
 
 
 def _read_llama_like(hf: dict, qkv_bias: bool = False, window: bool = False) -> ModelConfig:
@@ -138,6 +151,7 @@ def _read_llama_like(hf: dict, qkv_bias: bool = False, window: bool = False) -> 
         raise ValueError(f"config.json ({model_type}): attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
                          "supported (fastlm has biases in all linear layers or in none)")
     max_seq_len = _get(hf, "max_position_embeddings", 2048)
+    rope_theta, rope_scaling = _rope(hf)
     sliding_window = _get(hf, "sliding_window") if window else None
     if _get(hf, "use_sliding_window", False) or any(t != "full_attention" for t in _get(hf, "layer_types", [])):
         raise ValueError(f"config.json ({model_type}): per-layer sliding-window attention (use_sliding_window / "
@@ -146,7 +160,8 @@ def _read_llama_like(hf: dict, qkv_bias: bool = False, window: bool = False) -> 
         vocab_size=_get(hf, "vocab_size", required=True), max_seq_len=max_seq_len, d_model=d_model,
         n_layers=_get(hf, "num_hidden_layers", required=True), n_heads=n_heads,
         n_kv_heads=_get(hf, "num_key_value_heads", n_heads), d_ff=_get(hf, "intermediate_size", required=True),
-        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)), rope_theta=_rope_theta(hf), bias=attention_bias,
+        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        bias=attention_bias,
         qkv_bias=qkv_bias, tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         # A window at least as long as any sequence the model takes masks nothing.
         sliding_window=sliding_window if sliding_window is not None and sliding_window < max_seq_len else None,
@@ -177,8 +192,9 @@ def _write_llama_like(cfg: ModelConfig, model_type: str) -> dict:
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta.
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta + rope_scaling.
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
     }
     if model_type == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
@@ -206,6 +222,7 @@ ARCHITECTURES: dict[str, Arch] = {
                     lambda cfg: _write_llama_like(cfg, "mistral")),
     "qwen2": Arch("Qwen2ForCausalLM", "model.", _llama_names(), lambda hf: _read_llama_like(hf, qkv_bias=True),
                   lambda cfg: _write_llama_like(cfg, "qwen2")),
+    "phi3": Arch("Phi3ForCausalLM", "model.", _phi3_names(), lambda hf: _read_llama_like(hf, window=True), None),
     "gpt2": Arch("GPT2LMHeadModel", "transformer.", _gpt2_names(), _read_gpt2, _write_gpt2,
                  transposed=frozenset({"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.proj.weight",
                                        "blocks.{i}.mlp.fc1.weight", "blocks.{i}.mlp.fc2.weight"})),
@@ -304,7 +321,7 @@ def convert_state_dict(hf_config: dict, tensors: dict[str, torch.Tensor]) -> tup
     _, arch = _arch(hf_config)
     cfg = arch.read_config(hf_config)
     tensors = {k: v for k, v in tensors.items() if not _BUFFERS.search(k)}
-    if not any(k.startswith(arch.body) for k in tensors):  # e.g. the original GPT-2 files: "h.0..." not "transformer.h.0..."
+    if not any(k.startswith(arch.body) for k in tensors):  # the original GPT-2 files: "h.0...", not "transformer.h.0..."
         tensors = {k if k.startswith("lm_head.") else arch.body + k: v for k, v in tensors.items()}
     used, state = set(), {}
     for name, shape in _expected(cfg).items():
@@ -356,7 +373,8 @@ def build_model(cfg: ModelConfig, state: dict, dtype: torch.dtype = torch.float3
     model = model.to_empty(device=device or "cpu").to(dtype)
     model.load_state_dict(state)
     if model.rope_cos is not None:  # non-persistent buffers: not in the state dict, left empty by to_empty
-        cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=model.rope_cos.device)
+        cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=model.rope_cos.device,
+                                     scaling=cfg.rope_scaling)
         model.rope_cos, model.rope_sin = cos, sin
     return model.eval()
 

@@ -135,9 +135,10 @@ class MLP(nn.Module):
         self.fc2.residual_projection = True
 
     def forward(self, x):
-        h = self.fc1(x)  # (B, T, 2F) or (B, T, F)
-        h = layers.swiglu(*h.chunk(2, dim=-1)) if self.gated else layers.gelu(h)  # (B, T, F)
-        return self.fc2(h)  # (B, T, C)
+        # fc1 (C -> 2F or F), the activation (-> F), fc2 (-> C) in one autograd node that keeps
+        # only x and fc1's output for backward and recomputes the activation there.
+        return layers.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                "silu" if self.gated else "gelu_tanh", self.gated)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_bias = None if cfg.causal else nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.position == "rope":
-            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:

@@ -29,6 +29,8 @@ class _MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, act, gated):
+        # Under autocast F.linear computes in the autocast dtype, so ``pre`` carries the compute
+        # dtype; the backward (which runs outside autocast) casts to it and back explicitly.
         pre = F.linear(x, w_in, b_in)
         gate, up = pre.chunk(2, dim=-1) if gated else (pre, None)
         out = F.linear(_act_fwd_op(gate, up, act), w_out, b_out)
@@ -41,32 +43,61 @@ class _MLPFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, w_in, w_out, pre = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
-        x2 = x.reshape(-1, x.shape[-1])
-        dout2 = dout.reshape(-1, dout.shape[-1])
+        dt = pre.dtype  # the forward's compute dtype (the autocast dtype under autocast)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        dout2 = dout.reshape(-1, dout.shape[-1]).to(dt)
         pre2 = pre.reshape(-1, pre.shape[-1])
+        w_in_c, w_out_c = w_in.to(dt), w_out.to(dt)
         gate, up = pre2.chunk(2, dim=-1) if ctx.gated else (pre2, None)
         # One pass: both activation gradients and the recomputed activation output.
-        dgate, dup, act_out = _act_bwd_op(dout2 @ w_out, gate, up, ctx.act, need_w_out)
-        dw_out = dout2.t() @ act_out if need_w_out else None
-        db_out = dout2.sum(0) if need_b_out and ctx.has_b_out else None
+        dgate, dup, act_out = _act_bwd_op(dout2 @ w_out_c, gate, up, ctx.act, need_w_out)
+        dw_out = (dout2.t() @ act_out).to(w_out.dtype) if need_w_out else None
+        db_out = dout2.sum(0, dtype=w_out.dtype) if need_b_out and ctx.has_b_out else None
         # The gate and up halves' gradients go through their halves of w_in, so the
         # (tokens, 2 * hidden) gradient of the packed projection is never concatenated.
-        grads = [(dgate, w_in[: gate.shape[-1]])] + ([(dup, w_in[gate.shape[-1] :])] if ctx.gated else [])
+        grads = [(dgate, w_in_c[: gate.shape[-1]])] + ([(dup, w_in_c[gate.shape[-1] :])] if ctx.gated else [])
         dx = dw_in = db_in = None
         if need_x:
             dx = grads[0][0] @ grads[0][1]
             for g, w in grads[1:]:
                 dx.addmm_(g, w)
-            dx = dx.view(x.shape)
+            dx = dx.view(x.shape).to(x.dtype)
         if need_w_in:
-            dw_in = torch.empty_like(w_in)
+            dw_in = torch.empty(w_in.shape, dtype=dt, device=w_in.device)
             rows = 0
             for g, _ in grads:
                 torch.mm(g.t(), x2, out=dw_in[rows : rows + g.shape[-1]])
                 rows += g.shape[-1]
+            dw_in = dw_in.to(w_in.dtype)
         if need_b_in and ctx.has_b_in:
-            db_in = torch.cat([g.sum(0) for g, _ in grads])
+            db_in = torch.cat([g.sum(0, dtype=w_in.dtype) for g, _ in grads])
         return dx, dw_in, db_in, dw_out, db_out, None, None
+
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def fused_mlp(x, w_in, b_in, w_out, b_out, activation: str = "silu", gated: bool = True):
+    """``linear(act(gate) * up, w_out, b_out)`` with ``[gate | up] = linear(x, w_in, b_in)`` (gated), or
+    ``linear(act(linear(x, w_in, b_in)), w_out, b_out)``: the functional form of SwiGLUMLP / GELUMLP,
+    for models that keep their own parameters (fastlm.models). ``activation``: "silu", "gelu_tanh" or
+    "gelu" (exact). Saves what the module doc says and works under autocast."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_mlp: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _MLPFunction.apply(x, w_in, b_in, w_out, b_out, activation, gated)
+
+
+def fused_mlp_ref(x, w_in, b_in, w_out, b_out, activation: str = "silu", gated: bool = True):
+    """PyTorch reference of ``fused_mlp`` (differentiable, any dtype)."""
+    pre = F.linear(x, w_in, b_in)
+    if activation == "silu":
+        act = F.silu
+    else:
+        act = lambda t: F.gelu(t, approximate="tanh" if activation == "gelu_tanh" else "none")  # noqa: E731
+    if gated:
+        gate, up = pre.chunk(2, dim=-1)
+        return F.linear(act(gate) * up, w_out, b_out)
+    return F.linear(act(pre), w_out, b_out)
 
 
 def _check_sizes(cls: str, dim, hidden_dim) -> None:
@@ -98,10 +129,8 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("SwiGLUMLP", x, self.gate_up_proj.weight)
-        return _MLPFunction.apply(
-            x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight, self.down_proj.bias,
-            "silu", True,
-        )
+        return fused_mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
+                         self.down_proj.bias, "silu", gated=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}"
@@ -125,10 +154,8 @@ class GELUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("GELUMLP", x, self.up_proj.weight)
-        return _MLPFunction.apply(
-            x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
-            APPROXIMATE[self.approximate], False,
-        )
+        return fused_mlp(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
+                         APPROXIMATE[self.approximate], gated=False)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}, approximate={self.approximate!r}"

@@ -26,7 +26,7 @@ CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
 sequence per call (no block-diagonal mask to build). Its backward recomputes the forward
 and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton backward and
-``return_lse``) is computed separately, a query chunk at a time.
+``return_lse``, so skipped otherwise) is computed separately, a query chunk at a time.
 
 Decoding (``attention_with_kvcache``): the new keys/values are written into the cache at
 each sequence's length, then the forward kernel runs split along the key axis (flash
@@ -925,7 +925,7 @@ def _attention_fwd_op(
     dropout_p: float, seed: int, need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e), empty
-    unless ``need_lse`` (the backward and ``return_lse`` need it; the torch backend pays for it)."""
+    unless ``need_lse`` (the Triton backward and ``return_lse`` need it; the torch backend pays for it)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
     lse = None
@@ -952,10 +952,17 @@ def _attention_bwd_op(
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     scale: float, left: int, right: int, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv)."""
+    """Returns (dq, dk, dv). ``lse`` may be empty when the forward ran on the torch backend (whose
+    backward needs none); a backward on another backend then recomputes it with its own forward."""
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
     if q.numel() > 0 and k.numel() > 0:
+        if lse.numel() == 0 and backend.chosen("attention_bwd", q.device) != "torch":
+            lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+            backend.select("attention_fwd", q.device)(
+                q, k, v, torch.empty_like(q), lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                left, right, dropout_p, seed,
+            )
         backend.select("attention_bwd", q.device)(
             dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             left, right, dropout_p, seed,
@@ -1096,6 +1103,13 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item()) if dropout_p > 0 else 0
 
 
+@torch.compiler.assume_constant_result
+def _backward_needs_lse(device: torch.device) -> bool:
+    """Whether the backward backend for ``device`` reads the forward's LSE (a constant to torch.compile,
+    which cannot trace the backend choice's context variable)."""
+    return backend.chosen("attention_bwd", device) != "torch"
+
+
 def attention(
     q, k, v, causal=False, softmax_scale=None, window=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
     max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=True,
@@ -1140,7 +1154,10 @@ def attention(
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         max_q, max_k = q.shape[1], k.shape[1]
-    need_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    # The Triton backward recomputes the probabilities from the forward's LSE; the torch backward reruns
+    # SDPA's fused backward and needs none, so on CPU the LSE pass is skipped unless asked for.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    need_lse = return_lse or (needs_grad and _backward_needs_lse(q.device))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
         _draw_seed(dropout_p), need_lse,

@@ -9,7 +9,7 @@ from fastlm.train.config import SECTIONS, UserError, presets, resolve
 
 SHORT_FLAGS = {  # short flag -> the config field it sets
     "data": "data.path", "out": "run.out", "steps": "train.steps", "objective": "train.objective",
-    "seed": "train.seed", "stop_at": "run.stop_at",
+    "seed": "train.seed", "stop_at": "run.stop_at", "init_from": "run.init_from", "export_hf": "run.export_hf",
 }
 
 
@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="S", help="random seed")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--stop-at", dest="stop_at", metavar="STEP", help="save and exit after this step")
+    p.add_argument("--init-from", dest="init_from", metavar="PATH",
+                   help="start from a fastlm checkpoint / run directory or a local Hugging Face model directory")
+    p.add_argument("--export-hf", dest="export_hf", metavar="DIR",
+                   help="after training, also write the model as a Hugging Face (transformers) directory")
     return p
 
 

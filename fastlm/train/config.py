@@ -13,6 +13,7 @@ Every field below can be set from the command line as ``--section.field=value`` 
 for an optional field, ``true``/``false`` for a flag).
 """
 
+import json
 import sys
 import types
 import typing
@@ -41,6 +42,10 @@ class DataConfig:
     works of Shakespeare, fastlm/train/corpus/)."""
     text_field: str = "text"
     """The field of each .jsonl line that holds the document's text."""
+    format: Literal["auto", "text", "sft"] = "auto"
+    """text: documents for language modelling. sft: supervised fine-tuning, .jsonl lines with "prompt"
+    and "response" fields; the loss covers only the response (and the EOS after it). auto: sft when the
+    first .jsonl line has prompt and response fields and no text_field, else text."""
     tokenizer: str | None = None
     """A Hugging Face tokenizer.json to use; None trains a byte-level BPE of vocab_size on the corpus
     (cached, and saved with every checkpoint)."""
@@ -146,12 +151,22 @@ class SampleConfig:
 @dataclass
 class RunConfig:
     out: str = "runs/default"
-    """Output directory: checkpoints/, metrics.jsonl, tokenizer.json."""
+    """Output directory: checkpoints/, metrics.jsonl, tokenizer.json (and tensorboard/)."""
     resume: bool = False
     """Continue from the newest checkpoint in out (same settings needed; the result is bit-for-bit
     what an uninterrupted run gives on CPU)."""
     stop_at: int = 0
     """Save and exit after this step without changing the schedule (a cluster time limit); 0: never."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to out/tensorboard when the tensorboard package is
+    installed (metrics.jsonl is written either way)."""
+    init_from: str | None = None
+    """Start from these weights: a fastlm checkpoint directory, a fastlm-train --out directory (its newest
+    checkpoint) or a local Hugging Face model directory (config.json + safetensors + tokenizer.json;
+    Llama, Mistral, Qwen2, Phi-3, GPT-2). The model config and the tokenizer come from it; model.* settings may
+    change only dropout, activation checkpointing and (RoPE models) max_seq_len."""
+    export_hf: str | None = None
+    """After the run completes, also write the model as a Hugging Face (transformers) directory here."""
 
 
 @dataclass
@@ -241,6 +256,15 @@ def coerce(value, tp, name: str):
         if not isinstance(value, str):
             raise UserError(f"{name} must be a string; got {value!r}")
         return value
+    if tp is dict:  # a TOML table, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{name} must be a JSON object ({{...}}) or a TOML table; got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a JSON object ({{...}}) or a TOML table; got {value!r}")
+        return value
     raise TypeError(f"unsupported config type {tp} for {name}")
 
 
@@ -282,11 +306,43 @@ def build(values: dict) -> Config:
         raise UserError(str(exc)) from None
 
 
+# Model fields a run started --init-from may still set: how the model trains, not what its weights are.
+INIT_FREE_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "activation_checkpointing", "init_std")
+
+
+def _init_model_values(path: str, explicit: dict) -> dict:
+    """The model section of a run started --init-from ``path``: the pretrained model's config, with the
+    model.* values set in --config or on the command line (``explicit``) where they are free to differ."""
+    from fastlm.train.checkpoint import resolve_pretrained
+
+    try:
+        base = resolve_pretrained(path, load_weights=False).config.to_dict()
+    except UserError as exc:
+        raise UserError(f"--init-from {exc}") from None
+    for key, value in explicit.items():
+        free = key in INIT_FREE_MODEL_FIELDS or (key == "max_seq_len" and base["position"] == "rope")
+        if not free and value != base[key]:
+            raise UserError(f"model.{key}={value!r} conflicts with --init-from {path}, whose model has {key}="
+                            f"{base[key]!r}; the model config comes from the pretrained model (only "
+                            f"{', '.join(INIT_FREE_MODEL_FIELDS)} and, with RoPE, max_seq_len may change)")
+        base[key] = value
+    return base
+
+
 def resolve(preset: str, config_file: str | None, overrides: list[tuple[str, str]]) -> Config:
     values = _defaults()
     merge(values, load_preset(preset), f"preset {preset}")
+    explicit_model = set()  # model.* fields set by --config or a flag (the preset's yield to --init-from)
     if config_file:
-        merge(values, load_toml_file(config_file), config_file)
+        layer = load_toml_file(config_file)
+        merge(values, layer, config_file)
+        explicit_model.update(layer.get("model", {}))
     for dotted, text in overrides:
         set_field(values, dotted, text)
+        section, _, key = dotted.partition(".")
+        if section == "model":
+            explicit_model.add(key)
+    if values["run"]["init_from"]:
+        values["model"] = _init_model_values(values["run"]["init_from"],
+                                             {k: values["model"][k] for k in explicit_model})
     return build(values)

@@ -13,6 +13,11 @@
   one). A row may hold the end of one document and the start of others; the batch's
   ``cu_seqlens`` marks where each document (EOS included) starts, so attention never crosses one
   and positions restart at each.
+- Supervised fine-tuning (``data.format=sft``, or auto-detected: .jsonl lines with ``prompt`` and
+  ``response``): each example is prompt + response + EOS, with each token's role kept beside the
+  stream; rows start at an example and hold whole examples (the next one's head fills the rest
+  untrained; an example longer than a row is cut), every example is its own document in
+  ``cu_seqlens``, and only response tokens and the closing EOS are targets.
 - Order: a permutation of the rows per epoch, from the seed and the epoch; micro-batch ``k`` is
   a pure function of ``k``, so resuming needs only ``k``. MLM masks likewise come from a generator
   seeded by the seed and ``k``.
@@ -36,6 +41,9 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>", "<|eos|>")
 MASK_CANDIDATES = ("<|mask|>", "[MASK]", "<mask>")
 IGNORE_INDEX = -100
+SFT_FIELDS = ("prompt", "response")
+# Role of each token of an SFT stream: the loss covers RESPONSE and END (the EOS closing an example).
+PROMPT, RESPONSE, END = 0, 1, 2
 _CACHE_VERSION = "1"
 
 
@@ -80,27 +88,37 @@ def _read_bytes(path: Path) -> bytes:
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
+def _jsonl_records(path: Path, text: str):
+    """(line number, record) of each non-blank line of a .jsonl file's text."""
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{line_no} is not valid JSON ({exc.msg})") from None
+        yield line_no, record
+
+
+def _read_text(path: Path, digest) -> str:
+    raw = _read_bytes(path)
+    digest.update(path.name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_documents(files: list[Path], text_field: str) -> tuple[list[str], str]:
     """The documents and the corpus's content hash (names, text field and bytes)."""
     digest = hashlib.sha256(f"v{_CACHE_VERSION}|{text_field}".encode())
     docs = []
     for path in files:
-        raw = _read_bytes(path)
-        digest.update(path.name.encode() + b"\0" + len(raw).to_bytes(8, "little") + raw)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        text = _read_text(path, digest)
         if _kind(path) == "text":
             docs.append(text)
             continue
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no} is not valid JSON ({exc.msg})") from None
+        for line_no, record in _jsonl_records(path, text):
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise UserError(f"{path}:{line_no} has no string field {text_field!r}; set --data.text_field")
             docs.append(record[text_field])
@@ -108,6 +126,43 @@ def read_documents(files: list[Path], text_field: str) -> tuple[list[str], str]:
     if not docs:
         raise UserError(f"no text in {', '.join(map(str, files[:3]))}; the data is empty")
     return docs, digest.hexdigest()
+
+
+def detect_format(files: list[Path], text_field: str) -> str:
+    """``data.format=auto``: "sft" when every file is .jsonl and the first record has string ``prompt``
+    and ``response`` fields and no ``text_field``; else "text"."""
+    if not all(_kind(p) == "jsonl" for p in files):
+        return "text"
+    record = None
+    opener = gzip.open if files[0].name.lower().endswith(".gz") else open
+    try:
+        with opener(files[0], "rt", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.strip()), "")
+        record = json.loads(line)
+    except (OSError, EOFError, json.JSONDecodeError):
+        pass  # unreadable: the reader of the text format reports it
+    if isinstance(record, dict) and text_field not in record and all(isinstance(record.get(f), str) for f in SFT_FIELDS):
+        return "sft"
+    return "text"
+
+
+def read_examples(files: list[Path]) -> tuple[list[tuple[str, str]], str]:
+    """Supervised fine-tuning examples ``(prompt, response)`` from .jsonl files, and their content hash."""
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}|sft".encode())
+    examples = []
+    for path in files:
+        if _kind(path) != "jsonl":
+            raise UserError(f"{path}: SFT data (data.format=sft) must be .jsonl lines with "
+                            f"{' and '.join(map(repr, SFT_FIELDS))} fields")
+        for line_no, record in _jsonl_records(path, _read_text(path, digest)):
+            missing = [f for f in SFT_FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+            if missing:
+                raise UserError(f"{path}:{line_no} has no string field {missing[0]!r}; SFT lines need "
+                                f"{' and '.join(map(repr, SFT_FIELDS))}")
+            examples.append((record["prompt"], record["response"]))
+    if not examples:
+        raise UserError(f"no examples in {', '.join(map(str, files[:3]))}; the data is empty")
+    return examples, digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -171,6 +226,51 @@ def tokenize(docs: list[str], tokenizer, eos_id: int, corpus_hash: str, cache: P
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def tokenize_sft(examples: list[tuple[str, str]], tokenizer, eos_id: int, corpus_hash: str,
+                 cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every example as prompt + response + EOS in one token stream, and each token's role (PROMPT,
+    RESPONSE, END) as uint8; both memory-mapped from the cache. Prompt and response are tokenized
+    separately, so the boundary between them is exact."""
+    tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    stem = cache / "tokens" / f"sft-{corpus_hash[:24]}-{tok_hash[:24]}"
+    path, roles_path = stem.with_suffix("." + np.dtype(dtype).name), stem.with_suffix(".roles")
+    if not (path.exists() and roles_path.exists()):
+        prompts = tokenizer.encode_batch([p for p, _ in examples], add_special_tokens=False)
+        responses = tokenizer.encode_batch([r for _, r in examples], add_special_tokens=False)
+        tokens, roles = [], []
+        for prompt, response in zip(prompts, responses):
+            tokens += [np.asarray(prompt.ids, dtype=dtype), np.asarray(response.ids, dtype=dtype),
+                       np.asarray([eos_id], dtype=dtype)]
+            roles += [np.full(len(prompt.ids), PROMPT, np.uint8), np.full(len(response.ids), RESPONSE, np.uint8),
+                      np.asarray([END], np.uint8)]
+        _write_atomic(roles_path, np.concatenate(roles).tobytes())
+        _write_atomic(path, np.concatenate(tokens).tobytes())
+    return np.memmap(path, dtype=dtype, mode="r"), np.memmap(roles_path, dtype=np.uint8, mode="r")
+
+
+def sft_rows(roles: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows of ``span`` tokens for SFT packing: each row starts at an example's first token and holds
+    the examples that fit in it whole; ``ends[r]`` is where row r's trained tokens stop (the tokens
+    after it, the start of the next row's first example, get no loss). An example longer than a row
+    is cut to its first ``span`` tokens. Returns (starts, ends, number of cut examples)."""
+    example_ends = np.flatnonzero(np.asarray(roles) == END) + 1
+    example_starts = np.concatenate([[0], example_ends[:-1]])
+    starts, ends, cut, e = [], [], 0, 0
+    while e < len(example_starts):
+        start = example_starts[e]
+        fit = int(np.searchsorted(example_ends, start + span, side="right"))  # examples ending within the row
+        if fit == e:
+            starts.append(start)
+            ends.append(start + span)
+            cut, e = cut + 1, e + 1
+        else:
+            starts.append(start)
+            ends.append(example_ends[fit - 1])
+            e = fit
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), cut
+
+
 def unigram_entropy(tokens: np.ndarray) -> float:
     """Entropy (nats per token) of the tokens' frequency distribution: the loss of a model that
     ignores context entirely."""
@@ -192,22 +292,38 @@ class Batch:
 
 
 class PackedData:
-    """Rows of a token stream, batched in a seeded per-epoch order (see the module docstring)."""
+    """Rows of a token stream, batched in a seeded per-epoch order (see the module docstring).
+
+    With ``roles`` (SFT, see ``tokenize_sft``): rows start at example starts and hold whole examples
+    (``sft_rows``), targets are IGNORE_INDEX except on response tokens and the closing EOS, and the
+    validation split is the last ``val_fraction`` of the rows.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, eos_id: int,
                  objective: str, seed: int, mask_id: int | None = None, vocab_size: int = 0,
-                 mlm_probability: float = 0.15):
+                 mlm_probability: float = 0.15, roles: np.ndarray | None = None):
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1); got {val_fraction}")
+        if roles is not None and objective != "clm":
+            raise UserError("SFT data (prompt/response) trains a causal LM; use --objective clm")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.eos_id, self.objective, self.seed = eos_id, objective, seed
         self.mask_id, self.vocab_size, self.mlm_probability = mask_id, vocab_size, mlm_probability
+        self.roles = roles
         self.span = seq_len + 1 if objective == "clm" else seq_len  # tokens a row reads
         n = len(tokens)
-        n_val = max(int(n * val_fraction), self.span)
-        self.train_rows = (n - n_val - (self.span - seq_len)) // seq_len
-        self.val_start = n - n_val
-        self.val_rows = (n_val - (self.span - seq_len)) // seq_len
+        if roles is None:
+            n_val = max(int(n * val_fraction), self.span)
+            self.train_rows = (n - n_val - (self.span - seq_len)) // seq_len
+            self.val_start = n - n_val
+            self.val_rows = (n_val - (self.span - seq_len)) // seq_len
+            self.row_starts = self.row_ends = None
+            self.cut_examples = 0
+        else:
+            self.row_starts, self.row_ends, self.cut_examples = sft_rows(roles, self.span)
+            self.val_rows = max(int(len(self.row_starts) * val_fraction), 1)
+            self.train_rows = len(self.row_starts) - self.val_rows
+            self.val_start = int(self.row_starts[self.train_rows]) if self.train_rows >= 0 else 0
         if self.train_rows < batch_size or self.val_rows < 1:
             raise UserError(
                 f"the corpus has {n} tokens: too few for a batch of {batch_size} rows of {seq_len} tokens plus a "
@@ -226,6 +342,29 @@ class PackedData:
         cu_seqlens, max_seqlen = document_boundaries(inputs, self.eos_id)
         return Batch(inputs.contiguous(), targets, cu_seqlens, max_seqlen)
 
+    def _sft_batch(self, rows: np.ndarray) -> Batch:
+        """SFT rows ``rows``: loss on the response tokens and closing EOS of the examples each row
+        holds whole; a document boundary after each example; past the stream's end, EOS padding."""
+        data = np.full((len(rows), self.span), self.eos_id, dtype=np.int64)
+        roles = np.full((len(rows), self.span), END, dtype=np.uint8)
+        trained = np.zeros((len(rows), self.span), dtype=bool)
+        for r, row in enumerate(rows):
+            start, end = self.row_starts[row], self.row_ends[row]
+            piece = slice(start, min(start + self.span, len(self.tokens)))
+            length = piece.stop - piece.start
+            data[r, :length] = self.tokens[piece]
+            roles[r, :length] = self.roles[piece]
+            trained[r, :end - start] = True
+        data, roles = torch.from_numpy(data), torch.from_numpy(roles)  # (B, span) each
+        # A target is trained if it is a response token or the closing EOS of an example the row holds
+        # whole, predicted from within its example: never from the previous example's EOS (so an
+        # example with an empty prompt has its first response token untrained).
+        loss = (torch.from_numpy(trained) & (roles != PROMPT))[:, 1:] & (roles[:, :-1] != END)  # (B, T)
+        inputs = data[:, :-1].contiguous()  # (B, T)
+        targets = torch.where(loss, data[:, 1:], IGNORE_INDEX)  # (B, T)
+        cu_seqlens, max_seqlen = document_boundaries(inputs, self.eos_id, ends=roles[:, :-1] == END)
+        return Batch(inputs, targets, cu_seqlens, max_seqlen)
+
     def train_batch(self, k: int) -> Batch:
         """Micro-batch ``k`` (0-based, counted over the whole run)."""
         epoch, i = divmod(k, self.batches_per_epoch)
@@ -233,6 +372,8 @@ class PackedData:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.train_rows, generator=gen).numpy()
         rows = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.roles is not None:
+            return self._sft_batch(rows)
         return self._rows(rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + k) * 2 + 1)
 
     def val_batches(self, count: int) -> list[Batch]:
@@ -240,16 +381,21 @@ class PackedData:
         out = []
         for b in range(min(count, -(-self.val_rows // self.batch_size))):
             rows = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.val_rows))
+            if self.roles is not None:
+                out.append(self._sft_batch(self.train_rows + rows))
+                continue
             out.append(self._rows(self.val_start + rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + b) * 2))
         return out
 
 
-def document_boundaries(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, int]:
+def document_boundaries(inputs: torch.Tensor, eos_id: int, ends: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32) of the documents in the flattened rows: a document ends after each EOS
-    and at each row end. Also the longest document's length."""
+    (or, given the (B, T) bool ``ends``, after each position marked there) and at each row end.
+    Also the longest document's length."""
     B, T = inputs.shape
-    flat = inputs.flatten()  # (B*T,)
-    after_eos = (flat == eos_id).nonzero().flatten() + 1
+    ends = inputs == eos_id if ends is None else ends  # (B, T)
+    after_eos = ends.flatten().nonzero().flatten() + 1
     row_starts = torch.arange(0, B * T + 1, T)
     cu = torch.unique(torch.cat([row_starts, after_eos]))  # sorted
     return cu.to(torch.int32), int(cu.diff().max())

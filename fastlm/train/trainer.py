@@ -1,6 +1,5 @@
 """The training loop behind ``fastlm-train`` (see fastlm/train/__init__.py for the user guide)."""
 
-import json
 import math
 import random
 import resource
@@ -13,10 +12,11 @@ from pathlib import Path
 import torch
 
 from fastlm.generate import generate
-from fastlm.models import ModelConfig, Transformer
+from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data
 from fastlm.train.config import Config, UserError
+from fastlm.train.metrics import MetricsLog
 
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU; GPUs not listed get no MFU figure.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -114,19 +114,31 @@ _RUNTIME_MODEL_FIELDS = {"activation_checkpointing"}
 
 def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> None:
     ours = current.to_dict()
-    diffs = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
-             if saved.get(k) != v and k not in _RUNTIME_MODEL_FIELDS]
+    # A field added after the checkpoint was written has its default there.
+    saved = {k: saved.get(k, getattr(ModelConfig, k, None)) for k in ours}
+    diffs = [f"model.{k}={saved[k]!r} there, {v!r} here" for k, v in ours.items()
+             if saved[k] != v and k not in _RUNTIME_MODEL_FIELDS]
     if diffs:
         raise UserError(f"checkpoint {where} is from another model config ({'; '.join(diffs[:3])}); resume with "
                         "the settings it was trained with, or use another --out")
 
 
-def _prepare_data(cfg: Config, resume_from: Path | None):
+def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretrained | None):
     files = data.corpus_files(cfg.data.path or data.shipped_corpus())
-    docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
+    sft = (cfg.data.format if cfg.data.format != "auto" else data.detect_format(files, cfg.data.text_field)) == "sft"
+    if sft:
+        examples, corpus_hash = data.read_examples(files)
+        docs = [prompt + response for prompt, response in examples]  # what a trained tokenizer learns from
+    else:
+        docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
     cache = data.cache_root(cfg.data.cache_dir)
     if resume_from is not None:
         tokenizer = data.load_tokenizer(resume_from / "tokenizer.json")
+    elif init is not None:
+        if cfg.data.tokenizer:
+            raise UserError("--data.tokenizer cannot be combined with --init-from: the pretrained model's tokenizer "
+                            f"({init.tokenizer_path}) is the one its token ids refer to")
+        tokenizer = data.load_tokenizer(init.tokenizer_path)
     elif cfg.data.tokenizer:
         tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     else:
@@ -136,12 +148,21 @@ def _prepare_data(cfg: Config, resume_from: Path | None):
         print(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus (cached)",
               file=sys.stderr)
         tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
-    eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
+    if init is not None and init.eos_token_id is not None:  # an HF model names its end-of-text token
+        eos_id = init.eos_token_id
+    else:
+        eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
     mask_id = data.special_id(tokenizer, data.MASK_CANDIDATES, "mask", required=cfg.train.objective == "mlm")
-    tokens = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache)
+    if sft:
+        tokens, roles = data.tokenize_sft(examples, tokenizer, eos_id, corpus_hash, cache)
+    else:
+        tokens, roles = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache), None
     packed = data.PackedData(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.val_fraction, eos_id,
                              cfg.train.objective, cfg.train.seed, mask_id, tokenizer.get_vocab_size(),
-                             cfg.data.mlm_probability)
+                             cfg.data.mlm_probability, roles=roles)
+    if packed.cut_examples:
+        print(f"fastlm-train: {packed.cut_examples} SFT examples are longer than data.seq_len + 1 "
+              f"({cfg.data.seq_len + 1} tokens) and were cut", file=sys.stderr)
     return tokenizer, tokens, packed, eos_id, mask_id
 
 
@@ -190,18 +211,44 @@ def train(cfg: Config) -> dict:
         raise UserError("--train.device=cuda but no CUDA device is available; use --train.device=cpu")
     device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.train.device == "auto" else cfg.train.device)
+    if cfg.run.export_hf:
+        try:
+            hf_convert.export_type(cfg.model.replace(causal=cfg.train.objective == "clm"))
+        except ValueError as exc:
+            raise UserError(f"--export-hf: {exc}") from None
     resume_from = _check_resume(out, cfg)
     saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
+    init = None
+    if cfg.run.init_from:  # the model config is already the pretrained one (config.resolve)
+        if cfg.model.causal != (cfg.train.objective == "clm"):
+            raise UserError(f"--init-from {cfg.run.init_from} is a {'causal' if cfg.model.causal else 'masked'} LM; "
+                            f"train it with --objective {'clm' if cfg.model.causal else 'mlm'}")
+        try:
+            init = checkpoint.resolve_pretrained(cfg.run.init_from, load_weights=resume_from is None)
+        except UserError as exc:
+            raise UserError(f"--init-from {exc}") from None
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from)
-    cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
-                                  causal=cfg.train.objective == "clm")
+    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from, init)
+    if init is None:
+        cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
+                                      causal=cfg.train.objective == "clm")
+    elif tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"--init-from {init.path}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                        f"only {cfg.model.vocab_size} embeddings")
     if saved_cfg is not None:
         _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
 
     model = Transformer(cfg.model).to(device)
+    if init is not None and init.state_dict is not None:
+        try:
+            model.load_state_dict(init.state_dict)
+        except RuntimeError as exc:
+            raise UserError(f"--init-from {init.path}: the weights do not match its config "
+                            f"({str(exc).splitlines()[0]})") from None
+        print(f"fastlm-train: starting from {init.path} ({'Hugging Face' if init.source == 'hf' else 'fastlm'} "
+              "weights)", file=sys.stderr)
     optimizer = OPTIMIZERS[cfg.optim.name](param_groups(model, cfg.optim.weight_decay), cfg.optim)
     step, micro, tokens_seen, nonfinite = 0, 0, 0, 0
     if resume_from is not None:
@@ -224,7 +271,7 @@ def train(cfg: Config) -> dict:
           f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} nats/token, "
           f"device {device}", file=sys.stderr)
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = MetricsLog(out, cfg.run.tensorboard)
     config_dict = cfg.to_dict()
 
     def save(reason: str) -> Path:
@@ -232,10 +279,6 @@ def train(cfg: Config) -> dict:
                                {"micro_batch": micro, "tokens_seen": tokens_seen, "reason": reason},
                                cfg.checkpoint.keep_last)
         return path
-
-    def log(record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
 
     from tqdm import tqdm
 
@@ -297,10 +340,10 @@ def train(cfg: Config) -> dict:
                         record["mfu"] = tok_s * flops_per_token / peak_flops
                         postfix["mfu"] = f"{record['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
-                    log(record)
+                    metrics.log(record)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     val_loss = evaluate(model, val_batches, device, autocast)
-                    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 if step == cfg.run.stop_at and step < cfg.train.steps:
                     stopped = f"--stop-at {step}"
@@ -321,15 +364,19 @@ def train(cfg: Config) -> dict:
                 "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
 
     val_loss = evaluate(model, val_batches, device, autocast)
-    log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
     summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
-    log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
+    metrics.log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
+    if cfg.run.export_hf:
+        hf_convert.save_hf(model, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
+        summary["export_hf"] = cfg.run.export_hf
+        print(f"fastlm-train: wrote the model as a Hugging Face directory to {cfg.run.export_hf}", file=sys.stderr)
     print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
           f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
           f"{entropy:.3f} nats/token; checkpoint {path}")

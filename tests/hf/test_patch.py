@@ -385,37 +385,46 @@ def test_importing_fastlm_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
 
 
+class _CopyTask(torch.utils.data.Dataset):
+    """Rows whose second half repeats the first: learnable, so the loss must fall."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        half = torch.randint(2, VOCAB, (64, 8))
+        self.ids = torch.cat([half, half], dim=1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 @pytest.mark.parametrize("optimizer", ["torch.AdamW", "fastlm.AdamW8bit"])
-def test_training_curves_match_over_50_steps(optimizer):
-    """50 optimizer steps on a learnable copy task: the patched and unpatched loss curves agree and fall,
-    with torch's AdamW and with fastlm's 8-bit AdamW (the optimizer examples/hf_trainer.py gives the
-    Trainer; the Trainer itself needs accelerate, which the test environment lacks: this is its loop)."""
+def test_trainer_curves_match_over_50_steps(optimizer, tmp_path):
+    """50 transformers-Trainer steps (gradient accumulation 2, so num_items_in_batch is in play) on a
+    learnable copy task: the patched and unpatched loss curves agree and fall, with torch's AdamW and with
+    fastlm's 8-bit AdamW given through ``optimizer_cls_and_kwargs`` as examples/hf_trainer.py does."""
+    pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install fastlm[hf])")
     from fastlm.optim import AdamW8bit
 
-    def make(params, **kwargs):
-        if optimizer == "torch.AdamW":
-            return torch.optim.AdamW(params, **kwargs)
-        # min_8bit_size=1024: the tiny model's matrices (>= 1536 elements) get 8-bit states
-        return AdamW8bit(params, min_8bit_size=1024, **kwargs)
-
-    torch.manual_seed(0)
-    half = torch.randint(2, VOCAB, (64, 8))
-    data = torch.cat([half, half], dim=1)
     patched, _ = _pair("llama")
     curves = []
     for model in (_model_of(patched), patched):
-        model.train()
-        opt = make(model.parameters(), lr=1e-2, weight_decay=0.01)
-        curve = []
-        for step in range(50):
-            batch = data[(step * 8) % 64:(step * 8) % 64 + 8]
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(torch.tensor(curve))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=50, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="constant", logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        )
+        extra = {}
+        if optimizer == "fastlm.AdamW8bit":
+            # min_8bit_size=1024: the tiny model's matrices (>= 1536 elements) get 8-bit states
+            extra["optimizer_cls_and_kwargs"] = (AdamW8bit, {"lr": 1e-2, "weight_decay": 0.01, "min_8bit_size": 1024})
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_CopyTask(), **extra)
+        trainer.train()
+        curves.append(torch.tensor([r["loss"] for r in trainer.state.log_history if "loss" in r]))
     base, ours = curves
+    assert len(ours) == 50
     assert ours[-5:].mean() < 0.85 * ours[:5].mean(), "the loss did not fall"
     # fp32 rounding differences grow through 50 optimizer steps; 1% per step is far below the curve's movement.
     torch.testing.assert_close(ours, base, rtol=1e-2, atol=1e-3)

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the conversion tests 
 from fastlm.models import ModelConfig, Transformer  # noqa: E402
 from fastlm.models.hf_convert import export_type, from_hf, hf_state_dict, load_hf, save_hf  # noqa: E402
 from fastlm.testing import assert_matches_reference  # noqa: E402
+from tests import tiny_hf  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, LAYERS, FFN = 97, 32, 4, 2, 48
 
@@ -34,13 +35,22 @@ def _hf_config(arch):
         "llama-tied-mha": lambda: t.LlamaConfig(**{**decoder, "num_key_value_heads": HEADS}, tie_word_embeddings=True),
         "llama-bias": lambda: t.LlamaConfig(**decoder, attention_bias=True, mlp_bias=True),
         "mistral-window": lambda: t.MistralConfig(**decoder, sliding_window=5),  # shorter than the 13 tokens
+        # Llama 3.1-style scaling with an original context of 8 tokens, so the 13-token inputs and the
+        # 8-dim heads' wavelengths (2 pi .. ~2 pi * 500^(3/4)) straddle all three frequency bands.
+        "llama3-rope-scaling": lambda: t.LlamaConfig(**{**decoder, "rope_theta": None}, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8)),
+        "llama-linear-rope": lambda: t.LlamaConfig(**{**decoder, "rope_theta": None}, rope_parameters=dict(
+            rope_type="linear", rope_theta=500.0, factor=2.5)),
         "qwen2-gqa": lambda: t.Qwen2Config(**decoder),
+        "phi3-gqa-window": lambda: t.Phi3Config(**decoder, sliding_window=6, pad_token_id=None, eos_token_id=None),
         "gpt2-tied": lambda: t.GPT2Config(**gpt2),
         "gpt2-untied": lambda: t.GPT2Config(**gpt2, tie_word_embeddings=False),
     }[arch]()
 
 
-ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "mistral-window", "qwen2-gqa", "gpt2-tied", "gpt2-untied"]
+ARCHS = ["llama-gqa", "llama-tied-mha", "llama-bias", "llama3-rope-scaling", "llama-linear-rope", "mistral-window",
+         "qwen2-gqa", "phi3-gqa-window", "gpt2-tied", "gpt2-untied"]
 
 
 def _hf_model(arch):
@@ -70,8 +80,10 @@ def test_load_matches_transformers(arch, tmp_path):
     cfg = model.cfg
     assert (cfg.rope_theta, cfg.norm_eps) == ((500.0, 1e-5) if cfg.position == "rope" else (10000.0, 1e-4))
     assert cfg.tie_embeddings == ("tied" in arch.split("-"))
-    assert cfg.n_kv_heads == (2 if "gqa" in arch or "window" in arch or arch == "llama-bias" else HEADS)
-    assert cfg.sliding_window == (5 if "window" in arch else None)
+    assert cfg.n_kv_heads == (HEADS if arch == "llama-tied-mha" or arch.startswith("gpt2") else 2)
+    assert cfg.sliding_window == {"mistral-window": 5, "phi3-gqa-window": 6}.get(arch)
+    assert (cfg.rope_scaling or {}).get("rope_type") == {"llama3-rope-scaling": "llama3",
+                                                         "llama-linear-rope": "linear"}.get(arch)
     _assert_same_logits(arch, model, hf, torch.randint(0, VOCAB, (2, 13)))
 
 
@@ -107,23 +119,13 @@ def test_sharded_checkpoint_and_original_gpt2_names(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tok
-
-
 EXPORTS = {
     "llama-gqa-untied": ModelConfig.llama(n_heads=4, n_kv_heads=2, rope_theta=321.0, norm_eps=1e-6),
     "llama-bias-tied": ModelConfig.llama(n_heads=4, bias=True, tie_embeddings=True),
     "qwen2-qkv-bias": ModelConfig.llama(n_heads=4, n_kv_heads=1, qkv_bias=True),
     "mistral-window": ModelConfig.llama(n_heads=4, n_kv_heads=2, sliding_window=6),
+    "llama-llama3-rope": ModelConfig.llama(n_heads=4, rope_theta=300.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=6)),
     "gpt2-tied": ModelConfig.gpt2(n_heads=4, norm_eps=1e-4),
 }
 
@@ -136,7 +138,7 @@ def test_export_round_trip(name, tmp_path):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.2)
-    tokenizer = _tokenizer()
+    tokenizer = tiny_hf.tokenizer()
     save_hf(model, tokenizer, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__.lower().startswith(name.split("-")[0])
@@ -170,7 +172,7 @@ def _saved(tmp_path, arch="llama-gqa", **config_changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "bert"}, "unsupported Hugging Face model_type 'bert'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"head_dim": 16}, "head_dim 16"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
@@ -231,7 +233,7 @@ def test_export_cli_from_a_fastlm_checkpoint(tmp_path, capsys):
                             init_std=0.2)
     model = Transformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
-    tokenizer = _tokenizer()
+    tokenizer = tiny_hf.tokenizer()
     checkpoint.save(tmp_path / "run", 3, model, optimizer, {"model": cfg.to_dict()}, tokenizer.to_str(), {}, 1)
     assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     assert "llama" in capsys.readouterr().out
@@ -239,3 +241,52 @@ def test_export_cli_from_a_fastlm_checkpoint(tmp_path, capsys):
     _assert_same_logits("exported checkpoint", model.eval(), hf, torch.randint(0, 320, (1, 9)))
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "hf2")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_bf16_checkpoints_load_as_fp32_and_export_in_a_chosen_dtype(tmp_path):
+    from safetensors import safe_open
+
+    hf = _hf_model("llama-gqa").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    model = load_hf(tmp_path / "bf16")
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+    torch.testing.assert_close(model.tok_emb.weight, hf.model.embed_tokens.weight.float(), rtol=0, atol=0)
+    save_hf(model, None, tmp_path / "out", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # no tokenizer given: weights and config only
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.layers.0.self_attn.k_proj.weight")
+    torch.testing.assert_close(weight, hf.model.layers[0].self_attn.k_proj.weight, rtol=0, atol=0)
+
+
+def test_sliding_window_holds_in_packed_sequences():
+    """The window (tested against transformers on dense input above) also applies per packed document:
+    packed logits equal each document's own."""
+    cfg = ModelConfig.llama(vocab_size=64, d_model=HIDDEN, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                            sliding_window=4, init_std=0.2)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 64, (1, 19))
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model.hidden_states(ids, cu, 12)
+        alone = torch.cat([model.hidden_states(ids[:, :7]), model.hidden_states(ids[:, 7:])], dim=1)
+        full = model.hidden_states(ids[:, 7:])
+        no_window = Transformer(cfg.replace(sliding_window=None)).eval()
+        no_window.load_state_dict(model.state_dict())
+        assert not torch.allclose(no_window.hidden_states(ids[:, 7:]), full, atol=1e-3)  # the window matters
+    # Same computation, different kernels (packed vs dense): fp32 rounding only (observed ~1e-7).
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(sliding_window=4, causal=False), "sliding_window needs a causal model"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type one of"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling\['factor'\] must be a positive number"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                        "original_max_position_embeddings": 8}), "high_freq_factor must exceed"),
+], ids=["window-zero", "window-encoder", "rope-type", "rope-missing-factor", "rope-bands"])
+def test_config_checks(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.llama(**changes)

@@ -8,7 +8,8 @@ import torch
 
 import fastlm
 from fastlm.models import ModelConfig, Transformer, layers
-from fastlm.ops import attention_ref, gelu_ref, linear_cross_entropy_ref, rope_ref, swiglu_ref
+from fastlm.nn.mlp import fused_mlp_ref
+from fastlm.ops import attention_ref, gelu_ref, linear_cross_entropy_ref, rope_ref
 from fastlm.ops.norm import layer_norm_ref, rms_norm_ref
 from fastlm.testing import assert_matches_reference
 
@@ -36,6 +37,20 @@ def _loss_and_grads(model, inputs, targets, cu_seqlens, max_seqlen):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _float64_model(model, monkeypatch):
+    """``model`` in float64 on the reference ops (the fused ops take no float64)."""
+    ref_model = Transformer(model.cfg).double().train(model.training)
+    ref_model.load_state_dict(model.state_dict())
+    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
+    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
+    monkeypatch.setattr(layers, "attention", attention_ref)
+    monkeypatch.setattr(layers, "fused_mlp", fused_mlp_ref)
+    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
+    monkeypatch.setattr(layers, "rope", rope_ref)
+    monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
+    return ref_model
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
@@ -49,15 +64,7 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
     loss, grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
     with fastlm.use_backend("torch"):
         base_loss, base_grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
-    ref_model = Transformer(model.cfg).double()
-    ref_model.load_state_dict(model.state_dict())
-    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
-    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
-    monkeypatch.setattr(layers, "attention", attention_ref)
-    monkeypatch.setattr(layers, "swiglu", swiglu_ref)
-    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
-    monkeypatch.setattr(layers, "rope", rope_ref)
-    monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
+    ref_model = _float64_model(model, monkeypatch)
     ref_loss, ref_grads = _loss_and_grads(ref_model, inputs, targets, cu, max_seqlen)
     assert_matches_reference("loss", loss, ref_loss, base_loss, torch.float32)
     for name in grads:
@@ -152,19 +159,6 @@ def test_runs_under_bf16_autocast(family):
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def _float64_model(model, monkeypatch):
-    """``model`` in float64 on the reference ops (the fused ops take no float64)."""
-    ref_model = Transformer(model.cfg).double().eval()
-    ref_model.load_state_dict(model.state_dict())
-    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
-    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
-    monkeypatch.setattr(layers, "attention", attention_ref)
-    monkeypatch.setattr(layers, "swiglu", swiglu_ref)
-    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
-    monkeypatch.setattr(layers, "rope", rope_ref)
-    return ref_model
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])

@@ -132,3 +132,40 @@ def test_torch_compile_fullgraph():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu_tanh", False)], ids=["swiglu", "gelu"])
+def test_fused_mlp_under_autocast_matches_its_reference(activation, gated):
+    """The functional form under bf16 autocast (the GPU training path, here CPU autocast): bf16 compute
+    like F.linear's, gradients in each parameter's and the input's own fp32 dtype."""
+    from fastlm.nn.mlp import fused_mlp, fused_mlp_ref
+
+    w_in = random_tensor(2 * HIDDEN if gated else HIDDEN, DIM, scale=0.5).requires_grad_()
+    b_in = random_tensor(w_in.shape[0], scale=0.5).requires_grad_()
+    w_out = random_tensor(DIM, HIDDEN, scale=0.5).requires_grad_()
+    b_out = random_tensor(DIM, scale=0.5).requires_grad_()
+    x = random_tensor(3, 13, DIM).requires_grad_()
+    grad_out = random_tensor(3, 13, DIM, dtype=torch.float64)
+    leaves = [x, w_in, b_in, w_out, b_out]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_mlp(*leaves, activation, gated)
+    ours = grads_of(out, grad_out, leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = fused_mlp_ref(*leaves, activation, gated)
+    base_grads = grads_of(base, grad_out, leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = fused_mlp_ref(*leaves64, activation, gated)
+    ref_grads = grads_of(ref, grad_out, leaves64)
+    assert out.dtype == torch.bfloat16
+    assert_matches_reference("out", out, ref, base, torch.bfloat16)
+    for name, g, r, b, leaf in zip(("dx", "dw_in", "db_in", "dw_out", "db_out"), ours, ref_grads, base_grads, leaves):
+        assert g.dtype == leaf.dtype == torch.float32, name
+        assert_matches_reference(name, g, r, b, torch.bfloat16, grad=True)
+
+
+def test_fused_mlp_rejects_unknown_activation():
+    from fastlm.nn.mlp import fused_mlp
+
+    x, w = torch.randn(2, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fused_mlp(x, w, None, torch.randn(4, 3), None, "relu", True)

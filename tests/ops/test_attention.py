@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastlm
+from fastlm._triton import interpreter_enabled
 from fastlm.ops.attention import attention, attention_dropout_mask, attention_ref, attention_with_kvcache
 from fastlm.testing import assert_matches_reference, poison_outputs, random_tensor
 from tests.backends import cpu_backend_params
@@ -145,6 +146,34 @@ def test_backward_is_deterministic(backend, dtype):
         _, second = forward_backward(lambda *a: attention(*a, causal=True, deterministic=False), inputs, dout)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_torch_forward_skips_the_lse_and_any_backward_still_works():
+    """Training on the torch backend saves no LSE (its backward reruns SDPA); a backward on the Triton
+    backend after such a forward recomputes the LSE and gives the all-Triton gradients."""
+    inputs = make_qkv(2, 37, 45, 4, 2, 40, torch.float32)
+    dout = random_tensor(2, 37, 4, 40, dtype=torch.float64)
+    saved = []
+
+    def run(forward_backend, backward_backend):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with fastlm.use_backend(forward_backend):
+                out = attention(*leaves, causal=True)
+        with fastlm.use_backend(backward_backend):
+            (out.double() * dout).sum().backward()
+        return [t.grad for t in leaves]
+
+    torch_grads = run("torch", "torch")
+    assert any(t.dtype == torch.float32 and t.numel() == 0 for t in saved), "the torch forward saved an LSE"
+    _, ref_grads = forward_backward(lambda *a: attention_ref(*a, causal=True), [t.double() for t in inputs], dout)
+    for g, r in zip(torch_grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+    if not interpreter_enabled():
+        return
+    mixed, triton = run("torch", "triton"), run("triton", "triton")
+    for a, b in zip(mixed, triton):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- dropout

@@ -2,6 +2,7 @@
 CLI runs for both objectives, and the one-line errors for bad input."""
 
 import gzip
+import importlib.util
 import json
 import math
 import subprocess
@@ -188,6 +189,7 @@ def test_cli_smoke(objective, corpus, cache, tmp_path, capsys):
     summary = records[-1]["summary"]
     assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
     assert any("val_ppl" in r for r in records) and (out / "tokenizer.json").exists()
+    assert (out / "tensorboard").is_dir() == (importlib.util.find_spec("tensorboard") is not None)
     saved = json.loads((out / "checkpoints/step_00000004/config.json").read_text())
     assert saved["model"]["causal"] == (objective == "clm") and saved["train"]["objective"] == objective
 

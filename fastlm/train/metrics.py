@@ -1,0 +1,46 @@
+"""Where training metrics go: ``OUT/metrics.jsonl`` always, TensorBoard event files as well when
+the ``tensorboard`` package is installed (``tensorboard --logdir OUT/tensorboard``)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _tensorboard_writer(logdir: Path):
+    """A SummaryWriter, or None when tensorboard is not installed (it is an optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(logdir))
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``metrics.jsonl`` (flushed, so a crash keeps what was
+    logged) and mirrors each record's numbers that carry a ``step`` to TensorBoard."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self._jsonl = open(out / "metrics.jsonl", "a")
+        self._tb = _tensorboard_writer(out / "tensorboard") if tensorboard else None
+        if tensorboard and self._tb is None:
+            print("fastlm-train: tensorboard is not installed; metrics go to metrics.jsonl only "
+                  "(pip install tensorboard for event files)", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is None or "step" not in record:
+            return
+        step = record["step"]
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                # val_* go under val/, the rest under train/, so TensorBoard groups them.
+                tag = f"val/{name.removeprefix('val_')}" if name.startswith("val_") else f"train/{name}"
+                self._tb.add_scalar(tag, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
