@@ -38,6 +38,7 @@ SUITES = {
     "rope": "fastlm.bench.rope",
     "optim": "fastlm.bench.optim",
     "train": "fastlm.bench.train",
+    "generate": "fastlm.bench.generate",
 }
 MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
 

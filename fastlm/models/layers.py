@@ -1,6 +1,7 @@
 """The fused ops the model is built from, bound in one place.
 
-``attention`` (flash attention, varlen with ``cu_seqlens``), ``fused_mlp`` (the MLP around
+``attention`` (flash attention, varlen with ``cu_seqlens``), ``attention_with_kvcache`` (decoding
+against a preallocated key/value cache), ``fused_mlp`` (the MLP around
 the fused SwiGLU / GELU activation, saving neither the activation's output nor a concatenated
 gate/up gradient), ``gelu`` (the tanh approximation of GPT-2 and BERT, for the MLM head),
 ``rope`` and ``linear_cross_entropy`` (the LM head and the loss fused, logits never
@@ -15,12 +16,12 @@ import math
 import torch
 
 from fastlm.ops.activation import gelu as _gelu
-from fastlm.ops.attention import attention
+from fastlm.ops.attention import attention, attention_with_kvcache
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.rope import rope
 from fastlm.nn.mlp import fused_mlp
 
-__all__ = ["attention", "fused_mlp", "gelu", "linear_cross_entropy", "rope", "rope_cache"]
+__all__ = ["attention", "attention_with_kvcache", "fused_mlp", "gelu", "linear_cross_entropy", "rope", "rope_cache"]
 
 
 def gelu(x):

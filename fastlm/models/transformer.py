@@ -19,6 +19,11 @@ Blocks are pre-norm, and every norm also performs the residual add before it in 
 The loss goes through ``linear_cross_entropy`` so the (N, V) logits are never kept for backward
 once the fused op is in (see ``fastlm/models/layers.py``, the seams to the fused ops).
 
+Decoding (``fastlm.generate`` drives it): a ``KVCache`` holds every layer's keys and values;
+``hidden_states(ids, kv_cache=cache)`` runs the new tokens only, appends their keys/values in place
+(``attention_with_kvcache``) and advances the cache, so the prompt is one call (the prefill) and
+each generated token one more.
+
 Initialization: embeddings and linear weights ~ N(0, init_std); the two projections that write
 into the residual stream in each block (attention output, MLP down) ~ N(0, init_std / sqrt(2 L))
 so the residual variance stays O(1) with depth (GPT-2); biases 0; norm weights 1.
@@ -42,6 +47,47 @@ def _norm(cfg: ModelConfig) -> nn.Module:
     return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one token at a time.
+
+    ``k[l]``, ``v[l]``: (B, S, K, D) for layer l, S = ``max_len`` slots per row.
+    ``seqlens`` (B,) int32: the slots of row b that hold its tokens; a forward with the cache
+    writes its T new keys/values of row b at slots seqlens[b] .. seqlens[b] + T - 1, attends over
+    slots 0 .. seqlens[b] + T - 1 (causally), rotates/places them at those positions, and then
+    advances ``seqlens`` by T.
+
+    Ragged prompts in one batch are right-padded: the prefill runs the padded (B, T) block, then
+    the caller sets ``seqlens`` to the true lengths (``set_lengths``). A pad slot lies past its
+    row's length, so it is never attended to and the row's next token overwrites it; each row's
+    positions are its own token indices, exactly as if it ran alone (no left-pad offsets).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache: max_len ({max_len}) exceeds the model's max_seq_len ({cfg.max_seq_len})")
+        if cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            # Within the window every token sees all earlier ones, so the cache needs no window of its own.
+            raise ValueError(f"KVCache: max_len ({max_len}) exceeds the model's sliding_window ({cfg.sliding_window}); "
+                             "decoding past the window is not supported")
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)  # (B, S, K, D)
+        # Uninitialized: attention reads only slots below seqlens, which were written first.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # (B,)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v, seqlens) for block ``index``."""
+        return self.k[index], self.v[index], self.seqlens
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Rows' true lengths after a right-padded prefill (pad slots past them are free again)."""
+        self.seqlens.copy_(lengths)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,7 +99,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_projection = True
 
-    def forward(self, x, rope_cache, position_ids, cu_seqlens, max_seqlen):
+    def forward(self, x, rope_cache, position_ids, cu_seqlens, max_seqlen, kv_cache=None):
+        """``kv_cache``: this layer's (k, v, seqlens) from ``KVCache.layer`` when decoding."""
         cfg = self.cfg
         B, T, C = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -62,7 +109,12 @@ class Attention(nn.Module):
         if rope_cache is not None:
             q, k = layers.rope(q, k, *rope_cache, position_ids=position_ids)  # (B, T, H, D), (B, T, K, D)
         dropout_p = cfg.attn_dropout if self.training else 0.0
-        if cu_seqlens is None:
+        if kv_cache is not None:
+            k_cache, v_cache, seqlens = kv_cache  # (B, S, K, D) x2, (B,)
+            # Appends k, v to the caches in place at each row's length, then attends over all of the row's keys
+            # (no window needed: a KVCache is never longer than the sliding window).
+            y = layers.attention_with_kvcache(q, k_cache, v_cache, seqlens, k, v, causal=cfg.causal)  # (B, T, H, D)
+        elif cu_seqlens is None:
             y = layers.attention(q, k, v, causal=cfg.causal, window=self.window, dropout_p=dropout_p)  # (B, T, H, D)
         else:
             y = layers.attention(
@@ -98,13 +150,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x, residual, rope_cache, position_ids, cu_seqlens, max_seqlen):
+    def forward(self, x, residual, rope_cache, position_ids, cu_seqlens, max_seqlen, kv_cache=None):
         """x: the previous branch's output (B, T, C), not yet added to ``residual`` (None in block 0)."""
         if residual is None:
             h, residual = self.norm1(x), x
         else:
             h, residual = self.norm1(x.to(residual.dtype), residual)  # (B, T, C) x2; fused add + norm
-        x = self.dropout(self.attn(h, rope_cache, position_ids, cu_seqlens, max_seqlen))  # (B, T, C)
+        x = self.dropout(self.attn(h, rope_cache, position_ids, cu_seqlens, max_seqlen, kv_cache))  # (B, T, C)
         h, residual = self.norm2(x.to(residual.dtype), residual)
         x = self.dropout(self.mlp(h))  # (B, T, C)
         return x, residual
@@ -156,18 +208,26 @@ class Transformer(nn.Module):
         """(V, C): the LM / MLM decoder matrix (the token embedding when tied)."""
         return self.tok_emb.weight if self.head is None else self.head.weight
 
-    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=None, position_ids=None):
+    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=None, position_ids=None, kv_cache=None):
         """Final normed hidden states (B, T, C).
 
         Packed rows: ``cu_seqlens`` (int32) marks the documents in the flattened (B*T) tokens;
         attention stays within each, positions restart at each (unless ``position_ids`` is given).
+        Decoding: with a ``KVCache``, ``input_ids`` are the tokens that follow each row's cached
+        ones (positions continue from ``kv_cache.seqlens``); their keys/values join the cache.
         """
         B, T = input_ids.shape
+        if kv_cache is not None and (cu_seqlens is not None or self.cfg.activation_checkpointing and self.training):
+            raise ValueError("hidden_states: kv_cache is for inference on unpacked rows (no cu_seqlens, no "
+                             "activation checkpointing in training mode)")
         longest = T if cu_seqlens is None else max_seqlen
         if longest > self.cfg.max_seq_len:
             raise ValueError(f"input has sequences of {longest} tokens but model.max_seq_len is {self.cfg.max_seq_len}")
         if position_ids is None:
-            if cu_seqlens is None:
+            if kv_cache is not None:
+                steps = torch.arange(T, device=input_ids.device)
+                position_ids = kv_cache.seqlens.long()[:, None] + steps  # (B, T): each row continues its own
+            elif cu_seqlens is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
             else:
                 tokens = torch.arange(B * T, device=input_ids.device)
@@ -179,14 +239,28 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         rope_cache = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         residual = None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
                 x, residual = checkpoint(block, x, residual, rope_cache, position_ids, cu_seqlens, max_seqlen,
                                          use_reentrant=False)
             else:
-                x, residual = block(x, residual, rope_cache, position_ids, cu_seqlens, max_seqlen)
+                layer_cache = kv_cache.layer(i) if kv_cache is not None else None
+                x, residual = block(x, residual, rope_cache, position_ids, cu_seqlens, max_seqlen, layer_cache)
+        if kv_cache is not None:
+            kv_cache.seqlens += T  # every layer has appended its T keys/values
         h, _ = self.norm_f(x.to(residual.dtype), residual)  # (B, T, C)
         return h
+
+    def logits(self, h):
+        """Hidden states (..., C) -> logits (..., V) through the LM / MLM head."""
+        return F.linear(self._head_input(h), self.output_weight, self.head_bias)
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty ``KVCache`` for ``batch`` rows of up to ``max_len`` tokens, in the weights' dtype and device."""
+        if not self.cfg.causal:
+            raise ValueError("a KV cache needs a causal model (an MLM encoder does not decode left to right)")
+        weight = self.tok_emb.weight
+        return KVCache(self.cfg, batch, max_len, weight.dtype, weight.device)
 
     def _head_input(self, h):
         if self.mlm_dense is None:
@@ -199,7 +273,7 @@ class Transformer(nn.Module):
         ``num_items`` overrides the count). Without: the logits (B, T, V)."""
         h = self.hidden_states(input_ids, cu_seqlens, max_seqlen, position_ids)  # (B, T, C)
         if targets is None:
-            return F.linear(self._head_input(h), self.output_weight, self.head_bias)  # (B, T, V)
+            return self.logits(h)  # (B, T, V)
         h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
         if not self.cfg.causal:
             # MLM: only the ~15% selected positions need the head at all.
@@ -227,20 +301,3 @@ class Transformer(nn.Module):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         matmul += 0 if self.head is not None else self.tok_emb.weight.numel()
         return 6 * matmul + 12 * cfg.n_layers * cfg.d_model * seq_len
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, generator=None):
-        """Sample (or, with temperature 0, greedily pick) continuations; no KV cache, so
-        O(T^2) per token: for short samples. input_ids (B, T) -> (B, T + max_new_tokens)."""
-        if not self.cfg.causal:
-            raise ValueError("generate() needs a causal model (an MLM encoder does not generate left to right)")
-        for _ in range(max_new_tokens):
-            context = input_ids[:, -self.cfg.max_seq_len:]  # (B, <=max_seq_len)
-            logits = self(context)[:, -1].float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            input_ids = torch.cat([input_ids, nxt], dim=1)
-        return input_ids

@@ -868,15 +868,41 @@ def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, sc
 
 
 def _kvcache_torch(q, k_cache, v_cache, seqlens_k, out, scale, causal):
-    for b, length in enumerate(seqlens_k.tolist()):
-        if length == 0:
-            out[b].zero_()
-            continue
-        o, _ = _torch_attention(
-            q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length], scale, -1, 0 if causal else -1,
-            0.0, None, need_lse=False,
-        )
-        out[b].copy_(o[0])
+    """The whole batch in one SDPA call over the first max(seqlens_k) slots (decoding is call-overhead
+    bound on CPU: one call per sequence cost more than the attention). A (batch, 1, seqlen_q, slots)
+    mask hides each sequence's slots past its length and, causal, the keys after each query's
+    bottom-right-aligned position; without ragged lengths or a causal block there is no mask."""
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    lengths = seqlens_k.tolist()
+    longest = max(lengths)
+    if longest == 0:
+        out.zero_()
+        return
+    ragged = min(lengths) != longest
+    square_causal = causal and not ragged and seqlen_q == longest  # SDPA's own is_causal, no mask
+    k, v = k_cache[:, :longest], v_cache[:, :longest]  # (B, S, K, D)
+    mask = None
+    if ragged or (causal and seqlen_q > 1 and not square_causal):
+        slot = torch.arange(longest, device=q.device)  # (S,)
+        length = seqlens_k.long()[:, None, None]  # (B, 1, 1)
+        mask = slot < length  # (B, 1, S)
+        if ragged:
+            # Slots past a sequence's length may hold anything (unwritten memory, NaN): a masked
+            # score is still computed and 0 * NaN is NaN, so they are zeroed, not just masked.
+            k = k.masked_fill(~mask[:, 0, :, None, None], 0.0)
+            v = v.masked_fill(~mask[:, 0, :, None, None], 0.0)
+        if causal:
+            query = torch.arange(seqlen_q, device=q.device)[None, :, None]  # (1, Tq, 1)
+            mask = mask & (slot <= query + length - seqlen_q)  # (B, Tq, S)
+        mask = mask[:, None]  # (B, 1, Tq or 1, S): broadcast over heads
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=square_causal,
+        scale=scale, enable_gqa=q.shape[2] != k_cache.shape[2],
+    ).transpose(1, 2)  # (B, Tq, H, D)
+    if mask is not None:
+        # A query that sees no key (an empty sequence, or a causal query before its first key) outputs zeros.
+        o = o.masked_fill(~mask.any(-1)[:, 0, :, None, None], 0.0)
+    out.copy_(o)
 
 
 def _dropout_mask_torch(batch, n_heads, seqlen_q, seqlen_k, dropout_p, seed, device):

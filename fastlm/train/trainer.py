@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastlm.generate import generate
 from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data
@@ -182,15 +183,15 @@ def evaluate(model, batches, device, autocast) -> float:
 
 
 def _sample(model, tokenizer, cfg: Config, eos_id, mask_id, val_batch, device) -> str:
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     model.eval()
     if model.cfg.causal:
-        prompt = tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids if cfg.sample.prompt else [eos_id]
-        ids = torch.tensor([prompt], device=device)
-        out = model.generate(ids, cfg.sample.tokens, cfg.sample.temperature, generator=gen)[0].tolist()
-        if out[0] == eos_id:
-            out = out[1:]
-        return tokenizer.decode(out)
+        prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids) or 1
+        tokens = min(cfg.sample.tokens, model.cfg.max_seq_len - prompt_len)  # the KV cache holds one context
+        if tokens < 1:
+            return cfg.sample.prompt
+        text = generate(model, tokenizer, cfg.sample.prompt, max_new_tokens=tokens,
+                        temperature=cfg.sample.temperature, seed=cfg.train.seed, eos_id=eos_id)[0]
+        return cfg.sample.prompt + text
     # MLM: fill the masks of one validation row with the model's best guesses.
     inputs = val_batch.inputs[:1].to(device)
     with torch.no_grad():

@@ -37,6 +37,20 @@ def _loss_and_grads(model, inputs, targets, cu_seqlens, max_seqlen):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _float64_model(model, monkeypatch):
+    """``model`` in float64 on the reference ops (the fused ops take no float64)."""
+    ref_model = Transformer(model.cfg).double().train(model.training)
+    ref_model.load_state_dict(model.state_dict())
+    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
+    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
+    monkeypatch.setattr(layers, "attention", attention_ref)
+    monkeypatch.setattr(layers, "fused_mlp", fused_mlp_ref)
+    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
+    monkeypatch.setattr(layers, "rope", rope_ref)
+    monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
+    return ref_model
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
@@ -50,15 +64,7 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
     loss, grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
     with fastlm.use_backend("torch"):
         base_loss, base_grads = _loss_and_grads(model, inputs, targets, cu, max_seqlen)
-    ref_model = Transformer(model.cfg).double()
-    ref_model.load_state_dict(model.state_dict())
-    monkeypatch.setattr(fastlm.nn.norm, "layer_norm", layer_norm_ref)
-    monkeypatch.setattr(fastlm.nn.norm, "rms_norm", rms_norm_ref)
-    monkeypatch.setattr(layers, "attention", attention_ref)
-    monkeypatch.setattr(layers, "fused_mlp", fused_mlp_ref)
-    monkeypatch.setattr(layers, "gelu", lambda x: gelu_ref(x, approximate="tanh"))
-    monkeypatch.setattr(layers, "rope", rope_ref)
-    monkeypatch.setattr(layers, "linear_cross_entropy", linear_cross_entropy_ref)
+    ref_model = _float64_model(model, monkeypatch)
     ref_loss, ref_grads = _loss_and_grads(ref_model, inputs, targets, cu, max_seqlen)
     assert_matches_reference("loss", loss, ref_loss, base_loss, torch.float32)
     for name in grads:
@@ -153,3 +159,44 @@ def test_runs_under_bf16_autocast(family):
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_kv_cache_decoding_matches_the_full_forward(family, monkeypatch):
+    """Ragged rows right-padded into one prefill, then three one-token steps through the KV cache:
+    each step's logits are the full forward's logits at that position (every row at its own
+    length), fp32 against the float64 model with the fp32 full forward as the baseline."""
+    model = Transformer(FAMILIES[family](**SMALL, init_std=0.2)).eval()
+    lengths = [7, 3, 5]
+    full = torch.randint(0, 97, (3, 7 + 3))  # row b: its prompt is full[b, :lengths[b]], then 3 more tokens
+    cache = model.new_kv_cache(3, 10)
+    prompt = full[:, :7].clone()
+    for row, n in enumerate(lengths):
+        prompt[row, n:] = 0  # padding: never attended to, overwritten by the next tokens
+    with torch.no_grad():
+        h = model.hidden_states(prompt, kv_cache=cache)  # (3, 7, C)
+        cache.set_lengths(torch.tensor(lengths, dtype=torch.int32))
+        cached = [model.logits(h[torch.arange(3), torch.tensor(lengths) - 1])]  # (3, V) per step
+        for step in range(3):
+            nxt = full[torch.arange(3), torch.tensor(lengths) + step]  # (3,)
+            cached.append(model.logits(model.hidden_states(nxt[:, None], kv_cache=cache)[:, 0]))
+        assert cache.seqlens.tolist() == [n + 3 for n in lengths]
+        rows = [torch.cat([full[b, :n], full[b, n:n + 3]]) for b, n in enumerate(lengths)]
+        baseline = [model(r[None])[0] for r in rows]  # (n + 3, V): the plain forward of each row alone
+        ref_model = _float64_model(model, monkeypatch)
+        ref = [ref_model(r[None])[0] for r in rows]
+    for step in range(4):
+        at = [n - 1 + step for n in lengths]
+        assert_matches_reference(
+            f"logits at step {step}", cached[step], torch.stack([r[i] for r, i in zip(ref, at)]),
+            torch.stack([r[i] for r, i in zip(baseline, at)]), torch.float32)
+
+
+def test_kv_cache_rejects_encoders_and_long_caches():
+    with pytest.raises(ValueError, match="needs a causal model"):
+        Transformer(FAMILIES["bert"](**SMALL)).new_kv_cache(1, 8)
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        Transformer(FAMILIES["gpt2"](**SMALL)).new_kv_cache(1, 33)
+    model = Transformer(FAMILIES["gpt2"](**SMALL))
+    with pytest.raises(ValueError, match="cache_seqlens \\+ seqlen_new must lie"):
+        model.hidden_states(torch.zeros(1, 9, dtype=torch.long), kv_cache=model.new_kv_cache(1, 8))

@@ -390,3 +390,38 @@ def test_kvcache_non_causal_sees_every_cached_key(backend, dtype):
         args = (q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length])
         ref = attention_ref(*(t.double() for t in args))
         assert_matches_reference(f"out[{b}]", out[b:b + 1], ref, attention_ref(*args), dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_kvcache_query_that_sees_no_key_outputs_zeros(backend, dtype):
+    """Ragged lengths in one call (the torch backend masks the batch at once): row 0 holds one key,
+    so its first two of three bottom-right-aligned causal queries see none; row 1 sees its keys."""
+    q = random_tensor(2, 3, 4, 16)
+    k_cache, v_cache = random_tensor(2, 12, 2, 16), random_tensor(2, 12, 2, 16)
+    cache_seqlens = torch.tensor([1, 9], dtype=torch.int32)
+    with fastlm.use_backend(backend), poison_outputs():
+        out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens)
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+    for b, (rows, length) in enumerate(((slice(2, 3), 1), (slice(0, 3), 9))):
+        args = (q[b:b + 1, rows], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length])
+        ref = attention_ref(*(t.double() for t in args), causal=True)
+        assert_matches_reference(f"out[{b}]", out[b:b + 1, rows], ref, attention_ref(*args, causal=True), dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+def test_kvcache_ignores_whatever_lies_past_each_length(backend, dtype):
+    """Slots past a sequence's length are unwritten memory in a preallocated cache: NaN there must
+    not reach the output (ragged lengths: the torch backend attends over the batch at once)."""
+    q = random_tensor(3, 1, 4, 16)
+    k_cache, v_cache = random_tensor(3, 20, 2, 16), random_tensor(3, 20, 2, 16)
+    k_new, v_new = random_tensor(3, 1, 2, 16), random_tensor(3, 1, 2, 16)
+    cache_seqlens = torch.tensor([4, 17, 9], dtype=torch.int32)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        k_cache[b, length:] = float("nan")
+        v_cache[b, length:] = float("nan")
+    with fastlm.use_backend(backend), poison_outputs():
+        out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        args = (q[b:b + 1], k_cache[b:b + 1, :length + 1], v_cache[b:b + 1, :length + 1])
+        ref = attention_ref(*(t.double() for t in args), causal=True)
+        assert_matches_reference(f"out[{b}]", out[b:b + 1], ref, attention_ref(*args, causal=True), dtype)
