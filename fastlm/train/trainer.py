@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -14,7 +15,7 @@ import torch
 
 from fastlm.models import ModelConfig, Transformer
 from fastlm.optim import AdamW8bit
-from fastlm.train import checkpoint, data
+from fastlm.train import checkpoint, data, distributed
 from fastlm.train.config import Config, UserError
 
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU; GPUs not listed get no MFU figure.
@@ -132,15 +133,15 @@ def _prepare_data(cfg: Config, resume_from: Path | None):
         if cfg.data.vocab_size < 300:
             raise UserError(f"data.vocab_size must be at least 300 (256 bytes + specials + merges); got "
                             f"{cfg.data.vocab_size}")
-        print(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus (cached)",
-              file=sys.stderr)
+        distributed.print0(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus "
+                           "(cached)", file=sys.stderr)
         tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
     eos_id = data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text")
     mask_id = data.special_id(tokenizer, data.MASK_CANDIDATES, "mask", required=cfg.train.objective == "mlm")
     tokens = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache)
     packed = data.PackedData(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.val_fraction, eos_id,
                              cfg.train.objective, cfg.train.seed, mask_id, tokenizer.get_vocab_size(),
-                             cfg.data.mlm_probability)
+                             cfg.data.mlm_probability, distributed.rank(), distributed.world_size())
     return tokenizer, tokens, packed, eos_id, mask_id
 
 
@@ -156,6 +157,7 @@ def evaluate(model, batches, device, autocast) -> float:
         n = int((b.targets != data.IGNORE_INDEX).sum())
         total += float(loss) * n
         count += n
+    total, count = distributed.all_reduce_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -189,41 +191,49 @@ def train(cfg: Config) -> dict:
         raise UserError("--train.device=cuda but no CUDA device is available; use --train.device=cpu")
     device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.train.device == "auto" else cfg.train.device)
+    mode = distributed.resolve_mode(cfg.parallel)
+    device = distributed.init(mode, device)
     resume_from = _check_resume(out, cfg)
     saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from)
+    with distributed.main_first():  # rank 0 trains and caches the tokenizer and tokens; the others read them
+        tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from)
     cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
                                   causal=cfg.train.objective == "clm")
     if saved_cfg is not None:
         _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
 
-    model = Transformer(cfg.model).to(device)
+    model = distributed.wrap(Transformer(cfg.model).to(device), mode, cfg.parallel.reshard_after_forward)
+    net = distributed.unwrap(model)  # the Transformer (its methods), inside a DDP wrapper
+    distributed.seed_ranks(cfg.train.seed)
     optimizer = OPTIMIZERS[cfg.optim.name](param_groups(model, cfg.optim.weight_decay), cfg.optim)
     step, micro, tokens_seen, nonfinite = 0, 0, 0, 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
-        print(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(tokenizer.to_str())
+        distributed.print0(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(tokenizer.to_str())
     forward = torch.compile(model) if cfg.train.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
         (lambda: torch.autocast("cpu", enabled=False))
 
     entropy = data.unigram_entropy(tokens[:packed.val_start])
     val_batches = packed.val_batches(cfg.eval.batches)
-    n_params = model.num_params()
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    n_params = net.num_params()
+    flops_per_token = net.flops_per_token(cfg.data.seq_len)
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
                        and k in torch.cuda.get_device_name(device)), None)
-    print(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
-          f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} nats/token, "
-          f"device {device}", file=sys.stderr)
+    world = distributed.world_size()
+    distributed.print0(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
+                       f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} "
+                       f"nats/token, device {device}" + (f", {mode} over {world} processes" if mode != "none" else ""),
+                       file=sys.stderr)
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl" if distributed.is_main() else os.devnull, "a")
     config_dict = cfg.to_dict()
 
     def save(reason: str) -> Path:
@@ -242,10 +252,10 @@ def train(cfg: Config) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     window_start, window_tokens = start, 0
     train_loss = val_loss = float("nan")
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    tokens_per_step = cfg.train.batch_size * world * cfg.train.grad_accum * cfg.data.seq_len
     # disable=None: a live bar on a terminal, none in logs (metrics.jsonl has the figures).
     bar = tqdm(total=cfg.train.steps, initial=step, desc="fastlm-train", dynamic_ncols=True, file=sys.stderr,
-               disable=None)
+               disable=None if distributed.is_main() else True)
     stopped = None
     try:
         with _Stop() as stop:
@@ -254,24 +264,29 @@ def train(cfg: Config) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, finite = 0.0, True
-                for _ in range(cfg.train.grad_accum):
+                for j in range(cfg.train.grad_accum):
                     batch = packed.train_batch(micro).to(device)
                     micro += 1
-                    with autocast():
-                        loss = forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    (loss / cfg.train.grad_accum).backward()
+                    # Gradients are communicated on the last micro-step only.
+                    with distributed.grad_sync(model, j == cfg.train.grad_accum - 1):
+                        with autocast():
+                            loss = forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+                        finite = finite and bool(torch.isfinite(loss))
+                        if not finite and world == 1:
+                            break  # with several ranks, every rank runs every backward (the step is skipped below)
+                        (loss / cfg.train.grad_accum).backward()
                     loss_sum += float(loss.detach())
+                # One collective per step makes the ranks agree on the loss, a skip and a stop signal.
+                loss_sum, bad = distributed.all_reduce_sum([loss_sum, float(not finite)])
+                finite, stop_signal = bad == 0, distributed.all_reduce_max(stop.signal or 0)
                 grad_norm = None
                 if finite and cfg.optim.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                    grad_norm = distributed.clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
                     finite = math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
                     nonfinite = 0
-                    train_loss = loss_sum / cfg.train.grad_accum
+                    train_loss = loss_sum / (cfg.train.grad_accum * world)
                 else:
                     nonfinite += 1
                     warnings.warn(f"step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)")
@@ -298,14 +313,15 @@ def train(cfg: Config) -> dict:
                     bar.set_postfix(postfix, refresh=False)
                     log(record)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                    val_loss = evaluate(model, val_batches, device, autocast)
+                    val_loss = evaluate(net, val_batches, device, autocast)
                     log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-                    bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
+                    if distributed.is_main():
+                        bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 if step == cfg.run.stop_at and step < cfg.train.steps:
                     stopped = f"--stop-at {step}"
                     break
-                if stop.signal is not None:
-                    stopped = signal.Signals(stop.signal).name
+                if stop_signal:
+                    stopped = signal.Signals(stop_signal).name
                     break
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                     save("periodic")
@@ -314,24 +330,25 @@ def train(cfg: Config) -> dict:
     if stopped is not None:
         path = save(stopped)
         metrics.close()
-        print(f"fastlm-train: stopped at step {step} ({stopped}); checkpoint {path}. Continue with the same "
-              f"command plus --resume", file=sys.stderr)
+        distributed.print0(f"fastlm-train: stopped at step {step} ({stopped}); checkpoint {path}. Continue with the "
+                           "same command plus --resume", file=sys.stderr)
         return {"stopped": stopped, "step": step, "checkpoint": str(path),
                 "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
 
-    val_loss = evaluate(model, val_batches, device, autocast)
+    val_loss = evaluate(net, val_batches, device, autocast)
     log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
+    # Every rank samples (an FSDP forward needs them all); rank 0 prints.
+    sample = _sample(net, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
     summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
     log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
-    print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
-          f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
-          f"{entropy:.3f} nats/token; checkpoint {path}")
+    distributed.print0(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this "
+                       f"session; train loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) "
+                       f"vs unigram entropy {entropy:.3f} nats/token; checkpoint {path}")
     if sample:
-        print(f"--- sample ({'fill-mask' if not model.cfg.causal else 'generated'}) ---\n{sample}\n---")
+        distributed.print0(f"--- sample ({'fill-mask' if not net.cfg.causal else 'generated'}) ---\n{sample}\n---")
     return summary
