@@ -19,6 +19,7 @@ unconditionally.
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -126,6 +127,9 @@ def wrap(model: torch.nn.Module, mode: str, reshard_after_forward: bool = True) 
         device_ids = [torch.cuda.current_device()] if _comm_device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if mode == "fsdp":
+        # A block returns a view (nn.Linear's output on 3-D input); FSDP2 warns that an in-place op on it
+        # would skip a hook. The Transformer never modifies a block's outputs in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=reshard_after_forward)
         fully_shard(model, reshard_after_forward=reshard_after_forward)
