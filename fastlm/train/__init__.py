@@ -5,6 +5,7 @@
     fastlm-train --preset gpt2-124m --data corpus.jsonl --train.batch_size=8
     fastlm-train --preset bert-base --objective mlm --data corpus/
     fastlm-train --out runs/mine --resume              # continue after a stop, crash or Ctrl-C
+    torchrun --nproc_per_node=8 -m fastlm.train --parallel.mode=fsdp   # DDP (the default) or FSDP2 over ranks
 
 Settings come from a preset (``tiny``, ``gpt2-124m``, ``llama-1b``, ``bert-base``), then
 ``--config FILE.toml``, then flags; every field of ``fastlm.train.config`` can be set as
