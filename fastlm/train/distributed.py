@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from fastlm.optim.optim8bit import _Optimizer8bit
 from fastlm.train.config import ParallelConfig, UserError
 
 # The device collectives run on (the process group's backend needs its own device's tensors).
@@ -211,8 +212,6 @@ def load_full_model_state(model: torch.nn.Module, state: dict):
 def shards_optimizer_state(model: torch.nn.Module, optimizer) -> bool:
     """Whether the optimizer's state is saved per rank: the 8-bit optimizers under FSDP2 quantize
     each rank's local shard in blocks, so their states exist only in that layout."""
-    from fastlm.optim.optim8bit import _Optimizer8bit
-
     return is_sharded(model) and isinstance(optimizer, _Optimizer8bit)
 
 

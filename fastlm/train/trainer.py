@@ -276,9 +276,9 @@ def train(cfg: Config) -> dict:
                             break  # with several ranks, every rank runs every backward (the step is skipped below)
                         (loss / cfg.train.grad_accum).backward()
                     loss_sum += float(loss.detach())
-                # One collective per step makes the ranks agree on the loss, a skip and a stop signal.
+                # The ranks agree on the loss and on skipping the step.
                 loss_sum, bad = distributed.all_reduce_sum([loss_sum, float(not finite)])
-                finite, stop_signal = bad == 0, distributed.all_reduce_max(stop.signal or 0)
+                finite = bad == 0
                 grad_norm = None
                 if finite and cfg.optim.grad_clip > 0:
                     grad_norm = distributed.clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
@@ -320,6 +320,7 @@ def train(cfg: Config) -> dict:
                 if step == cfg.run.stop_at and step < cfg.train.steps:
                     stopped = f"--stop-at {step}"
                     break
+                stop_signal = distributed.all_reduce_max(stop.signal or 0)  # a signal to any rank stops all
                 if stop_signal:
                     stopped = signal.Signals(stop_signal).name
                     break

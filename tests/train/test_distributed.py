@@ -65,7 +65,8 @@ def _assert_same_training(out: Path, reference: Path, loss_rtol: float) -> None:
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_train_as_one_process_with_twice_the_batch(mode, corpus, cache, one_process, tmp_path):  # noqa: F811
+def test_two_ranks_train_as_one_process_with_twice_the_batch(mode, corpus, cache, one_process, tmp_path,  # noqa: F811
+                                                              capsys):
     """2 ranks x batch 2 == 1 process x batch 4. FSDP also stops and resumes (its full optimizer state
     gathered on save and sharded again on load), and its checkpoint loads into a 1-process model."""
     out = tmp_path / mode
@@ -76,6 +77,9 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(mode, corpus, cache
     else:
         _torchrun(*args)
     _assert_same_training(out, one_process["adamw"], LOSS_RTOL)
+    # Resuming needs the world size the checkpoint was written with.
+    assert main([*args, "--steps", "6", "--resume", "--parallel.mode=none"]) == 2
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
 
     saved = json.loads((_final(out) / "config.json").read_text())
     model = Transformer(ModelConfig.from_dict(saved["model"]))
