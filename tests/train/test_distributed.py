@@ -15,6 +15,7 @@ from safetensors.torch import load_file, load_model
 import fastlm
 from fastlm.models import ModelConfig, Transformer
 from fastlm.train import main
+from fastlm.train.data import PackedData
 from tests.train.test_train import cache, corpus, tiny_args  # noqa: F401 (fixtures)
 
 REPO = Path(fastlm.__file__).resolve().parents[1]
@@ -43,6 +44,29 @@ def _records(out: Path) -> tuple[list[float], list[float]]:
 
 def _final(out: Path) -> Path:
     return out / "checkpoints" / "step_00000004"
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_ranks_read_their_slices_of_the_global_batch(objective):
+    """Rank r's micro-batch k is rows [2r, 2r + 2) of what one process with batch 4 reads (MLM masks
+    included), and the ranks' validation rows together are the one process's."""
+    tokens = torch.randint(2, 97, (3000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint16")
+    tokens[::37] = 0  # EOS
+    kwargs = dict(seq_len=16, val_fraction=0.1, eos_id=0, objective=objective, seed=3, mask_id=1, vocab_size=97)
+    one = PackedData(tokens, batch_size=4, **kwargs)
+    ranks = [PackedData(tokens, batch_size=2, rank=r, world=2, **kwargs) for r in range(2)]
+    assert ranks[0].batches_per_epoch == one.batches_per_epoch
+    for k in (0, 5, one.batches_per_epoch + 1):  # into the second epoch
+        whole = one.train_batch(k)
+        parts = [data.train_batch(k) for data in ranks]
+        assert torch.equal(torch.cat([p.inputs for p in parts]), whole.inputs)
+        assert torch.equal(torch.cat([p.targets for p in parts]), whole.targets)
+    whole = one.val_batches(100)
+    parts = [data.val_batches(100) for data in ranks]
+    # 18 validation rows: 4 full global batches and one of 2 rows, split 1 + 1.
+    assert one.val_rows == 18 and len(parts[0]) == len(parts[1]) == len(whole) == 5
+    for b, batch in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][b].targets, parts[1][b].targets]), batch.targets)
 
 
 @pytest.fixture(scope="module")
