@@ -16,8 +16,9 @@ FSDP2-sharded parameters (DTensors) are updated through their local shards: each
 rank's states; fastlm-train saves them per rank).
 """
 
+import sys
+
 import torch
-from torch.distributed.tensor import DTensor
 
 from fastlm import backend
 from fastlm.extension import cpu_extension, cuda_extension
@@ -97,8 +98,11 @@ def _check_param(param: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (sharing its storage), or ``t`` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """This rank's shard of a DTensor (sharing its storage), or ``t`` itself. No DTensor exists
+    unless torch.distributed.tensor was imported, and importing it here would add a second to
+    ``import fastlm``."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 class _Optimizer8bit(torch.optim.Optimizer):
     """The shared machinery; subclasses fix the rule (``_kind``) and the defaults."""
