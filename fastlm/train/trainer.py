@@ -308,7 +308,7 @@ def train(cfg: Config) -> dict:
                     postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
                                "mem": f"{record['peak_mem_mib']:.0f}MiB"}
                     if peak_flops:
-                        record["mfu"] = tok_s * flops_per_token / peak_flops
+                        record["mfu"] = tok_s * flops_per_token / (peak_flops * world)  # tok_s counts every rank
                         postfix["mfu"] = f"{record['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
                     log(record)
