@@ -872,7 +872,7 @@ def _kvcache_torch(q, k_cache, v_cache, seqlens_k, out, scale, causal):
     bound on CPU: one call per sequence cost more than the attention). A (batch, 1, seqlen_q, slots)
     mask hides each sequence's slots past its length and, causal, the keys after each query's
     bottom-right-aligned position; without ragged lengths or a causal block there is no mask."""
-    batch, seqlen_q = q.shape[0], q.shape[1]
+    seqlen_q = q.shape[1]
     lengths = seqlens_k.tolist()
     longest = max(lengths)
     if longest == 0:

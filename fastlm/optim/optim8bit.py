@@ -10,7 +10,13 @@ Backends (``fastlm.backend``): ``cpp`` (CPU tensors), ``cuda`` (CUDA tensors; th
 extension is compiled on first use) and ``torch`` (``fastlm.optim._rule``, the reference the
 kernels match bit for bit). ``CPUOffloadAdamW8bit`` keeps the states of GPU parameters in CPU
 memory and updates them with the CPU kernel.
+
+FSDP2-sharded parameters (DTensors) are updated through their local shards: each rank keeps
+8-bit states for its shard only, quantized in blocks of that shard (so a state dict holds this
+rank's states; fastlm-train saves them per rank).
 """
+
+import sys
 
 import torch
 
@@ -91,6 +97,13 @@ def _check_param(param: torch.Tensor, grad: torch.Tensor) -> None:
             f"got {grad.dtype} of shape {tuple(grad.shape)} on {grad.device}"
         )
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or ``t`` itself. No DTensor exists
+    unless torch.distributed.tensor was imported, and importing it here would add a second to
+    ``import fastlm``."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
 class _Optimizer8bit(torch.optim.Optimizer):
     """The shared machinery; subclasses fix the rule (``_kind``) and the defaults."""
 
@@ -115,7 +128,7 @@ class _Optimizer8bit(torch.optim.Optimizer):
         return param.device
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
-        n = param.numel()
+        n = _local(param).numel()
         device = self._state_device(param)
         state = {"step": 0, "seed": self._param_index(param)}
         two_moments = self._kind != LION
@@ -146,7 +159,7 @@ class _Optimizer8bit(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                _check_param(param, param.grad)
+                _check_param(_local(param), _local(param.grad))
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(param, group))
@@ -158,10 +171,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
 
     def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
         # The kernels take contiguous tensors; a non-contiguous parameter is updated through a copy.
-        target = param.data if param.is_contiguous() else param.data.contiguous()
-        self._update_contiguous(target, param.grad.contiguous(), state, group, hyper)
-        if target is not param.data:
-            param.data.copy_(target)
+        local = _local(param)
+        target = local.data if local.is_contiguous() else local.data.contiguous()
+        self._update_contiguous(target, _local(param.grad).contiguous(), state, group, hyper)
+        if not local.is_contiguous():
+            local.data.copy_(target)
 
     def _update_contiguous(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
                            hyper: _rule.Hyper) -> None:

@@ -6,6 +6,7 @@
     fastlm-train --preset bert-base --objective mlm --data corpus/
     fastlm-train --out runs/mine --resume              # continue after a stop, crash or Ctrl-C
     fastlm-train --init-from hf_model_dir/ --data pairs.jsonl --export-hf runs/sft/hf   # fine-tune (SFT)
+    torchrun --nproc_per_node=8 -m fastlm.train --parallel.mode=fsdp   # DDP (the default) or FSDP2 over ranks
 
 Settings come from a preset (``tiny``, ``gpt2-124m``, ``llama-1b``, ``bert-base``), then
 ``--config FILE.toml``, then flags; every field of ``fastlm.train.config`` can be set as

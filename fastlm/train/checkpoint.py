@@ -6,7 +6,15 @@
         rng.safetensors         the torch CPU (and CUDA) generator states
         config.json             the full run configuration (model config included)
         tokenizer.json          the tokenizer the token ids refer to
-        trainer_state.json      step, data position, tokens seen, Python RNG state
+        trainer_state.json      step, data position, tokens seen, world size, Python RNG state
+
+Written by N processes (``fastlm.train.distributed``) the files are the same: rank 0 writes the
+full model and optimizer state (DDP: its replica; FSDP2: gathered from the shards), so the
+weights load in one process. Two differences: rng.safetensors holds every rank's generator
+states (``rank{r}.torch_cpu``, ``rank{r}.torch_cuda``), and with an 8-bit optimizer under FSDP2
+the optimizer states are per rank (``optimizer.rank00000.safetensors`` ...; optimizer.json says
+``"shards": N``), because their quantization blocks follow each rank's shard. Resuming needs the
+world size the checkpoint was written with.
 
 A save writes ``OUT/checkpoints/.tmp-step_...`` and renames it into place, so a crash mid-save
 never leaves a half checkpoint under a valid name; then all but the newest ``keep_last`` are
@@ -25,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from fastlm.models.config import ModelConfig
+from fastlm.train import distributed
 from fastlm.train.config import UserError
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -43,8 +52,7 @@ def latest(out: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for idx, param_state in state["state"].items():
         for name, value in param_state.items():
@@ -55,32 +63,85 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _shard_name(rank: int) -> str:
+    return f"optimizer.rank{rank:05d}.safetensors"
+
+
+def _rng_states() -> dict:
+    """The torch generator states to save: this process's (CPU, every CUDA device), or, from N
+    ranks, each rank's own (CPU and its CUDA device) under ``rank{r}.`` on rank 0 (a collective;
+    ranks draw different dropout masks, so each resumes its own stream)."""
+    if distributed.world_size() == 1:
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        return rng
+    local = {"torch_cpu": torch.get_rng_state()}
+    device = distributed.comm_device()
+    if device.type == "cuda":
+        local["torch_cuda"] = torch.cuda.get_rng_state(device)
+    gathered = distributed.gather_to_main(local) or []
+    return {f"rank{r}.{key}": value for r, states in enumerate(gathered) for key, value in states.items()}
+
+
+def _set_rng_states(rng: dict) -> None:
+    if distributed.world_size() == 1:
+        torch.set_rng_state(rng["torch_cpu"])
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+        return
+    prefix = f"rank{distributed.rank()}."
+    torch.set_rng_state(rng[prefix + "torch_cpu"])
+    device = distributed.comm_device()
+    if prefix + "torch_cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng[prefix + "torch_cuda"], device)
+
+
 def save(out: Path, step: int, model, optimizer, config: dict, tokenizer_json: str, trainer_state: dict,
          keep_last: int) -> Path:
+    """Write checkpoint ``step``; under torch.distributed every rank calls this (the states are
+    gathered with collectives) and rank 0 writes, except the per-rank 8-bit optimizer shards of
+    FSDP2, which each rank writes into the temporary directory before rank 0 renames it."""
+    model_state = distributed.full_model_state(model)
+    optimizer_state = distributed.optimizer_state(model, optimizer)
+    sharded = distributed.shards_optimizer_state(model, optimizer)
+    rng = _rng_states()
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "tokenizer.json").write_text(tokenizer_json)
-    state = dict(trainer_state, step=step, python_rng=_python_rng_to_json(random.getstate()))
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():  # a re-save of the same step (e.g. --stop-at at a checkpoint step)
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    world = distributed.world_size()
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        if model_state is None:
+            save_model(distributed.unwrap(model), str(tmp / "model.safetensors"))
+        else:
+            save_file(model_state, str(tmp / "model.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer_state)
+        if sharded:
+            meta["shards"] = world
+        else:
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        state = dict(trainer_state, step=step, world_size=world, python_rng=_python_rng_to_json(random.getstate()))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if sharded:
+        distributed.barrier()  # the temporary directory exists
+        save_file(_optimizer_tensors(optimizer_state)[0], str(tmp / _shard_name(distributed.rank())))
+        distributed.barrier()  # every shard is written
+    if distributed.is_main():
+        if final.exists():  # a re-save of the same step (e.g. --stop-at at a checkpoint step)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    distributed.barrier()  # no rank goes on before the checkpoint is complete
     return final
 
 
@@ -93,10 +154,20 @@ def read_json(path: Path) -> dict:
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG states from ``path``; returns the trainer state."""
+    """Restore model, optimizer and RNG states from ``path``; returns the trainer state. Every
+    rank calls this (each reads the files; FSDP2 keeps its shard of the full state)."""
     path = Path(path)
+    trainer_state = read_json(path / "trainer_state.json")
+    saved_world, world = trainer_state.get("world_size", 1), distributed.world_size()
+    if saved_world != world:
+        raise UserError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}; resume "
+                        f"with the same world size (torchrun --nproc_per_node / --nnodes); its model.safetensors "
+                        "loads anywhere for evaluation or generation")
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if distributed.is_sharded(model):
+            missing, unexpected = distributed.load_full_model_state(model, load_file(str(path / "model.safetensors")))
+        else:
+            missing, unexpected = load_model(distributed.unwrap(model), str(path / "model.safetensors"), strict=False)
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot load {path / 'model.safetensors'} ({str(exc).splitlines()[0]}); the checkpoint does "
                         "not match this model: use the settings it was trained with, or another --out") from None
@@ -104,16 +175,23 @@ def load(path: Path, model, optimizer) -> dict:
         raise UserError(f"{path / 'model.safetensors'} does not match this model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}); use the settings it was trained with, or another --out")
     try:
-        return _load_states(path, optimizer)
+        _load_states(path, model, optimizer)
+        random.setstate(_python_rng_from_json(trainer_state["python_rng"]))
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: {detail}); resume from "
                         "another --out or start fresh") from None
+    return trainer_state
 
 
-def _load_states(path: Path, optimizer) -> dict:
-    tensors = load_file(str(path / "optimizer.safetensors"))
+def _load_states(path: Path, model, optimizer) -> None:
     meta = read_json(path / "optimizer.json")
+    sharded = distributed.shards_optimizer_state(model, optimizer)
+    if bool(meta.get("shards")) != sharded:
+        held = "per-rank 8-bit optimizer shards (FSDP)" if meta.get("shards") else "a full optimizer state"
+        raise UserError(f"checkpoint {path} holds {held}; resume it with the --parallel.mode and --optim.name it "
+                        "was trained with")
+    tensors = load_file(str(path / (_shard_name(distributed.rank()) if sharded else "optimizer.safetensors")))
     state: dict = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
@@ -121,15 +199,8 @@ def _load_states(path: Path, optimizer) -> dict:
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
-    trainer_state = read_json(path / "trainer_state.json")
-    random.setstate(_python_rng_from_json(trainer_state["python_rng"]))
-    return trainer_state
+    distributed.load_optimizer_state(model, optimizer, {"state": state, "param_groups": meta["param_groups"]})
+    _set_rng_states(load_file(str(path / "rng.safetensors")))
 
 
 def _python_rng_to_json(state):

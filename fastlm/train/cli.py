@@ -63,6 +63,7 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastlm.train import distributed
     from fastlm.train.trainer import train
 
     try:
@@ -78,4 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastlm-train: interrupted before a checkpoint could be written", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return summary["exit_code"]

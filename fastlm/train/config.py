@@ -170,6 +170,19 @@ class RunConfig:
 
 
 @dataclass
+class ParallelConfig:
+    mode: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """How the processes torchrun starts share the training (fastlm/train/distributed.py): ddp
+    (DistributedDataParallel: a replica per rank, gradients averaged), fsdp (FSDP2 fully_shard per
+    block: parameters, gradients and optimizer states sharded over ranks), none (one process), or
+    auto: ddp under torchrun with more than one process, else none. Each rank reads its own
+    train.batch_size rows of every global batch of world_size * batch_size rows."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered weights after its forward and gather them again for the
+    backward (least memory); false keeps them until the backward (one all-gather less per block)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network (fastlm.models.ModelConfig). model.vocab_size is taken from the tokenizer and
@@ -182,6 +195,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,6 +21,9 @@
 - Order: a permutation of the rows per epoch, from the seed and the epoch; micro-batch ``k`` is
   a pure function of ``k``, so resuming needs only ``k``. MLM masks likewise come from a generator
   seeded by the seed and ``k``.
+- Ranks: with N processes, micro-batch ``k`` is a global batch of N * batch_size rows and rank r
+  reads rows [r * batch_size, (r + 1) * batch_size) of it (MLM masks drawn for the whole global
+  batch), so N ranks see exactly the rows and masks one process with N * batch_size sees.
 """
 
 import gzip
@@ -301,7 +304,7 @@ class PackedData:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, eos_id: int,
                  objective: str, seed: int, mask_id: int | None = None, vocab_size: int = 0,
-                 mlm_probability: float = 0.15, roles: np.ndarray | None = None):
+                 mlm_probability: float = 0.15, roles: np.ndarray | None = None, rank: int = 0, world: int = 1):
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1); got {val_fraction}")
         if roles is not None and objective != "clm":
@@ -310,6 +313,8 @@ class PackedData:
         self.eos_id, self.objective, self.seed = eos_id, objective, seed
         self.mask_id, self.vocab_size, self.mlm_probability = mask_id, vocab_size, mlm_probability
         self.roles = roles
+        self.rank, self.world = rank, world
+        global_batch = batch_size * world
         self.span = seq_len + 1 if objective == "clm" else seq_len  # tokens a row reads
         n = len(tokens)
         if roles is None:
@@ -321,24 +326,32 @@ class PackedData:
             self.cut_examples = 0
         else:
             self.row_starts, self.row_ends, self.cut_examples = sft_rows(roles, self.span)
-            self.val_rows = max(int(len(self.row_starts) * val_fraction), 1)
+            self.val_rows = max(int(len(self.row_starts) * val_fraction), world)
             self.train_rows = len(self.row_starts) - self.val_rows
             self.val_start = int(self.row_starts[self.train_rows]) if self.train_rows >= 0 else 0
-        if self.train_rows < batch_size or self.val_rows < 1:
+        if self.train_rows < global_batch or self.val_rows < world:
             raise UserError(
-                f"the corpus has {n} tokens: too few for a batch of {batch_size} rows of {seq_len} tokens plus a "
+                f"the corpus has {n} tokens: too few for a batch of {global_batch} rows of {seq_len} tokens plus a "
                 f"validation split; use more text or lower --train.batch_size / --data.seq_len")
-        self.batches_per_epoch = self.train_rows // batch_size
+        self.batches_per_epoch = self.train_rows // global_batch
         self._epoch, self._perm = -1, None
 
-    def _rows(self, starts: np.ndarray, generator_seed: int) -> Batch:
+    def _rows(self, starts: np.ndarray, generator_seed: int, offset: int = 0, total: int | None = None) -> Batch:
+        """The batch of the rows at ``starts``: rows [offset, offset + len(starts)) of a global batch of
+        ``total`` rows (default: just these)."""
         rows = np.stack([self.tokens[s:s + self.span] for s in starts]).astype(np.int64)
         data = torch.from_numpy(rows)  # (B, span)
         if self.objective == "clm":
             inputs, targets = data[:, :-1], data[:, 1:].clone()  # (B, T) each
         else:
-            inputs, targets = mask_tokens(data, self.mask_id, self.eos_id, self.vocab_size, self.mlm_probability,
+            # Masks are drawn for the whole global batch, so they do not depend on the number of ranks.
+            full = data
+            if total is not None and total != len(data):
+                full = data.new_zeros(total, self.span)  # (total, span); the other ranks' rows do not matter
+                full[offset:offset + len(data)] = data
+            inputs, targets = mask_tokens(full, self.mask_id, self.eos_id, self.vocab_size, self.mlm_probability,
                                           torch.Generator().manual_seed(generator_seed))
+            inputs, targets = inputs[offset:offset + len(data)], targets[offset:offset + len(data)]
         cu_seqlens, max_seqlen = document_boundaries(inputs, self.eos_id)
         return Batch(inputs.contiguous(), targets, cu_seqlens, max_seqlen)
 
@@ -366,25 +379,36 @@ class PackedData:
         return Batch(inputs, targets, cu_seqlens, max_seqlen)
 
     def train_batch(self, k: int) -> Batch:
-        """Micro-batch ``k`` (0-based, counted over the whole run)."""
+        """This rank's rows of micro-batch ``k`` (0-based, counted over the whole run)."""
         epoch, i = divmod(k, self.batches_per_epoch)
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.train_rows, generator=gen).numpy()
-        rows = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        global_batch = self.batch_size * self.world
+        first = i * global_batch + self.rank * self.batch_size
+        rows = self._perm[first:first + self.batch_size]
         if self.roles is not None:
             return self._sft_batch(rows)
-        return self._rows(rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + k) * 2 + 1)
+        return self._rows(rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + k) * 2 + 1,
+                          offset=self.rank * self.batch_size, total=global_batch)
 
     def val_batches(self, count: int) -> list[Batch]:
-        """The first ``count`` validation micro-batches (fixed: the same every evaluation)."""
+        """This rank's part of the first ``count`` validation micro-batches (fixed: the same every
+        evaluation). A short last global batch is split as evenly as the ranks allow; it is left
+        out if some rank would get no row (every rank must run every forward under FSDP)."""
         out = []
-        for b in range(min(count, -(-self.val_rows // self.batch_size))):
-            rows = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.val_rows))
+        global_batch = self.batch_size * self.world
+        for b in range(min(count, -(-self.val_rows // global_batch))):
+            rows = np.arange(b * global_batch, min((b + 1) * global_batch, self.val_rows))
+            if len(rows) < self.world:
+                break
+            parts = np.array_split(rows, self.world)
             if self.roles is not None:
-                out.append(self._sft_batch(self.train_rows + rows))
+                out.append(self._sft_batch(self.train_rows + parts[self.rank]))
                 continue
-            out.append(self._rows(self.val_start + rows * self.seq_len, generator_seed=(self.seed * 1_000_003 + b) * 2))
+            offset = sum(len(p) for p in parts[:self.rank])
+            out.append(self._rows(self.val_start + parts[self.rank] * self.seq_len,
+                                  generator_seed=(self.seed * 1_000_003 + b) * 2, offset=offset, total=len(rows)))
         return out
 
 

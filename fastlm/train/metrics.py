@@ -18,16 +18,19 @@ def _tensorboard_writer(logdir: Path):
 
 class MetricsLog:
     """Appends one JSON object per record to ``metrics.jsonl`` (flushed, so a crash keeps what was
-    logged) and mirrors each record's numbers that carry a ``step`` to TensorBoard."""
+    logged) and mirrors each record's numbers that carry a ``step`` to TensorBoard. ``out=None``:
+    this process does not log (a rank other than 0); its records are dropped."""
 
-    def __init__(self, out: Path, tensorboard: bool):
-        self._jsonl = open(out / "metrics.jsonl", "a")
-        self._tb = _tensorboard_writer(out / "tensorboard") if tensorboard else None
-        if tensorboard and self._tb is None:
+    def __init__(self, out: Path | None, tensorboard: bool):
+        self._jsonl = open(out / "metrics.jsonl", "a") if out is not None else None
+        self._tb = _tensorboard_writer(out / "tensorboard") if tensorboard and out is not None else None
+        if tensorboard and out is not None and self._tb is None:
             print("fastlm-train: tensorboard is not installed; metrics go to metrics.jsonl only "
                   "(pip install tensorboard for event files)", file=sys.stderr)
 
     def log(self, record: dict) -> None:
+        if self._jsonl is None:
+            return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is None or "step" not in record:
@@ -41,6 +44,7 @@ class MetricsLog:
         self._tb.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -14,7 +14,7 @@ import torch
 from fastlm.generate import generate
 from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.optim import AdamW8bit
-from fastlm.train import checkpoint, data
+from fastlm.train import checkpoint, data, distributed
 from fastlm.train.config import Config, UserError
 from fastlm.train.metrics import MetricsLog
 
@@ -145,8 +145,8 @@ def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretra
         if cfg.data.vocab_size < 300:
             raise UserError(f"data.vocab_size must be at least 300 (256 bytes + specials + merges); got "
                             f"{cfg.data.vocab_size}")
-        print(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus (cached)",
-              file=sys.stderr)
+        distributed.print0(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus "
+                           "(cached)", file=sys.stderr)
         tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
     if init is not None and init.eos_token_id is not None:  # an HF model names its end-of-text token
         eos_id = init.eos_token_id
@@ -159,10 +159,11 @@ def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretra
         tokens, roles = data.tokenize(docs, tokenizer, eos_id, corpus_hash, cache), None
     packed = data.PackedData(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.val_fraction, eos_id,
                              cfg.train.objective, cfg.train.seed, mask_id, tokenizer.get_vocab_size(),
-                             cfg.data.mlm_probability, roles=roles)
+                             cfg.data.mlm_probability, roles=roles, rank=distributed.rank(),
+                             world=distributed.world_size())
     if packed.cut_examples:
-        print(f"fastlm-train: {packed.cut_examples} SFT examples are longer than data.seq_len + 1 "
-              f"({cfg.data.seq_len + 1} tokens) and were cut", file=sys.stderr)
+        distributed.print0(f"fastlm-train: {packed.cut_examples} SFT examples are longer than data.seq_len + 1 "
+                           f"({cfg.data.seq_len + 1} tokens) and were cut", file=sys.stderr)
     return tokenizer, tokens, packed, eos_id, mask_id
 
 
@@ -178,6 +179,7 @@ def evaluate(model, batches, device, autocast) -> float:
         n = int((b.targets != data.IGNORE_INDEX).sum())
         total += float(loss) * n
         count += n
+    total, count = distributed.all_reduce_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -216,6 +218,8 @@ def train(cfg: Config) -> dict:
             hf_convert.export_type(cfg.model.replace(causal=cfg.train.objective == "clm"))
         except ValueError as exc:
             raise UserError(f"--export-hf: {exc}") from None
+    mode = distributed.resolve_mode(cfg.parallel)
+    device = distributed.init(mode, device)
     resume_from = _check_resume(out, cfg)
     saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
     init = None
@@ -230,7 +234,8 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from, init)
+    with distributed.main_first():  # rank 0 trains and caches the tokenizer and tokens; the others read them
+        tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from, init)
     if init is None:
         cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
                                       causal=cfg.train.objective == "clm")
@@ -240,38 +245,43 @@ def train(cfg: Config) -> dict:
     if saved_cfg is not None:
         _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
 
-    model = Transformer(cfg.model).to(device)
-    if init is not None and init.state_dict is not None:
+    net = Transformer(cfg.model).to(device)  # the Transformer itself (its methods); model may wrap it
+    if init is not None and init.state_dict is not None:  # before sharding: every rank loads the full weights
         try:
-            model.load_state_dict(init.state_dict)
+            net.load_state_dict(init.state_dict)
         except RuntimeError as exc:
             raise UserError(f"--init-from {init.path}: the weights do not match its config "
                             f"({str(exc).splitlines()[0]})") from None
-        print(f"fastlm-train: starting from {init.path} ({'Hugging Face' if init.source == 'hf' else 'fastlm'} "
-              "weights)", file=sys.stderr)
+        distributed.print0(f"fastlm-train: starting from {init.path} "
+                           f"({'Hugging Face' if init.source == 'hf' else 'fastlm'} weights)", file=sys.stderr)
+    model = distributed.wrap(net, mode, cfg.parallel.reshard_after_forward)
+    distributed.seed_ranks(cfg.train.seed)
     optimizer = OPTIMIZERS[cfg.optim.name](param_groups(model, cfg.optim.weight_decay), cfg.optim)
     step, micro, tokens_seen, nonfinite = 0, 0, 0, 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer)
         step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
-        print(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(tokenizer.to_str())
+        distributed.print0(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(tokenizer.to_str())
     forward = torch.compile(model) if cfg.train.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
         (lambda: torch.autocast("cpu", enabled=False))
 
     entropy = data.unigram_entropy(tokens[:packed.val_start])
     val_batches = packed.val_batches(cfg.eval.batches)
-    n_params = model.num_params()
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    n_params = net.num_params()
+    flops_per_token = net.flops_per_token(cfg.data.seq_len)
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
                        and k in torch.cuda.get_device_name(device)), None)
-    print(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
-          f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} nats/token, "
-          f"device {device}", file=sys.stderr)
+    world = distributed.world_size()
+    distributed.print0(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
+                       f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} "
+                       f"nats/token, device {device}" + (f", {mode} over {world} processes" if mode != "none" else ""),
+                       file=sys.stderr)
 
-    metrics = MetricsLog(out, cfg.run.tensorboard)
+    metrics = MetricsLog(out if distributed.is_main() else None, cfg.run.tensorboard)
     config_dict = cfg.to_dict()
 
     def save(reason: str) -> Path:
@@ -286,10 +296,10 @@ def train(cfg: Config) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     window_start, window_tokens = start, 0
     train_loss = val_loss = float("nan")
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    tokens_per_step = cfg.train.batch_size * world * cfg.train.grad_accum * cfg.data.seq_len
     # disable=None: a live bar on a terminal, none in logs (metrics.jsonl has the figures).
     bar = tqdm(total=cfg.train.steps, initial=step, desc="fastlm-train", dynamic_ncols=True, file=sys.stderr,
-               disable=None)
+               disable=None if distributed.is_main() else True)
     stopped = None
     try:
         with _Stop() as stop:
@@ -298,24 +308,29 @@ def train(cfg: Config) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, finite = 0.0, True
-                for _ in range(cfg.train.grad_accum):
+                for j in range(cfg.train.grad_accum):
                     batch = packed.train_batch(micro).to(device)
                     micro += 1
-                    with autocast():
-                        loss = forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    (loss / cfg.train.grad_accum).backward()
+                    # Gradients are communicated on the last micro-step only.
+                    with distributed.grad_sync(model, j == cfg.train.grad_accum - 1):
+                        with autocast():
+                            loss = forward(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+                        finite = finite and bool(torch.isfinite(loss))
+                        if not finite and world == 1:
+                            break  # with several ranks, every rank runs every backward (the step is skipped below)
+                        (loss / cfg.train.grad_accum).backward()
                     loss_sum += float(loss.detach())
+                # The ranks agree on the loss and on skipping the step.
+                loss_sum, bad = distributed.all_reduce_sum([loss_sum, float(not finite)])
+                finite = bad == 0
                 grad_norm = None
                 if finite and cfg.optim.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                    grad_norm = distributed.clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
                     finite = math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
                     nonfinite = 0
-                    train_loss = loss_sum / cfg.train.grad_accum
+                    train_loss = loss_sum / (cfg.train.grad_accum * world)
                 else:
                     nonfinite += 1
                     warnings.warn(f"step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)")
@@ -337,19 +352,21 @@ def train(cfg: Config) -> dict:
                     postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
                                "mem": f"{record['peak_mem_mib']:.0f}MiB"}
                     if peak_flops:
-                        record["mfu"] = tok_s * flops_per_token / peak_flops
+                        record["mfu"] = tok_s * flops_per_token / (peak_flops * world)  # tok_s counts every rank
                         postfix["mfu"] = f"{record['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
                     metrics.log(record)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                    val_loss = evaluate(model, val_batches, device, autocast)
+                    val_loss = evaluate(net, val_batches, device, autocast)
                     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-                    bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
+                    if distributed.is_main():
+                        bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 if step == cfg.run.stop_at and step < cfg.train.steps:
                     stopped = f"--stop-at {step}"
                     break
-                if stop.signal is not None:
-                    stopped = signal.Signals(stop.signal).name
+                stop_signal = distributed.all_reduce_max(stop.signal or 0)  # a signal to any rank stops all
+                if stop_signal:
+                    stopped = signal.Signals(stop_signal).name
                     break
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                     save("periodic")
@@ -358,28 +375,31 @@ def train(cfg: Config) -> dict:
     if stopped is not None:
         path = save(stopped)
         metrics.close()
-        print(f"fastlm-train: stopped at step {step} ({stopped}); checkpoint {path}. Continue with the same "
-              f"command plus --resume", file=sys.stderr)
+        distributed.print0(f"fastlm-train: stopped at step {step} ({stopped}); checkpoint {path}. Continue with the "
+                           "same command plus --resume", file=sys.stderr)
         return {"stopped": stopped, "step": step, "checkpoint": str(path),
                 "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
 
-    val_loss = evaluate(model, val_batches, device, autocast)
+    val_loss = evaluate(net, val_batches, device, autocast)
     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    sample = _sample(model, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
+    # Every rank samples (an FSDP forward needs them all); rank 0 prints.
+    sample = _sample(net, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
     summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
     metrics.log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
-    if cfg.run.export_hf:
-        hf_convert.save_hf(model, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
+    if cfg.run.export_hf and distributed.is_main():
+        # From the final checkpoint, which holds the full weights however the model was sharded.
+        exported, _ = checkpoint.load_pretrained_model(path)
+        hf_convert.save_hf(exported, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
         summary["export_hf"] = cfg.run.export_hf
         print(f"fastlm-train: wrote the model as a Hugging Face directory to {cfg.run.export_hf}", file=sys.stderr)
-    print(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this session; train "
-          f"loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) vs unigram entropy "
-          f"{entropy:.3f} nats/token; checkpoint {path}")
+    distributed.print0(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this "
+                       f"session; train loss {train_loss:.3f}, val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f}) "
+                       f"vs unigram entropy {entropy:.3f} nats/token; checkpoint {path}")
     if sample:
-        print(f"--- sample ({'fill-mask' if not model.cfg.causal else 'generated'}) ---\n{sample}\n---")
+        distributed.print0(f"--- sample ({'fill-mask' if not net.cfg.causal else 'generated'}) ---\n{sample}\n---")
     return summary

@@ -232,6 +232,8 @@ def test_kvcache_matches_full_attention(backend, dtype, n_new):
             assert torch.equal(v_cache[b, length:total], v_new[b])
         assert torch.equal(k_cache[b, :length], k_before[b, :length])
         assert torch.equal(k_cache[b, total:], k_before[b, total:])
+        assert torch.equal(v_cache[b, :length], v_before[b, :length])
+        assert torch.equal(v_cache[b, total:], v_before[b, total:])
         args = (q[b:b + 1], k_cache[b:b + 1, :total], v_cache[b:b + 1, :total])
         ref = attention_ref(*(t.double() for t in args), causal=True)
         base = attention_ref(*args, causal=True)
