@@ -384,17 +384,20 @@ def train(cfg: Config) -> dict:
     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
     path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    # Every rank samples (an FSDP forward needs them all); rank 0 prints.
-    sample = _sample(net, tokenizer, cfg, eos_id, mask_id, val_batches[0], device) if cfg.sample.tokens else ""
+    # Rank 0 samples and exports. An FSDP-sharded model is whole on no rank (and generation calls
+    # no forward that would gather it): rank 0 then uses the final checkpoint's full weights.
+    sample, whole = "", None
+    if distributed.is_main() and (cfg.sample.tokens or cfg.run.export_hf):
+        whole = checkpoint.load_pretrained_model(path, device=device)[0] if distributed.is_sharded(model) else net
+        if cfg.sample.tokens:
+            sample = _sample(whole, tokenizer, cfg, eos_id, mask_id, val_batches[0], device)
     summary = {"steps": step, "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "train_loss": train_loss,
                "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_entropy": entropy,
                "params": n_params, "checkpoint": str(path), "sample": sample, "exit_code": 0}
     metrics.log({"summary": {k: v for k, v in summary.items() if k != "sample"}})
     metrics.close()
-    if cfg.run.export_hf and distributed.is_main():
-        # From the final checkpoint, which holds the full weights however the model was sharded.
-        exported, _ = checkpoint.load_pretrained_model(path)
-        hf_convert.save_hf(exported, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
+    if cfg.run.export_hf and whole is not None:
+        hf_convert.save_hf(whole, tokenizer, cfg.run.export_hf, eos_token_id=eos_id)
         summary["export_hf"] = cfg.run.export_hf
         print(f"fastlm-train: wrote the model as a Hugging Face directory to {cfg.run.export_hf}", file=sys.stderr)
     distributed.print0(f"\nfastlm-train: {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({cpu:.0f} s CPU) this "
