@@ -54,10 +54,11 @@ struct Tables {
 #if defined(__AVX512F__)
 // ---- 16 lanes at a time (AVX-512) --------------------------------------------------------
 // The same rule, operation for operation (one IEEE-rounded vector op per scalar op, no FMA), so
-// the results are the scalar path's bits. What the compiler cannot do alone: the code lookups.
-// Without a fast gather (GCC emulates gathers with scalar loads on AMD tunings), dequantizing
-// from the 256-entry code is 8 two-register permutes and 7 blends, the table in registers; the
-// quantize lookup (a 26 KB table) stays a hardware gather, the one memory-bound step.
+// the results are the scalar path's bits. Written out by hand for the table lookups, which the
+// auto-vectorized loop turns into gathers (emulated with scalar loads under GCC's AMD tunings):
+// a lookup costs about a cycle per lane either way. The 256-entry code fits 16 registers, so
+// dequantizing is 8 two-register permutes and 7 blends per 16 lanes; the 26 KB quantize table
+// does not, and stays one hardware gather per 16 lanes, the costliest step that is left.
 namespace simd {
 
 // Everything one block's update reads and writes, and the task's fp32 scratch for the new
@@ -167,6 +168,7 @@ template <bool Stochastic>
 inline void store(c10::BFloat16* p, __m512 x, uint32_t key, int64_t index) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16<Stochastic>(x, key, index));
 }
+// Round to nearest even, as c10::Half's conversion (NaN payloads aside).
 template <bool Stochastic>
 inline void store(c10::Half* p, __m512 x, uint32_t, int64_t) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
