@@ -94,10 +94,9 @@ FASTLM_HD float bits_float(uint32_t u) {
 
 // ---- the 8-bit code ---------------------------------------------------------------------
 constexpr int kCodeSize = 256;
-// Midpoint table length: 255 midpoints, then +inf padding so quantize_lut's fixed number of
-// probes never reads out of range.
-constexpr int kLutProbes = 1;
-constexpr int kMidPadded = kCodeSize - 1 + kLutProbes;
+// Midpoint table length: 255 midpoints, then +inf padding (one entry, so a search position of
+// 255 reads a value no x is below).
+constexpr int kMidPadded = kCodeSize;
 // quantize_lut buckets |x| by its top 16 bits (sign, exponent, 7 mantissa bits), clamped to
 // [2^-26, 1]: kLutKeys buckets per sign, magnitudes below 2^-26 share the lowest one (no
 // code value but 0 lies there: the smallest non-zero code magnitude is above 1e-7).
@@ -105,6 +104,8 @@ constexpr uint32_t kLutKeyLo = (127u - 26u) << 7;  // top 16 bits of 2^-26
 constexpr uint32_t kLutKeyHi = 127u << 7;          // top 16 bits of 1.0
 constexpr int kLutKeys = static_cast<int>(kLutKeyHi - kLutKeyLo) + 1;
 constexpr int kLutSize = 2 * kLutKeys;
+// A lut entry: (#midpoints below the bucket) << 16 | threshold (see quantize_lut).
+constexpr uint32_t kLutLowMask = 0xffffu;
 
 // code[q] * absmax: the dequantized state.
 FASTLM_HD float dequantize(const float* code, uint8_t q, float absmax) { return mul_rn(code[q], absmax); }
@@ -125,18 +126,26 @@ FASTLM_HD uint8_t quantize_search(const float* mid, float x) {
     return static_cast<uint8_t>(pos);
 }
 
-// The same count, from a lookup table (CPU path): lut[bucket(x)] is #(midpoints < the
-// smallest float in x's bucket), and at most kLutProbes midpoints lie inside any bucket
-// (fastlm/optim/_code.py checks that when it builds the table), so a few compares finish it.
-FASTLM_HD uint8_t quantize_lut(const int32_t* lut, const float* mid, float x) {
-    const uint32_t bits = float_bits(x);
+// The same count, from one lookup (CPU path). Every bucket of fp32 values sharing their top
+// 16 bits holds at most one midpoint, and a midpoint inside x's bucket differs from x only in
+// the low 16 bits, so one table entry per bucket settles the count:
+// lut[bucket] = (#midpoints below the bucket) << 16 | t, where t is the low 16 bits of the
+// bucket's midpoint, inverted for negative buckets (there a larger magnitude is smaller), or
+// 0xffff when the bucket holds none (clamped buckets never do); the count is then the high
+// half, plus one if x's low 16 bits, inverted alike, exceed t. fastlm/optim/_code.py builds the
+// table and checks both premises; csrc/cpu/optim8bit.cpp has a 16-lane version.
+FASTLM_HD uint32_t lut_slot(uint32_t bits) {
     uint32_t key = (bits & 0x7fffffffu) >> 16;
     key = key < kLutKeyLo ? kLutKeyLo : (key > kLutKeyHi ? kLutKeyHi : key);
-    const int slot = static_cast<int>(key - kLutKeyLo) + ((bits >> 31) ? kLutKeys : 0);
-    const int lo = lut[slot];
-    int pos = lo;
-    for (int j = 0; j < kLutProbes; ++j) pos += mid[lo + j] < x ? 1 : 0;
-    return static_cast<uint8_t>(pos);
+    return (key - kLutKeyLo) + ((bits >> 31) ? static_cast<uint32_t>(kLutKeys) : 0u);
+}
+FASTLM_HD uint8_t lut_count(uint32_t entry, uint32_t bits) {
+    const uint32_t low = (bits ^ (0u - (bits >> 31))) & kLutLowMask;
+    return static_cast<uint8_t>((entry >> 16) + (low > (entry & kLutLowMask) ? 1u : 0u));
+}
+FASTLM_HD uint8_t quantize_lut(const int32_t* lut, float x) {
+    const uint32_t bits = float_bits(x);
+    return lut_count(static_cast<uint32_t>(lut[lut_slot(bits)]), bits);
 }
 
 // x / scale, quantized: x is a new moment, scale its block's safe_scale(absmax).

@@ -19,7 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("kind"), py::arg("param"), py::arg("grad"), py::arg("state1"), py::arg("absmax1"),
           py::arg("state2"), py::arg("absmax2"), py::arg("tables1"), py::arg("lut1"), py::arg("tables2"),
           py::arg("lut2"), py::arg("block_size"), py::arg("hyper"), py::arg("seed"), py::arg("step"),
-          py::arg("stochastic_rounding"));
+          py::arg("stochastic_rounding"), py::call_guard<py::gil_scoped_release>());
     m.def("act_fwd", &act_fwd_cpu, "Fused SiLU/GELU activation, optionally gated (act(gate) * up)", py::arg("gate"),
           py::arg("up"), py::arg("y"), py::arg("act"));
     m.def("act_bwd", &act_bwd_cpu, "Gradients of act_fwd, recomputing the activation (optionally returning it)",

@@ -14,10 +14,11 @@ tensors, so the C++, CUDA and PyTorch paths quantize with the same numbers:
 * ``mid``: the 255 midpoints between neighbours, padded with +inf to ``MID_PADDED``; a value
   quantizes to ``#(mid < x)``, the index of its nearest code value (ties to the lower);
 * ``lut``: for the CPU kernel, per bucket of fp32 values sharing their top 16 bits,
-  ``#(mid < the bucket's smallest value)``; at most ``LUT_PROBES`` midpoints lie inside a
-  bucket, so ``quantize_lut`` (csrc/common/optim8bit_rule.h) needs that many compares.
+  ``#(mid < the bucket's smallest value) << 16 | t``, ``t`` locating the bucket's one midpoint
+  by its low 16 bits, so ``quantize_lut`` (csrc/common/optim8bit_rule.h) counts with one load
+  and one compare.
 
-The constants mirror the header's; ``tables`` checks the probe bound for each code.
+The constants mirror the header's; ``lookup_table`` checks the premises for each code.
 """
 
 import functools
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 
 CODE_SIZE = 256
-LUT_PROBES = 1
-MID_PADDED = CODE_SIZE - 1 + LUT_PROBES
+MID_PADDED = CODE_SIZE
 LUT_KEY_LO = (127 - 26) << 7  # top 16 bits of 2^-26
 LUT_KEY_HI = 127 << 7  # top 16 bits of 1.0
 LUT_KEYS = LUT_KEY_HI - LUT_KEY_LO + 1
+LUT_LOW_MASK = 0xFFFF  # no midpoint in the bucket: no low half exceeds it
 _EXPONENTS = 7  # decades 1e-6 .. 1e0
 
 
@@ -64,15 +65,27 @@ def _bucket_bounds(negative: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lookup_table(mid: np.ndarray) -> np.ndarray:
-    """``lut`` for the 255 midpoints ``mid``: #(mid < bucket minimum), positive buckets first."""
+    """``lut`` for the 255 fp32 midpoints ``mid``, positive buckets first: per bucket
+    ``#(mid < bucket minimum) << 16 | t``, where ``t`` is the low 16 bits of the one midpoint
+    inside the bucket (inverted in a negative bucket, where larger bits mean smaller values) or
+    ``LUT_LOW_MASK`` when there is none. ``quantize_lut`` adds 1 when x's low 16 bits, inverted
+    alike, exceed ``t``: inside a bucket only the low 16 bits differ, so that is ``mid < x``."""
+    mid_bits = mid.view(np.uint32)
     parts = []
     for negative in (False, True):
         smallest, largest = _bucket_bounds(negative)
         below_lo = np.searchsorted(mid, smallest, side="left")
-        below_hi = np.searchsorted(mid, largest, side="left")
-        probes = int((below_hi - below_lo).max())
-        assert probes <= LUT_PROBES, f"a bucket holds {probes} midpoints; quantize_lut probes {LUT_PROBES}"
-        parts.append(below_lo)
+        inside = np.searchsorted(mid, largest, side="right") - below_lo
+        assert inside.max() <= 1, "a bucket holds more than one midpoint: quantize_lut needs more compares"
+        # The clamped end buckets also take magnitudes outside their top-16-bit range, whose low
+        # bits say nothing: they must hold no midpoint.
+        assert inside[0] == 0 and inside[-1] == 0, "a midpoint lies in a clamped bucket"
+        low = np.full(LUT_KEYS, LUT_LOW_MASK, dtype=np.int64)
+        has = inside == 1
+        low[has] = mid_bits[below_lo[has]] & LUT_LOW_MASK
+        if negative:
+            low[has] ^= LUT_LOW_MASK
+        parts.append((below_lo.astype(np.int64) << 16) | low)
     return np.concatenate(parts).astype(np.int32)
 
 

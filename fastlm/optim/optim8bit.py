@@ -16,7 +16,9 @@ FSDP2-sharded parameters (DTensors) are updated through their local shards: each
 rank's states; fastlm-train saves them per rank).
 """
 
+import concurrent.futures
 import sys
+import weakref
 
 import torch
 
@@ -154,20 +156,25 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             _check_hyper(group, self._kind)
-            lr = _lr_value(group["lr"])
-            beta1, beta2 = group["betas"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                _check_param(_local(param), _local(param.grad))
-                state = self.state[param]
-                if not state:
-                    state.update(self._init_state(param, group))
-                state["step"] += 1
-                hyper = _rule.make_hyper(self._kind, lr, beta1, beta2, group["eps"], group["weight_decay"],
-                                         state["step"])
+                state, hyper = self._begin_update(param, group)
                 self._update(param, state, group, hyper)
         return loss
+
+    def _begin_update(self, param: torch.Tensor, group: dict) -> tuple[dict, _rule.Hyper]:
+        """Check ``param``'s gradient, create its state on first use, count the step and
+        return the state with the step's scalars (the group's ``lr`` read now)."""
+        _check_param(_local(param), _local(param.grad))
+        state = self.state[param]
+        if not state:
+            state.update(self._init_state(param, group))
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = _rule.make_hyper(self._kind, _lr_value(group["lr"]), beta1, beta2, group["eps"],
+                                 group["weight_decay"], state["step"])
+        return state, hyper
 
     def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
         # The kernels take contiguous tensors; a non-contiguous parameter is updated through a copy.
@@ -253,32 +260,177 @@ class CPUOffloadAdamW8bit(AdamW8bit):
     models whose optimizer states do not fit the GPU.
 
     Per GPU parameter and step: the gradient and the parameter are copied into pinned host
-    buffers, the CPU kernel updates them with the CPU-resident states, and the parameter is
-    copied back (asynchronously; the stream orders it before the next use). The CPU and CUDA
-    kernels compute the same bits (tests/gpu/test_optim_cuda.py), so training matches
-    AdamW8bit on the GPU; state dicts are interchangeable. CPU parameters are updated in place
-    as by AdamW8bit. The update does not yet overlap the backward pass.
+    buffers (on a side stream, after the work that produced them), a worker thread runs the
+    CPU kernel on them with the CPU-resident states, then copies the parameter back (another
+    side stream); ``step()`` returns once every update is done and has made the current stream
+    wait for the copies back. CPU parameters are updated in place by the same worker. The CPU
+    and CUDA kernels compute the same bits (tests/gpu/test_optim_cuda.py), so training matches
+    AdamW8bit in either mode, and state dicts are interchangeable.
+
+    ``overlap=False`` (the default): ``step()`` starts every update (the worker still overlaps
+    one parameter's copies with another's CPU update) and waits for them. Gradient clipping,
+    gradient accumulation over several backward passes and any other change to the gradients
+    before ``step()`` work as with any optimizer.
+
+    ``overlap=True``: each parameter's update starts during ``backward()``, as soon as its
+    gradient is accumulated (``register_post_accumulate_grad_hook``), so the copies and the CPU
+    update run under the rest of the backward pass; ``step()`` then only waits for them (and
+    updates, at once, parameters whose gradient came without a backward pass). Hence:
+
+    - the update uses the gradient as backward left it: clipping or scaling gradients
+      between ``backward()`` and ``step()`` has no effect on it (clip inside the loss instead,
+      or use ``overlap=False``);
+    - one backward pass per ``step()``: a second gradient for a parameter before ``step()``
+      (gradient accumulation) raises a RuntimeError during that backward;
+    - the learning rate and other hyper-parameters are read when the update starts (during
+      backward), which is after the previous ``step()`` and scheduler step, as usual;
+    - a closure passed to ``step()`` runs its backward first, as usual; ``zero_grad()``,
+      ``state_dict()`` and ``load_state_dict()`` first wait for outstanding updates.
     """
 
-    def __init__(self, params, *args, **kwargs):
+    def __init__(self, params, *args, overlap: bool = False, **kwargs):
         super().__init__(params, *args, **kwargs)
-        # Pinned staging buffers per parameter: scratch, not state (never saved).
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap: expected a bool, got {overlap!r}")
+        self.overlap = overlap
+        # Pinned staging buffers (parameter, gradient) per GPU parameter: scratch, not state.
         self._host: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Updates started and not yet waited for, in start order. (Grad mode is per thread: the
+        # worker's tasks run under no_grad themselves.)
+        self._pending: dict[torch.Tensor, concurrent.futures.Future] = {}
+        # Parameters whose update for the coming step() has started (in backward, overlap=True).
+        self._started: set[torch.Tensor] = set()
+        # One worker: updates run one at a time (the CPU kernel is itself parallel), in order.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlm-offload")
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+        self._group_of: dict[torch.Tensor, dict] = {}
+        self._hook_handles: list = []
+        weakref.finalize(self, _shutdown_offload, self._worker, self._hook_handles)
+        for group in self.param_groups:
+            self._track_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_group_of"):  # the constructor tracks its own groups once set up
+            self._track_group(self.param_groups[-1])
+
+    def _track_group(self, group: dict) -> None:
+        optimizer = weakref.ref(self)  # the hooks must not keep a discarded optimizer alive
+
+        def on_grad_ready(param: torch.Tensor) -> None:
+            live = optimizer()
+            if live is not None:
+                live._grad_ready(param)
+
+        for param in group["params"]:
+            self._group_of[param] = group
+            if self.overlap and param.requires_grad:
+                self._hook_handles.append(param.register_post_accumulate_grad_hook(on_grad_ready))
 
     def _state_device(self, param: torch.Tensor) -> torch.device:
         return torch.device("cpu")
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, hyper: _rule.Hyper) -> None:
+    @torch.no_grad()
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """The post-accumulate-grad hook (overlap=True): start ``param``'s update now."""
+        if param in self._started:
+            raise RuntimeError(
+                "CPUOffloadAdamW8bit(overlap=True): a second gradient for a parameter before step(); "
+                "updates start during backward, so gradients cannot accumulate over several backward "
+                "passes (use overlap=False)"
+            )
+        group = self._group_of[param]
+        _check_hyper(group, self._kind)
+        self._start(param, group)
+
+    def _start(self, param: torch.Tensor, group: dict) -> None:
+        state, hyper = self._begin_update(param, group)
+        self._started.add(param)
         if param.device.type == "cpu":
-            super()._update(param, state, group, hyper)
+            self._pending[param] = self._worker.submit(torch.no_grad()(self._update), param, state, group, hyper)
             return
+        host_param, host_grad = self._host_buffers(param)
+        to_host, to_device = self._side_streams(param.device)
+        grad = param.grad
+        to_host.wait_stream(torch.cuda.current_stream(param.device))
+        with torch.cuda.stream(to_host):
+            host_param.copy_(param.detach(), non_blocking=True)
+            host_grad.copy_(grad, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(to_host)
+        grad.record_stream(to_host)  # zero_grad may free it before the copy has run
+
+        def update() -> torch.cuda.Event:
+            copied.synchronize()
+            self._update_contiguous(host_param.view(-1), host_grad.view(-1), state, group, hyper)
+            with torch.cuda.stream(to_device):
+                param.data.copy_(host_param, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(to_device)
+            return done
+
+        self._pending[param] = self._worker.submit(torch.no_grad()(update))
+
+    def _host_buffers(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if param not in self._host:
             pinned = torch.cuda.is_available()
             self._host[param] = tuple(
                 torch.empty(param.shape, dtype=param.dtype, pin_memory=pinned) for _ in range(2)
             )
-        host_param, host_grad = self._host[param]
-        host_param.copy_(param.detach())  # synchronous: the host reads them next
-        host_grad.copy_(param.grad)
-        self._update_contiguous(host_param.view(-1), host_grad.view(-1), state, group, hyper)
-        param.data.copy_(host_param, non_blocking=True)
+        return self._host[param]
+
+    def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _wait(self) -> None:
+        """Wait for every started update; later GPU work waits for their copies back."""
+        pending, self._pending = self._pending, {}
+        errors = []
+        for param, future in pending.items():
+            try:
+                done = future.result()
+            except Exception as exc:  # noqa: BLE001 (the first is raised once all have finished)
+                errors.append(exc)
+                continue
+            if done is not None:
+                torch.cuda.current_stream(param.device).wait_event(done)
+        if errors:
+            raise errors[0]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            for group in self.param_groups:
+                _check_hyper(group, self._kind)
+                for param in group["params"]:
+                    if param.grad is not None and param not in self._started:
+                        self._start(param, group)
+        finally:
+            self._started.clear()
+            self._wait()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._wait()
+        super().zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        self._wait()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._wait()
+        super().load_state_dict(state_dict)
+
+
+def _shutdown_offload(worker: concurrent.futures.ThreadPoolExecutor, hook_handles: list) -> None:
+    """Finalizer of a CPUOffloadAdamW8bit: stop its worker thread and remove its hooks."""
+    worker.shutdown(wait=False)
+    for handle in hook_handles:
+        handle.remove()

@@ -119,3 +119,26 @@ def test_cpu_offload_matches_adamw8bit_on_the_gpu():
         finals.append([p.detach().cpu() for p in params])
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_overlapped_cpu_offload_matches_adamw8bit_on_the_gpu():
+    """Updates started in backward (device->host copy, CPU kernel, copy back on side streams)
+    give the bits of AdamW8bit's CUDA kernel, and the next forward sees the updated weights."""
+    from fastlm.optim import CPUOffloadAdamW8bit
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 64, generator=gen).cuda()
+    y = torch.randn(512, 8, generator=gen).cuda()
+    finals = []
+    for make in (lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=1000),
+                 lambda ps: CPUOffloadAdamW8bit(ps, lr=1e-2, min_8bit_size=1000, overlap=True)):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024),
+                                    torch.nn.GELU(), torch.nn.Linear(1024, 8)).cuda()
+        opt = make(model.parameters())
+        for step in range(5):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[step * 64:(step + 1) * 64]), y[step * 64:(step + 1) * 64]).backward()
+            opt.step()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]).cpu())
+    assert torch.equal(finals[0], finals[1])

@@ -11,6 +11,7 @@ import fastlm
 from fastlm import backend
 from fastlm.optim import Adam8bit, AdamW8bit, Lion8bit
 from fastlm.optim import _rule as rule
+from fastlm.optim import _code as code_tables
 from fastlm.optim._code import dynamic_code, tables
 from fastlm.testing import random_tensor
 
@@ -57,6 +58,29 @@ def test_quantize_picks_the_nearest_code_value(signed):
     slack = 4 * torch.finfo(torch.float32).eps * x.abs().double()
     assert torch.all(chosen <= dist.min(dim=1).values + slack)
     assert torch.equal(q[:23001], dist[:23001].argmin(dim=1))  # away from midpoints: exactly the nearest
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_lookup_table_counts_like_the_midpoint_search(signed):
+    """The CPU kernel's one-load quantizer (csrc/common/optim8bit_rule.h quantize_lut, mirrored
+    here on the table) counts the midpoints below x exactly, at and beside every midpoint, for
+    both signs, zeros, values past +-1 and below the smallest bucket."""
+    values, lut = tables(signed, CPU)
+    mid = values[256:511]
+    beside = torch.cat([mid, torch.nextafter(mid, torch.full_like(mid, 2.0)),
+                        torch.nextafter(mid, torch.full_like(mid, -2.0))])
+    x = torch.cat([
+        beside, -beside, torch.empty(20000).uniform_(-1.5, 1.5),
+        torch.logspace(-12, 0, 2001), -torch.logspace(-12, 0, 2001),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 1e-30, -1e-30, float("inf"), float("-inf")]),
+    ])
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    negative = bits >> 31
+    key = ((bits & 0x7FFFFFFF) >> 16).clamp(code_tables.LUT_KEY_LO, code_tables.LUT_KEY_HI)
+    entry = lut.long()[key - code_tables.LUT_KEY_LO + negative * code_tables.LUT_KEYS]
+    low = (bits ^ (negative * 0xFFFF)) & 0xFFFF
+    got = (entry >> 16) + (low > (entry & 0xFFFF)).long()
+    assert torch.equal(got, torch.searchsorted(mid, x))
 
 
 # ---- kernels vs the PyTorch rule, bit for bit ---------------------------------------------------
