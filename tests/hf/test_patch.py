@@ -427,4 +427,7 @@ def test_trainer_curves_match_over_50_steps(optimizer, tmp_path):
     assert len(ours) == 50
     assert ours[-5:].mean() < 0.85 * ours[:5].mean(), "the loss did not fall"
     # fp32 rounding differences grow through 50 optimizer steps; 1% per step is far below the curve's movement.
-    torch.testing.assert_close(ours, base, rtol=1e-2, atol=1e-3)
+    # With 8-bit states a rounding-level change of a gradient can move a moment across a code boundary, which
+    # changes that update by a whole quantization step: the curves drift apart faster, so 2% there.
+    rtol = 2e-2 if optimizer == "fastlm.AdamW8bit" else 1e-2
+    torch.testing.assert_close(ours, base, rtol=rtol, atol=1e-3)
