@@ -986,9 +986,12 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed)
     # The LSE is an output for inspection (as in FlashAttention); no gradient flows through it.
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # the LSE never gets a gradient: no zeros tensor for it
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # only the LSE was used, and it carries no gradient
+        return (None,) * 13
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None

@@ -268,6 +268,9 @@ def _(logits, target, num_items, num_items_int, ignore_index, reduction, label_s
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[5]
     ctx.save_for_backward(output[1])
+    # The second output (the stored gradient) never receives one: without this autograd would pass a
+    # zeros tensor the size of the logits.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad):

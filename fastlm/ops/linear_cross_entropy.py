@@ -196,6 +196,9 @@ def _setup_context(ctx, inputs, output):
      need_hidden, need_weight, need_bias) = inputs
     ctx.reduction = reduction
     ctx.needs = (need_hidden, need_weight, need_bias and bias is not None)
+    # The stored gradients are outputs that never receive one: without this autograd would pass zeros
+    # tensors of their sizes (an fp32 copy of the weight's size in the backward).
+    ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size)
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None

@@ -475,6 +475,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps, is_rms = inputs
     _, r_out, mean, rstd = output
     ctx.save_for_backward(r_out if residual is not None else x, weight, mean, rstd)
+    # Unused outputs (the statistics, a discarded residual or gradient) get None, not a zeros tensor
+    # autograd would otherwise allocate at their size.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.has_residual = residual is not None
@@ -484,6 +487,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dr_out, _dmean, _drstd):
     r, weight, mean, rstd = ctx.saved_tensors
     dr = dr_out if ctx.has_residual else None
+    if dy is None:  # only the residual sum was used
+        dy = torch.zeros_like(r)
     dx, dweight, dbias = _norm_bwd_op(dy, dr, r, weight, ctx.has_bias, mean, rstd, ctx.is_rms)
     return (
         dx,

@@ -226,3 +226,34 @@ def test_backward_twice_with_retained_graph(backend, dtype, reduction):
         second = torch.autograd.grad(loss, leaves)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+class _Outputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, numel, dtype) of every new tensor an op returns while active (views of an input,
+    such as the detach that unpacks a saved tensor, are not new memory and are left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((str(func), t.numel(), t.dtype))
+        return result
+
+
+def test_backward_allocates_no_zeros_for_the_stored_gradients():
+    """The op's stored-gradient outputs never receive a gradient; autograd must not materialize zeros for
+    them (for the weight an fp32 tensor of its size: on the GPU, 256 MiB at vocab 64k x 1024)."""
+    hidden = random_tensor(37, 24, dtype=torch.bfloat16).requires_grad_()
+    weight = random_tensor(101, 24, dtype=torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 101, (37,))
+    loss = linear_cross_entropy(hidden, weight, target)
+    with _Outputs() as mode:
+        loss.backward()
+    fp32_weight_sized = [op for op, numel, dtype in mode.seen if numel == weight.numel() and dtype == torch.float32]
+    assert fp32_weight_sized == [], fp32_weight_sized
+    assert hidden.grad is not None and weight.grad.dtype == torch.bfloat16
