@@ -84,9 +84,10 @@ DecodePlan::DecodePlan(at::Tensor tok_emb, std::optional<at::Tensor> pos_emb, st
     TORCH_CHECK_VALUE(tok_emb_.device().is_cpu(), "DecodePlan: tok_emb must be a CPU tensor, got ", tok_emb_.device());
     const auto dtype = tok_emb_.scalar_type();
     TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-                "DecodePlan: weights must be floating point, got ", dtype);
+                     "DecodePlan: weights must be floating point, got ", dtype);
     TORCH_CHECK_VALUE(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0,
-                "DecodePlan: n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ", n_kv_heads);
+                      "DecodePlan: n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ",
+                      n_kv_heads);
     d_model_ = tok_emb_.size(1);
     TORCH_CHECK_VALUE(d_model_ % n_heads == 0, "DecodePlan: d_model ", d_model_, " must be divisible by n_heads ",
                       n_heads);
@@ -101,7 +102,8 @@ DecodePlan::DecodePlan(at::Tensor tok_emb, std::optional<at::Tensor> pos_emb, st
     if (rope_cos_.has_value()) {
         // rope_cpu checks the tables' dtype, layout and rotary width on every call.
         TORCH_CHECK_VALUE(rope_cos_->dim() == 2 && rope_cos_->sizes() == rope_sin_->sizes(),
-                    "DecodePlan: rope_cos and rope_sin must be (positions, rotary_dim / 2) tables of one shape");
+                          "DecodePlan: rope_cos and rope_sin must be (positions, rotary_dim / 2) tables of one ",
+                          "shape");
     }
     const int64_t c = d_model_, hd = n_heads * head_dim_, kvd = n_kv_heads * head_dim_;
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -152,8 +154,8 @@ at::Tensor DecodePlan::step(const at::Tensor& tokens, const std::vector<at::Tens
     TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "decode step: tokens must be int64, got ",
                      tokens.scalar_type());
     TORCH_CHECK_VALUE(tokens.dim() == 1 && tokens.device().is_cpu(),
-                      "decode step: tokens must be a 1-D CPU tensor (one token per row), got shape ", tokens.sizes(),
-                      " on ", tokens.device());
+                      "decode step: tokens must be a 1-D CPU tensor (one token per row), got shape ",
+                      tokens.sizes(), " on ", tokens.device());
     const int64_t batch = tokens.size(0), n_layers = static_cast<int64_t>(layers_.size());
     TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, "decode step: seqlens must be int32, got ",
                      seqlens.scalar_type());
@@ -186,9 +188,9 @@ at::Tensor DecodePlan::step(const at::Tensor& tokens, const std::vector<at::Tens
     if (rope_cos_.has_value()) positions = rope_cos_->size(0);
     for (int64_t b = 0; b < batch; ++b) {
         TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] < slots, "decode step: row ", b, "'s cache length ", lens[b],
-                    " leaves no free slot in a cache of ", slots);
-        TORCH_CHECK_VALUE(lens[b] < positions, "decode step: row ", b, "'s position ", lens[b], " exceeds the model's ",
-                    positions, " positions");
+                          " leaves no free slot in a cache of ", slots);
+        TORCH_CHECK_VALUE(lens[b] < positions, "decode step: row ", b, "'s position ", lens[b],
+                          " is past the model's ", positions, " positions");
     }
 
     const int64_t h = n_heads_, k = n_kv_heads_, d = head_dim_;

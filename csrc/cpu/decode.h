@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 // One decode step of fastlm's Transformer (fastlm/models/transformer.py) on CPU, in C++ from the

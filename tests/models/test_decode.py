@@ -150,6 +150,11 @@ def test_bad_inputs_raise_clear_errors():
     full.seqlens[1] = SLOTS
     with pytest.raises(ValueError, match=f"row 1's cache length {SLOTS} leaves no free slot"):
         step(TOKENS, full)
+    long = _clone(cache)  # a cache longer than the model's 40 positions (a KVCache refuses to be)
+    long.k, long.v = [torch.zeros(3, 48, 4, 16) for _ in range(2)], [torch.zeros(3, 48, 4, 16) for _ in range(2)]
+    long.seqlens[2] = 40
+    with pytest.raises(ValueError, match="row 2's position 40 is past the model's 40 positions"):
+        step(TOKENS, long)
     assert torch.equal(cache.seqlens, torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32))
     model.blocks[0].attn.proj.weight = torch.nn.Parameter(torch.zeros(64, 40))
     with pytest.raises(ValueError, match=r"proj weight must have shape \[64, 64\], got \[64, 40\]"):
