@@ -8,9 +8,10 @@ How a batch runs (``generate_ids``): the prompts are right-padded to a common le
 as one prefill that fills a ``KVCache`` (fastlm/models/transformer.py); the cache's per-row
 lengths are then set to the true prompt lengths, so every row continues at its own position and
 its pad slots are overwritten, never attended to. Each step then feeds one token per row
-(``attention_with_kvcache`` appends it in place). Rows that reached EOS keep stepping (the batch
-stays rectangular) but their tokens are dropped; the loop ends when every row is done or has
-``max_new_tokens``.
+(``attention_with_kvcache`` appends it in place); on CPU that step runs in C++ for the models it
+supports (``fastlm.models.decode`` states the rule; ``fastlm.use_backend("torch")`` turns it off).
+Rows that reached EOS keep stepping (the batch stays rectangular) but their tokens are dropped; the
+loop ends when every row is done or has ``max_new_tokens``.
 
 Sampling: temperature 0 is greedy (argmax; top-k/top-p are then irrelevant); otherwise the
 logits are divided by the temperature, cut to the ``top_k`` most likely tokens, then to the
@@ -21,6 +22,8 @@ smallest set whose probability reaches ``top_p`` (nucleus), and sampled from a
 from collections.abc import Callable, Sequence
 
 import torch
+
+from fastlm.models.decode import decode_step
 
 
 class GenerationError(ValueError):
@@ -105,6 +108,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
     was_training = model.training
     model.eval()
     try:
+        step_fn = decode_step(model)  # after eval(): the rule looks at the mode
         # The last generated token is never fed back, so longest + max_new_tokens - 1 slots suffice.
         cache = model.new_kv_cache(B, longest + max_new_tokens - 1)
         h = model.hidden_states(ids, kv_cache=cache)  # (B, T, C): the prefill
@@ -128,8 +132,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
                     on_token(row, token)
             if all(done) or step == max_new_tokens - 1:
                 break
-            h = model.hidden_states(tokens[:, None], kv_cache=cache)  # (B, 1, C): one decode step
-            logits = model.logits(h[:, 0])  # (B, V)
+            logits = step_fn(tokens, cache)  # (B, V): one decode step
     finally:
         model.train(was_training)
     return out

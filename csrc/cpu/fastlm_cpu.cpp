@@ -3,6 +3,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/cross_entropy.h"
+#include "cpu/decode.h"
 #include "cpu/norm.h"
 #include "cpu/optim8bit.h"
 #include "cpu/rope.h"
@@ -31,4 +32,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("cross_entropy_fwd", &cross_entropy_fwd_cpu, "Cross-entropy per-row loss and scaled gradient",
           py::arg("logits"), py::arg("target"), py::arg("scale"), py::arg("loss"), py::arg("grad"),
           py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("row_scale"));
+    py::class_<DecodePlan>(m, "DecodePlan", "One Transformer decode step in C++ (csrc/cpu/decode.h)")
+        .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                      std::vector<std::vector<std::optional<at::Tensor>>>, std::optional<at::Tensor>,
+                      std::optional<at::Tensor>, at::Tensor, int64_t, int64_t, double, bool, bool, int64_t>(),
+             py::arg("tok_emb"), py::arg("pos_emb"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("layers"),
+             py::arg("norm_f_weight"), py::arg("norm_f_bias"), py::arg("head"), py::arg("n_heads"),
+             py::arg("n_kv_heads"), py::arg("eps"), py::arg("is_rms"), py::arg("gated"), py::arg("act"))
+        .def("step", &DecodePlan::step, "Logits (B, V) of one new token per row; appends to the caches",
+             py::arg("tokens"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"),
+             py::call_guard<py::gil_scoped_release>());
 }
