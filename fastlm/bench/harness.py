@@ -174,7 +174,15 @@ def autograd_modes(fn: Callable, inputs: list[torch.Tensor], grad_out, train_for
 
 
 def measure(case: Case, device: torch.device, min_run_time: float, roofline: dict | None = None) -> dict:
-    """Time one case and its peak memory; one JSON-able row."""
+    """Time one case and its peak memory; one JSON-able row.
+
+    On CPU the allocator policy that the peak-memory measurement needs (every allocation of
+    128 KiB or more is fresh mmapped pages, returned on free) is set before the timing, so every
+    case and provider is timed under the same policy whatever its place in the run: set only
+    after the first case's timing, it slowed every later case and favoured the first provider.
+    """
+    if device.type == "cpu":
+        _fix_malloc_mmap_threshold()
     timing = time_fn(case.fn, device, min_run_time)
     gbps = case.bytes_moved / timing.median_ms / 1e6 if case.bytes_moved else None
     tflops = case.flops / timing.median_ms / 1e9 if case.flops else None
