@@ -113,6 +113,22 @@ def _dropout_keep(seed, rng_rows, cols, dropout_p):
 
 
 @triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, seqlen_q_dense, seqlen_k_dense, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence ``b``: its rows in the packed tensors, or the dense sizes."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def _visible(rows, cols, seqlen_k, diag, win_left, win_right, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
     """(rows x cols) mask: the key exists and lies in the row's window (causal is win_right = 0)."""
     # rows >= 0 always holds: it only broadcasts the mask to the full tile.
@@ -177,19 +193,9 @@ def _attn_fwd_kernel(
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        if HAS_K_LENS:
-            seqlen_k = tl.load(K_LENS + b)
-        else:
-            seqlen_k = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
+    if HAS_K_LENS:  # decoding (dense layout only): each sequence's cache length
+        seqlen_k = tl.load(K_LENS + b)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -320,16 +326,7 @@ def _attn_bwd_dq_kernel(
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // group
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -462,16 +459,7 @@ def _attn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
     kvh = pid_bh % n_kv_heads
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return

@@ -1,0 +1,158 @@
+"""Tile sweep for the Hopper attention kernels (forward, dQ, dK/dV), in two steps so that the
+GPU minutes go to timing only:
+
+    python benchmarks/attention_tile_sweep.py compile OUT.jsonl   # no GPU: compile every candidate for sm_90a
+    python benchmarks/attention_tile_sweep.py time OUT.jsonl      # on the GPU: time each candidate, check it
+
+``compile`` builds each candidate tile (BLOCK_M, BLOCK_N, warps, stages) of each kernel, bf16,
+causal, at head dims 64 and 128, and records registers, spill bytes, shared memory and HGMMA
+count, as the compile gate reads them. ``time`` runs fastlm.attention with each candidate in
+place of the launcher's choice (``fastlm.ops.attention._config``, the one place tiles are
+decided), checks dQ/dK/dV against SDPA's flash backward (a candidate's error may be at most
+2x the default tiles' error), and records each kernel's median device time from the CUDA
+profiler, with TFLOP/s counting the causal half. Candidates that do not compile, overflow
+shared memory or fail the check are recorded with the reason, not timed. Lines are JSON.
+"""
+
+import contextlib
+import importlib
+import json
+import statistics
+import sys
+import warnings
+
+import torch
+
+# The module, not the function of the same name that fastlm.ops exports.
+attn = importlib.import_module("fastlm.ops.attention")
+
+HEAD_DIMS = (64, 128)
+KERNELS = {"fwd": "_attn_fwd_kernel", "bwd_dq": "_attn_bwd_dq_kernel", "bwd_dkdv": "_attn_bwd_dkdv_kernel"}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). HGMMA needs 64 rows on the M side of a dot: the
+# query block for the forward and dQ, the key block (BLOCK_N) for dK/dV.
+CANDIDATES = {
+    "fwd": [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)],
+    "bwd_dq": [(m, n, w, s) for m in (64, 128) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)],
+    "bwd_dkdv": [(m, n, w, s) for m in (16, 32, 64) for n in (64, 128) for w in (4, 8) for s in (1, 2, 3)],
+}
+# Matmuls per score tile: the forward's QK^T and PV; dQ recomputes QK^T and forms dO V^T and dS K;
+# dK/dV recomputes QK^T and forms dO V^T, P^T dO and dS^T Q.
+MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}
+SHAPE = dict(batch=4, seqlen=4096, heads=16)  # 64 programs per query block row: fills 132 SMs
+
+
+@contextlib.contextmanager
+def tiles(kind: str, tile: tuple[int, int, int, int]):
+    """Make the launchers (and the compile gate's variant builder) use ``tile`` for ``kind``."""
+    default = attn._config
+
+    def patched(k, head_dim, dtype, device_type):
+        if k != kind:
+            return default(k, head_dim, dtype, device_type)
+        block_m, block_n, num_warps, num_stages = tile
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    attn._config = patched
+    try:
+        yield
+    finally:
+        attn._config = default
+
+
+def default_tile(kind: str, head_dim: int) -> tuple[int, int, int, int]:
+    cfg = attn._config(kind, head_dim, torch.bfloat16, "cuda")
+    return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+
+
+def compile_sweep(out) -> None:
+    from fastlm.kernel_registry import REGISTRY
+    from fastlm.tools.gpu_compile_check import compile_variant
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    for kind, name in KERNELS.items():
+        spec = REGISTRY[f"fastlm.ops.attention.{name}"]
+        for head_dim in HEAD_DIMS:
+            label = f"bf16 d={head_dim} causal"
+            for tile in CANDIDATES[kind]:
+                with tiles(kind, tile):
+                    (variant,) = [v for v in spec.variants() if v.label == label]
+                r = compile_variant(spec, variant, 90)
+                rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
+                       "regs": r.registers, "spill": None if r.error else r.stack + r.local, "smem": r.shared,
+                       "hgmma": r.hgmma, "problems": r.problems}
+                print(json.dumps(rec), flush=True)
+                out.write(json.dumps(rec) + "\n")
+
+
+def _kernel_ms(fn, names: list[str], reps: int = 10) -> dict[str, float]:
+    """Median device milliseconds per call of each named kernel over ``reps`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    per_rep = {n: [] for n in names}
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        totals = dict.fromkeys(names, 0.0)
+        for event in prof.events():
+            for n in names:
+                if n in event.name:
+                    totals[n] += event.device_time_total / 1e3
+        for n in names:
+            per_rep[n].append(totals[n])
+    return {n: statistics.median(v) for n, v in per_rep.items()}
+
+
+def time_sweep(out) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, s, h = SHAPE["batch"], SHAPE["seqlen"], SHAPE["heads"]
+    for head_dim in HEAD_DIMS:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn_like(q)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            ref_out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        ref = (ref_out.transpose(1, 2),) + torch.autograd.grad(ref_out, (q, k, v), dout.transpose(1, 2))
+        flops = 4 * b * h * s * s * head_dim / 2  # the forward's two matmuls, causal half
+
+        def run():
+            o = attn.attention(q, k, v, causal=True)
+            return (o,) + torch.autograd.grad(o, (q, k, v), dout)
+
+        def errors():
+            return [(x.float() - r.float()).abs().max().item() for x, r in zip(run(), ref)]
+
+        base = errors()
+        for kind, name in KERNELS.items():
+            for tile in CANDIDATES[kind]:
+                rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
+                       **SHAPE}
+                with tiles(kind, tile):
+                    try:
+                        err = errors()
+                        bad = [i for i, (e, e0) in enumerate(zip(err, base)) if e > 2 * e0 + 1e-3]
+                        if bad:
+                            rec["problem"] = f"error {err} vs default {base}"
+                        else:
+                            ms = _kernel_ms(run, [name])[name]
+                            rec.update(ms=ms, tflops=flops * MATMULS[kind] / 2 / ms / 1e9)
+                    except Exception as exc:  # a tile the device refuses (shared memory): recorded, not fatal
+                        rec["problem"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        torch.cuda.empty_cache()
+                print(json.dumps(rec), flush=True)
+                out.write(json.dumps(rec) + "\n")
+
+
+def main() -> None:
+    mode, path = sys.argv[1], sys.argv[2]
+    with open(path, "a") as out:
+        compile_sweep(out) if mode == "compile" else time_sweep(out)
+
+
+if __name__ == "__main__":
+    main()
