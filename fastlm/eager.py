@@ -45,8 +45,8 @@ def use_custom_ops():
         _custom_ops_only.reset(token)
 
 
-def _tracing() -> bool:
-    """True when a call must go through the dispatcher: see the module docstring for each case.
+def _needs_dispatcher() -> bool:
+    """True when a call must go through the registered op: see the module docstring for each case.
 
     The checks are the C functions behind torch's own helpers (``torch.jit.is_tracing``,
     ``torch.utils._python_dispatch._get_current_dispatch_mode``, ...): each costs ~0.1 us here.
@@ -97,7 +97,7 @@ class EagerOp:
 
     def __call__(self, *args, **kwargs):
         # Checked first and alone: dynamo folds it to True and traces only the registered op's call.
-        if torch.compiler.is_compiling() or _tracing():
+        if torch.compiler.is_compiling() or _needs_dispatcher():
             return self._overload(*args, **kwargs)
         if kwargs or len(args) != self._nargs:
             bound = self._signature.bind(*args, **kwargs)
