@@ -68,13 +68,20 @@ def _fallback_reason(query, key, value, attention_mask, packed, kwargs) -> str |
     return None
 
 
+@torch.compiler.assume_constant_result
+def _auto_runs_torch_attention(device: torch.device) -> bool:
+    """Whether fastlm's attention runs its PyTorch backend on ``device`` under "auto" (a constant to
+    torch.compile, which cannot trace the backend choice's context variable)."""
+    return backend.requested_backend() == "auto" and backend.chosen("attention_fwd", device) == "torch"
+
+
 def _sdpa_is_the_kernel(query, key, value, attention_mask, packed) -> bool:
     """Plain dense attention needing gradients where fastlm's attention would run SDPA plus a backward rerun
     (see the module docstring)."""
     return (
         attention_mask is None and not packed and query.shape[2] == key.shape[2]
         and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        and backend.requested_backend() == "auto" and backend.chosen("attention_fwd", query.device) == "torch"
+        and _auto_runs_torch_attention(query.device)
     )
 
 
