@@ -31,6 +31,10 @@ _REQUESTS = ("auto",) + BACKENDS
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
 _registry: dict[str, dict[str, Callable]] = {}
 _warned: set[tuple[str, str]] = set()
+# select()'s answer per (op, device type) under "auto": it depends only on what is installed and built,
+# which cannot change within a process (the extensions' build results are cached), and select runs on
+# every op call, where _choose costs ~4 us. Forced backends are not cached (tests switch them freely).
+_auto_choices: dict[tuple[str, str], Callable] = {}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ def register(op: str, **implementations: Callable) -> None:
     if "torch" not in implementations:
         raise ValueError(f"op {op!r} must have a torch implementation (the portable fallback)")
     _registry[op] = dict(implementations)
+    _auto_choices.clear()
 
 
 def requested_backend() -> str:
@@ -120,12 +125,20 @@ def chosen(op: str, device: torch.device) -> str:
 
 def select(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` to run for tensors on ``device``."""
+    auto = _forced.get() is None and os.environ.get("FASTLM_BACKEND", "auto") in ("auto", "")
+    if auto:
+        implementation = _auto_choices.get((op, device.type))
+        if implementation is not None:
+            return implementation
     choice = _choose(op, device.type)
     if choice.reason.startswith("fallback") and (op, device.type) not in _warned:
         _warned.add((op, device.type))
         first_line = choice.reason.splitlines()[0]
         warnings.warn(f"fastlm: {op} on {device.type} runs the PyTorch implementation ({first_line})", stacklevel=3)
-    return _registry[op][choice.backend]
+    implementation = _registry[op][choice.backend]
+    if auto:
+        _auto_choices[(op, device.type)] = implementation
+    return implementation
 
 
 def backend_info() -> dict:

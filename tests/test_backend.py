@@ -64,6 +64,7 @@ def test_forcing_cpp_on_cuda_is_an_error():
 def test_broken_extension_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setattr(backend, "cpu_extension_error", lambda: "compiler exploded\nline 2")
     monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_auto_choices", {})  # select() caches the auto choice per process
     x = random_tensor(3, 16)
     with pytest.warns(UserWarning, match="runs the PyTorch implementation .*compiler exploded"):
         y = fastlm.rms_norm(x, None)

@@ -12,6 +12,14 @@ Sliding windows (Mistral, Qwen2) run as fastlm windows, with padding too. Anythi
 over a padded or windowed cache, chunked prefill over a cache, attention weights requested, softcap,
 sinks, position bias, a head dim fastlm does not support) falls back to transformers' SDPA function for
 that call; ``fallback_counts()`` says how often and why.
+
+One more case runs transformers' SDPA function, by measurement: plain dense attention (no mask, not packed)
+that needs gradients, on a device where fastlm's attention would run its PyTorch backend (CPU, until
+attention has a C++ kernel there) under ``FASTLM_BACKEND=auto``. That backend IS SDPA, and its backward
+reruns the SDPA forward (it keeps no statistics), so calling SDPA directly is the same math without the
+rerun: a Llama 2x128 training step at seq 128 took 0.95x unpatched transformers' speed with it and 1.09x
+without (``benchmarks/plain_process_ab.py hf-quick``). It is counted in ``fallback_counts()`` under
+``DENSE_TRAINING_ON_TORCH_BACKEND``; forcing a backend (``use_backend("torch")``) runs fastlm's attention.
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ from collections import Counter
 
 import torch
 
+from fastlm import backend
 from fastlm.ops.attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
 
 NAME = "fastlm"
+DENSE_TRAINING_ON_TORCH_BACKEND = (
+    "dense attention with gradients on fastlm's PyTorch attention backend: SDPA directly (no backward rerun)"
+)
 _log = logging.getLogger(__name__)
 _fallbacks: Counter = Counter()
 
@@ -54,6 +66,23 @@ def _fallback_reason(query, key, value, attention_mask, packed, kwargs) -> str |
     if packed:
         return "packed sequences with batch > 1" if query.shape[0] != 1 else None
     return None
+
+
+@torch.compiler.assume_constant_result
+def _auto_runs_torch_attention(device: torch.device) -> bool:
+    """Whether fastlm's attention runs its PyTorch backend on ``device`` under "auto" (a constant to
+    torch.compile, which cannot trace the backend choice's context variable)."""
+    return backend.requested_backend() == "auto" and backend.chosen("attention_fwd", device) == "torch"
+
+
+def _sdpa_is_the_kernel(query, key, value, attention_mask, packed) -> bool:
+    """Plain dense attention needing gradients where fastlm's attention would run SDPA plus a backward rerun
+    (see the module docstring)."""
+    return (
+        attention_mask is None and not packed and query.shape[2] == key.shape[2]
+        and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        and _auto_runs_torch_attention(query.device)
+    )
 
 
 # The last mask analysed: transformers passes the same mask (and position_ids) to every layer of one forward.
@@ -123,6 +152,8 @@ def fastlm_attention_forward(module, query, key, value, attention_mask, dropout=
     packed = cu_q is not None and cu_k is not None
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     reason = _fallback_reason(query, key, value, attention_mask, packed, kwargs)
+    if reason is None and _sdpa_is_the_kernel(query, key, value, attention_mask, packed):
+        reason = DENSE_TRAINING_ON_TORCH_BACKEND
     plan = None
     if reason is None and attention_mask is not None and not packed:
         if attention_mask.shape[0] == query.shape[0]:

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm import alloc, backend
+from fastlm import alloc, backend, eager
 from fastlm._triton import tl, triton
 from fastlm.checks import check_like
 from fastlm.extension import cpu_extension
@@ -223,7 +223,7 @@ def _as_rows(*tensors):
     return rows
 
 
-@torch.library.custom_op("fastlm::act_fwd", mutates_args=())
+@eager.custom_op("fastlm::act_fwd", mutates_args=())
 def _act_fwd_op(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
     """y = act(gate) [* up], in gate's shape and dtype."""
     y = alloc.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -237,7 +237,7 @@ def _(gate, up, act):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastlm::act_bwd", mutates_args=())
+@eager.custom_op("fastlm::act_bwd", mutates_args=())
 def _act_bwd_op(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, act: str, recompute: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +273,7 @@ def _backward(ctx, dy):
     return dgate, dup if up is not None else None, None
 
 
-torch.library.register_autograd("fastlm::act_fwd", _backward, setup_context=_setup_context)
+_act_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public functions

@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm import alloc, backend
+from fastlm import alloc, backend, eager
 from fastlm._triton import tl, triton
 from fastlm.kernel_registry import Variant, register_kernel
 
@@ -906,7 +906,7 @@ backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_d
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+@eager.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
@@ -934,7 +934,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@eager.custom_op("fastlm::attention_bwd", mutates_args=())
 def _attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
@@ -985,10 +985,10 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup_context)
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+@eager.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kvcache_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,

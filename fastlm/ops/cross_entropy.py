@@ -30,7 +30,7 @@ vocabulary size works (256k and more).
 
 import torch
 
-from fastlm import alloc, backend
+from fastlm import alloc, backend, eager
 from fastlm._triton import tl, triton
 from fastlm.extension import cpu_extension
 from fastlm.kernel_registry import Variant, register_kernel
@@ -237,7 +237,7 @@ def loss_fake(rows: int, reduction: str, like: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
+@eager.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: torch.Tensor, target: torch.Tensor, num_items: torch.Tensor | None, num_items_int: int,
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, compute_grad: bool,
@@ -281,7 +281,7 @@ def _backward(ctx, grad_loss, _grad_grad):
     return (grad * (g[:, None] if ctx.reduction == "none" else g),) + (None,) * 8
 
 
-torch.library.register_autograd("fastlm::cross_entropy_fwd", _backward, setup_context=_setup_context)
+_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public function

@@ -28,7 +28,7 @@ backend chosen for ``cross_entropy_fwd`` (Triton, C++ or PyTorch).
 import torch
 import torch.nn.functional as F
 
-from fastlm import alloc, backend
+from fastlm import alloc, backend, eager
 from fastlm.ops.cross_entropy import (
     SUPPORTED_DTYPES,
     check_loss_options,
@@ -109,7 +109,7 @@ def _or_empty(t, like, dtype=None):
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
+@eager.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     num_items: torch.Tensor | None, num_items_int: int, ignore_index: int, reduction: str,
@@ -156,7 +156,7 @@ def _(hidden, weight, bias, target, num_items, num_items_int, ignore_index, redu
     return loss_fake(hidden.shape[0], reduction, hidden), grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
+@eager.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd_op(
     grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int,
@@ -236,7 +236,7 @@ def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -
     return stored.to(dtype).mul_(grad_loss.to(dtype))
 
 
-torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
+_linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public function

@@ -20,7 +20,7 @@ autograd may have saved.
 
 import torch
 
-from fastlm import alloc, backend
+from fastlm import alloc, backend, eager
 from fastlm._triton import tl, triton
 from fastlm.extension import cpu_extension
 from fastlm.kernel_registry import Variant, register_kernel
@@ -163,7 +163,7 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastlm::rope", mutates_args=())
+@eager.custom_op("fastlm::rope", mutates_args=())
 def _rope_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
     interleaved: bool, conj: bool,
@@ -199,7 +199,7 @@ def _backward(ctx, dq, dk):
     return dq_in, dk_in, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::rope", _backward, setup_context=_setup_context)
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public function

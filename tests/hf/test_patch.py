@@ -190,6 +190,26 @@ def test_padded_decode_step_falls_back_to_sdpa():
     assert sum(fastlm.hf.fallback_counts().values()) > 0
 
 
+def test_dense_training_on_the_torch_attention_backend_calls_sdpa():
+    """Where attention runs fastlm's PyTorch backend under "auto" (SDPA plus a rerun in the backward), dense
+    attention with gradients calls transformers' SDPA directly and counts it; a forced backend, and calls
+    without gradients, run fastlm's attention."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama")
+    fastlm.hf.reset_fallback_counts()
+    patched(input_ids=ids, labels=ids).loss.backward()
+    if fastlm.backend.chosen("attention_fwd", ids.device) == "torch":
+        assert fastlm.hf.fallback_counts() == {fastlm.hf.attention.DENSE_TRAINING_ON_TORCH_BACKEND: LAYERS}
+    else:  # attention has a compiled kernel here: fastlm's attention runs
+        assert fastlm.hf.fallback_counts() == {}
+    fastlm.hf.reset_fallback_counts()
+    with fastlm.use_backend("torch"):
+        patched(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        patched(input_ids=ids)
+    assert fastlm.hf.fallback_counts() == {}
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "gpt2"])
 def test_greedy_generate_unchanged(arch):
     patched, _ = _pair(arch)
