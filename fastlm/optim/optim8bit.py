@@ -36,16 +36,15 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _step_cpp(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,
               step, stochastic_rounding):
     cpu_extension().optim8bit_step(
-        kind, param, grad, state1, absmax1, state2, absmax2, tables1[0], tables1[1],
-        tables2[0] if tables2 else None, tables2[1] if tables2 else None, block_size, hyper.as_list(), seed, step,
-        stochastic_rounding,
+        kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper.as_list(), seed,
+        step, stochastic_rounding,
     )
 
 def _step_cuda(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,
                step, stochastic_rounding):
     cuda_extension().optim8bit_step(
-        kind, param, grad, state1, absmax1, state2, absmax2, tables1[0], tables2[0] if tables2 else None,
-        block_size, hyper.as_list(), seed, step, stochastic_rounding,
+        kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper.as_list(), seed,
+        step, stochastic_rounding,
     )
 
 backend.register("optim8bit_step", cpp=_step_cpp, cuda=_step_cuda, torch=_rule.step_8bit)
