@@ -26,6 +26,8 @@ namespace rule = fastlm::optim8bit;
 
 // Quantization blocks per at::parallel_for task: enough work to amortize the scheduling.
 constexpr int64_t kGrainBytes = 1 << 16;
+// The largest block step_kernel pipelines (two scratch buffers of both moments: 16 KB).
+constexpr int64_t kPipelinedBlockSize = 1024;
 
 inline float load(float x) { return x; }
 inline float load(c10::BFloat16 x) { return rule::bf16_to_float(x.x); }
@@ -72,6 +74,12 @@ inline __mmask16 lanes16(int64_t count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+// The dword order that undoes (or, applied to codes, prepares for) the in-lane interleaving of
+// 4 registers by unpack or pack instructions: a 4x4 transpose of 128-bit lanes' dwords.
+inline __m512i lane_transpose() {
+    return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
 // table[q] for 64 codes: byte k of every code value is looked up in plane k (256 bytes, four
 // registers, two 128-entry vpermt2b and a blend on the index's top bit), and the four planes
 // are interleaved back into fp32 lanes. The unpacks interleave within 128-bit lanes, so the
@@ -92,7 +100,7 @@ struct CodePlanes {
     void operator()(const uint8_t* q, int64_t count, __m512 out[4]) const {
         __m512i idx = count >= 64 ? _mm512_loadu_si512(q)
                                   : _mm512_maskz_loadu_epi8((~0ull) >> (64 - count), q);
-        idx = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), idx);
+        idx = _mm512_permutexvar_epi32(lane_transpose(), idx);
         const __mmask64 high = _mm512_movepi8_mask(idx);
         __m512i p[4];
         for (int k = 0; k < 4; ++k) {
@@ -108,7 +116,8 @@ struct CodePlanes {
     }
 };
 
-// rule::quantize on 16 lanes, the tables in seven registers.
+// rule::quantize on 16 lanes, the tables in seven registers. index() leaves the signed code's
+// mirror index unclamped (-1 for the largest negative magnitudes): the caller clamps it to 0.
 struct Quantizer {
     __m512 threshold_lo, threshold_hi, scale, offset, top;
     __m512i segment_lo, segment_hi;
@@ -121,7 +130,7 @@ struct Quantizer {
           segment_lo(_mm512_cvttps_epi32(_mm512_loadu_ps(table + rule::kTableSegment))),
           segment_hi(_mm512_cvttps_epi32(_mm512_loadu_ps(table + rule::kTableSegment + 16))) {}
     template <bool Signed>
-    __m128i operator()(__m512 x) const {
+    __m512i index(__m512 x) const {
         const __m512i bits = _mm512_castps_si512(x);
         __m512i magnitude = Signed ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)) : bits;
         magnitude = _mm512_min_epi32(_mm512_max_epi32(magnitude, _mm512_set1_epi32(rule::kMagLoBits)),
@@ -135,11 +144,8 @@ struct Quantizer {
         const __m512 y = _mm512_add_ps(_mm512_mul_ps(xa, _mm512_permutexvar_ps(segment, scale)),
                                        _mm512_permutexvar_ps(segment, offset));
         __m512i k = _mm512_cvttps_epi32(_mm512_min_ps(y, _mm512_permutexvar_ps(segment, top)));
-        if constexpr (Signed) {
-            k = _mm512_mask_sub_epi32(k, _mm512_movepi32_mask(bits), _mm512_set1_epi32(254), k);
-            k = _mm512_max_epi32(k, _mm512_setzero_si512());
-        }
-        return _mm512_cvtepi32_epi8(k);
+        if constexpr (Signed) k = _mm512_mask_sub_epi32(k, _mm512_movepi32_mask(bits), _mm512_set1_epi32(254), k);
+        return k;
     }
 };
 
@@ -259,12 +265,24 @@ inline void update(const Block<T>& blk, int64_t len, const CodePlanes& code1, co
     }
 }
 
-// q[i] = quantize(x[i] * inverse) for i in [0, len).
+// q[i] = quantize(x[i] * inverse) for i in [0, len): 64 at a time, packed to bytes by two
+// saturating packs (which also clamp the signed code's mirror index -1 to 0), then 16 at a time.
 template <bool Signed>
 inline void requantize(const Quantizer& quantize, const float* x, float inverse, uint8_t* q, int64_t len) {
     const __m512 s = _mm512_set1_ps(inverse);
-    for (int64_t i = 0; i < len; i += 16) {
-        const __m128i codes = quantize.template operator()<Signed>(_mm512_mul_ps(_mm512_load_ps(x + i), s));
+    int64_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+        __m512i k[4];
+        for (int j = 0; j < 4; ++j) {
+            k[j] = quantize.template index<Signed>(_mm512_mul_ps(_mm512_load_ps(x + i + 16 * j), s));
+        }
+        const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(k[0], k[1]), _mm512_packus_epi32(k[2], k[3]));
+        _mm512_storeu_si512(q + i, _mm512_permutexvar_epi32(lane_transpose(), bytes));
+    }
+    for (; i < len; i += 16) {
+        __m512i k = quantize.template index<Signed>(_mm512_mul_ps(_mm512_load_ps(x + i), s));
+        if constexpr (Signed) k = _mm512_max_epi32(k, _mm512_setzero_si512());
+        const __m128i codes = _mm512_cvtepi32_epi8(k);
         if (len - i >= 16) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), codes);
         } else {
@@ -278,8 +296,12 @@ inline void requantize(const Quantizer& quantize, const float* x, float inverse,
 
 // Per block: dequantize, update each element in fp32 (parameter written at once, new moments
 // kept in fp32 scratch on the stack, L1-resident), take the new moments' absmax, then
-// requantize against it: two passes over the scratch. With AVX-512 (F/BW/VBMI) a block goes
-// 16 lanes at a time (simd::), otherwise element by element through the rule's functions.
+// requantize against it: two passes over the scratch. Block b is requantized after block
+// b + 1's update (two scratch buffers), so the absmax reduction and reciprocal that separate
+// b's passes overlap independent work instead of draining the pipeline once per block (at
+// block_size 256 that stall cost about a sixth of the step); blocks above kPipelinedBlockSize
+// amortize it and use one buffer, whose scratch then still fits L1. With AVX-512 (F/BW/VBMI) a
+// block goes 16 lanes at a time (simd::), otherwise element by element through the rule.
 template <typename T, int Kind, bool Stochastic>
 void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax1, uint8_t* q2_ptr, float* absmax2,
                  const float* table1_ptr, const float* table2_ptr, int64_t n, int64_t block_size, rule::Hyper h,
@@ -288,8 +310,8 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
     const int64_t blocks = (n + block_size - 1) / block_size;
     const int64_t grain = std::max<int64_t>(1, kGrainBytes / block_size);
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        alignas(64) float sm[rule::kMaxBlockSize];
-        alignas(64) float sv[kTwoMoments ? rule::kMaxBlockSize : 1];
+        // [buffer][moment][element]
+        alignas(64) float scratch[2][kTwoMoments ? 2 : 1][rule::kMaxBlockSize];
         // Local copies of everything the loops read: a uint8 store may alias any captured
         // variable, and a pointer reloaded on every iteration blocks vectorization.
         T* const param = param_ptr;
@@ -304,9 +326,10 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
         const simd::Quantizer quantize1(table1), quantize2(table2);
         const simd::Hyper vh(hp);
 #endif
-        for (int64_t b = begin; b < end; ++b) {
+        const auto length = [&](int64_t b) { return std::min(block_size, n - b * block_size); };
+        const auto update = [&](int64_t b, float* sm, float* sv) {
             const int64_t off = b * block_size;
-            const int64_t len = std::min(block_size, n - off);
+            const int64_t len = length(b);
             const float scale1 = absmax1[b];
             const float scale2 = kTwoMoments ? absmax2[b] : 0.f;
             float amax1 = 0.f, amax2 = 0.f;
@@ -316,12 +339,6 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
             simd::update<T, Kind, Stochastic>(blk, len, code1, code2, vh, key, am1, am2);
             amax1 = _mm512_reduce_max_ps(am1);
             if constexpr (kTwoMoments) amax2 = _mm512_reduce_max_ps(am2);
-            absmax1[b] = amax1;
-            simd::requantize<true>(quantize1, sm, rule::inverse_scale(amax1), q1 + off, len);
-            if constexpr (kTwoMoments) {
-                absmax2[b] = amax2;
-                simd::requantize<false>(quantize2, sv, rule::inverse_scale(amax2), q2 + off, len);
-            }
 #else
 #pragma omp simd reduction(max : amax1, amax2)
             for (int64_t i = 0; i < len; ++i) {
@@ -340,17 +357,38 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
                 amax1 = std::max(amax1, __builtin_fabsf(m));
                 param[off + i] = store<T, Stochastic>(p, key, off + i);
             }
+#endif
             absmax1[b] = amax1;
-            const float inverse1 = rule::inverse_scale(amax1);
+            if constexpr (kTwoMoments) absmax2[b] = amax2;
+        };
+        // Reads the block's new absmax, written by update().
+        const auto requantize = [&](int64_t b, const float* sm, const float* sv) {
+            const int64_t off = b * block_size;
+            const int64_t len = length(b);
+            const float inverse1 = rule::inverse_scale(absmax1[b]);
+            const float inverse2 = kTwoMoments ? rule::inverse_scale(absmax2[b]) : 0.f;
+#if defined(FASTLM_OPTIM8BIT_SIMD)
+            simd::requantize<true>(quantize1, sm, inverse1, q1 + off, len);
+            if constexpr (kTwoMoments) simd::requantize<false>(quantize2, sv, inverse2, q2 + off, len);
+#else
             for (int64_t i = 0; i < len; ++i) q1[off + i] = rule::quantize(table1, rule::normalize(sm[i], inverse1), true);
             if constexpr (kTwoMoments) {
-                absmax2[b] = amax2;
-                const float inverse2 = rule::inverse_scale(amax2);
                 for (int64_t i = 0; i < len; ++i) {
                     q2[off + i] = rule::quantize(table2, rule::normalize(sv[i], inverse2), false);
                 }
             }
 #endif
+        };
+        if (block_size > kPipelinedBlockSize) {
+            for (int64_t b = begin; b < end; ++b) {
+                update(b, scratch[0][0], scratch[0][kTwoMoments ? 1 : 0]);
+                requantize(b, scratch[0][0], scratch[0][kTwoMoments ? 1 : 0]);
+            }
+            return;
+        }
+        for (int64_t b = begin; b <= end; ++b) {
+            if (b < end) update(b, scratch[b & 1][0], scratch[b & 1][kTwoMoments ? 1 : 0]);
+            if (b > begin) requantize(b - 1, scratch[(b - 1) & 1][0], scratch[(b - 1) & 1][kTwoMoments ? 1 : 0]);
         }
     });
 }

@@ -14,6 +14,18 @@ memory and updates them with the CPU kernel.
 FSDP2-sharded parameters (DTensors) are updated through their local shards: each rank keeps
 8-bit states for its shard only, quantized in blocks of that shard (so a state dict holds this
 rank's states; fastlm-train saves them per rank).
+
+Quantizing is a closed form (fastlm/optim/_code.py): the dynamic code is linear inside each
+decade, so a value's index is ``trunc(|x| * scale + offset)`` once a small table and one compare
+pick its decade; it is the nearest code value except within an fp32 rounding of a midpoint.
+It replaced a search over the midpoints (a 26 KB lookup-table gather on the CPU, the costliest
+step there) and normalizing divides once per block (1 / absmax) and then multiplies. The code
+values and the state layout did not change, so state dicts saved before load and dequantize
+as they did. On the CPU, with AVX-512 (F/BW/VBMI), the step dequantizes with byte permutes,
+quantizes with in-register permutes and overlaps each block's absmax reduction with the next
+block's update: about 2x faster than the gather-based kernel, and on a 2-core Zen 4 machine
+in the range of ``torch.optim.AdamW(fused=True)`` (0.9-1.2x its speed at 8M fp32 parameters,
+noisy shared-machine figures) while moving 16 bytes per parameter to its 28.
 """
 
 import concurrent.futures
