@@ -520,6 +520,28 @@ def test_unsupported_param_dtype_raises():
         AdamW8bit([p]).step()
 
 
+def test_cpp_kernel_checks_tables_and_block_size():
+    """The C++ entry point checks what the optimizers never pass: a table of the wrong size (the
+    former (values, lut) layout) and a block larger than its scratch."""
+    from fastlm.extension import cpu_extension
+
+    n = 300
+    param, grad = torch.zeros(n), torch.zeros(n)
+    hyper = rule.make_hyper(rule.ADAMW, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1).as_list()
+
+    def call(block_size, table1):
+        blocks = -(-n // block_size)
+        states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks)] * 2
+        cpu_extension().optim8bit_step(rule.ADAMW, param, grad, *states, table1, tables(False, CPU), block_size,
+                                       hyper, 0, 1, False)
+
+    with pytest.raises(RuntimeError, match=r"tables1: expected the contiguous fp32 CPU code table of 368"):
+        call(256, tables(True, CPU)[:256].clone())
+    with pytest.raises(RuntimeError, match=r"block_size: expected a power of two in \[16, 4096\], got 8192"):
+        call(8192, tables(True, CPU))
+    call(256, tables(True, CPU))  # the same call with valid arguments runs
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the cuda backend")
 def test_cuda_backend_is_unavailable_without_a_gpu():
     info = fastlm.backend_info()
