@@ -24,9 +24,10 @@ values and the state layout did not change, so state dicts saved before load and
 as they did. On the CPU, with AVX-512 (F/BW/VBMI), the step dequantizes with byte permutes,
 quantizes with in-register permutes and overlaps each block's absmax reduction with the next
 block's update: 2.0x the speed of the gather-based kernel (interleaved A/B, 8M and 64M fp32
-parameters). On a shared 2-vCPU Zen 4 machine that is 0.6-0.8x the speed of
-``torch.optim.AdamW(fused=True)`` in ``fastlm-bench --suite full --ops optim`` (before:
-0.4-0.6x): the fused step moves 28 bytes per parameter to our 16 but is bound by memory
+parameters). On a shared 2-vCPU Zen 4 machine, in ``fastlm-bench --suite full --ops optim``
+(5 runs), that is 0.7-1.5x the speed of ``torch.optim.AdamW(fused=True)`` at 8M fp32
+parameters, 0.6-0.7x at 64M and 0.8-1.6x at 8M bf16 (before: 0.5-0.6x, 0.4-0.5x and 0.4x);
+the fused step moves 28 bytes per parameter to our 16 but is bound by memory
 bandwidth, ours by computation (per element a square root, a division, and a dequantization
 and a quantization per moment).
 """
