@@ -135,7 +135,8 @@ FASTLM_HD uint8_t quantize(const float* table, float x, bool is_signed) {
     const int32_t magnitude = clamp_i32(raw, kMagLoBits, kMagHiBits);
     const int octave = (magnitude >> 23) & 31;
     const float xa = bits_float(static_cast<uint32_t>(magnitude));
-    const int segment = static_cast<int>(table[kTableSegment + octave]) + (xa > table[kTableThreshold + octave] ? 1 : 0);
+    const int segment =
+        static_cast<int>(table[kTableSegment + octave]) + (xa > table[kTableThreshold + octave] ? 1 : 0);
     const float y = add_rn(mul_rn(xa, table[kTableScale + segment]), table[kTableOffset + segment]);
     const float top = table[kTableTop + segment];
     int32_t k = static_cast<int32_t>(y < top ? y : top);  // y >= 0: truncation is floor

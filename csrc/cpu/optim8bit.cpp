@@ -371,7 +371,9 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
             simd::requantize<true>(quantize1, sm, inverse1, q1 + off, len);
             if constexpr (kTwoMoments) simd::requantize<false>(quantize2, sv, inverse2, q2 + off, len);
 #else
-            for (int64_t i = 0; i < len; ++i) q1[off + i] = rule::quantize(table1, rule::normalize(sm[i], inverse1), true);
+            for (int64_t i = 0; i < len; ++i) {
+                q1[off + i] = rule::quantize(table1, rule::normalize(sm[i], inverse1), true);
+            }
             if constexpr (kTwoMoments) {
                 for (int64_t i = 0; i < len; ++i) {
                     q2[off + i] = rule::quantize(table2, rule::normalize(sv[i], inverse2), false);

@@ -89,7 +89,8 @@ def test_quantize_out_of_range_zero_and_non_finite(signed):
         assert rule.quantize(-x[2:8], table, signed).tolist() == [zero, 0, 0, 0, 0, 0]
         # The negative half mirrors the positive one (below the midpoint between the top mean and 1).
         mags = torch.empty(5000).uniform_(0, 0.99, generator=torch.Generator().manual_seed(3))
-        assert torch.equal(table[rule.quantize(-mags, table, True).long()], -table[rule.quantize(mags, table, True).long()])
+        negative, positive = rule.quantize(-mags, table, True).long(), rule.quantize(mags, table, True).long()
+        assert torch.equal(table[negative], -table[positive])
     else:
         # Second moments are never negative: the sign bit is not masked, a negative input clamps to 0.
         assert rule.quantize(torch.tensor([-0.5, -inf]), table, signed).tolist() == [0, 0]
