@@ -7,15 +7,14 @@
 // * every fp32 operation rounds once, as a PyTorch elementwise op does: on the GPU through
 //   the __f*_rn intrinsics (nvcc never fuses them into an FMA); on the CPU the translation
 //   unit that includes this header turns FMA contraction off (see csrc/cpu/optim8bit.cpp);
-// * quantization is defined as "the number of code midpoints strictly below x", which is
-//   the index of the nearest code value (ties go to the lower one); a binary search over the
-//   midpoints and the LUT-accelerated search below compute the same count;
+// * quantization is a closed form of fp32 operations and table reads (see quantize), not a
+//   search, so every backend computes the same index;
 // * stochastic rounding draws its bits from a counter-based hash of (seed, step, index).
 //
 // The 8-bit codes (the dynamic/tree code of Dettmers et al., signed for the first moment,
 // unsigned for the second) are generated once in Python (fastlm/optim/_code.py) and passed
-// to the kernels as tensors: `code` (256 sorted fp32 values in [-1, 1]), `mid` (the 255
-// midpoints, padded with +inf to kMidPadded entries) and `lut` (see quantize_lut).
+// to the kernels as one fp32 table per code: the 256 sorted values in [-1, 1], then the
+// quantizer's tables (kTable*).
 #pragma once
 
 #include <stdint.h>
@@ -94,62 +93,56 @@ FASTLM_HD float bits_float(uint32_t u) {
 
 // ---- the 8-bit code ---------------------------------------------------------------------
 constexpr int kCodeSize = 256;
-// Midpoint table length: 255 midpoints, then +inf padding (one entry, so a search position of
-// 255 reads a value no x is below).
-constexpr int kMidPadded = kCodeSize;
-// quantize_lut buckets |x| by its top 16 bits (sign, exponent, 7 mantissa bits), clamped to
-// [2^-26, 1]: kLutKeys buckets per sign, magnitudes below 2^-26 share the lowest one (no
-// code value but 0 lies there: the smallest non-zero code magnitude is above 1e-7).
-constexpr uint32_t kLutKeyLo = (127u - 26u) << 7;  // top 16 bits of 2^-26
-constexpr uint32_t kLutKeyHi = 127u << 7;          // top 16 bits of 1.0
-constexpr int kLutKeys = static_cast<int>(kLutKeyHi - kLutKeyLo) + 1;
-constexpr int kLutSize = 2 * kLutKeys;
-// A lut entry: (#midpoints below the bucket) << 16 | threshold (see quantize_lut).
-constexpr uint32_t kLutLowMask = 0xffffu;
+// One fp32 table per code (fastlm/optim/_code.py builds it and documents the layout): the 256
+// code values, then the closed-form quantizer's octave and segment tables.
+constexpr int kTableThreshold = 256;  // 32 per octave: the segment boundary inside it, or +inf
+constexpr int kTableSegment = 288;    // 32 per octave: the segment at its bottom (an integer)
+constexpr int kTableScale = 320;      // 16 per segment
+constexpr int kTableOffset = 336;     // 16 per segment
+constexpr int kTableTop = 352;        // 16 per segment: its last index
+constexpr int kTableSize = 368;
+// Magnitudes are clamped to [2^-24, 1] (as bits) before the octave lookup: their 25 binary
+// exponents are distinct mod 32, and no code value but 0 lies below 2^-22.
+constexpr int32_t kMagLoBits = 0x33800000;
+constexpr int32_t kMagHiBits = 0x3f800000;
+// The largest block the kernels take (the CUDA kernel runs one thread block per block).
+constexpr int kMaxBlockSize = 4096;
 
-// code[q] * absmax: the dequantized state.
-FASTLM_HD float dequantize(const float* code, uint8_t q, float absmax) { return mul_rn(code[q], absmax); }
+// table[q] * absmax: the dequantized state.
+FASTLM_HD float dequantize(const float* table, uint8_t q, float absmax) { return mul_rn(table[q], absmax); }
 
 // The block scale: absmax, or 1 for an all-zero block (whose values all quantize to 0).
 FASTLM_HD float safe_scale(float absmax) { return absmax > 0.f ? absmax : 1.f; }
 
-// Index of the nearest code value to x = #(midpoints < x), by binary search (GPU path).
-FASTLM_HD uint8_t quantize_search(const float* mid, float x) {
-    int pos = 0;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int step = 128; step > 0; step >>= 1) {
-        // mid[pos + step - 1] exists for pos + step - 1 <= 254; mid[255] is +inf padding.
-        if (mid[pos + step - 1] < x) pos += step;
-    }
-    return static_cast<uint8_t>(pos);
-}
+// 1 / safe_scale(absmax), once per block: normalize() then multiplies (one division per block
+// instead of one per element; every backend computes the same reciprocal and products).
+FASTLM_HD float inverse_scale(float absmax) { return div_rn(1.f, safe_scale(absmax)); }
+FASTLM_HD float normalize(float x, float inverse) { return mul_rn(x, inverse); }
 
-// The same count, from one lookup (CPU path). Every bucket of fp32 values sharing their top
-// 16 bits holds at most one midpoint, and a midpoint inside x's bucket differs from x only in
-// the low 16 bits, so one table entry per bucket settles the count:
-// lut[bucket] = (#midpoints below the bucket) << 16 | t, where t is the low 16 bits of the
-// bucket's midpoint, inverted for negative buckets (there a larger magnitude is smaller), or
-// 0xffff when the bucket holds none (clamped buckets never do); the count is then the high
-// half, plus one if x's low 16 bits, inverted alike, exceed t. fastlm/optim/_code.py builds the
-// table and checks both premises; csrc/cpu/optim8bit.cpp has a 16-lane version.
-FASTLM_HD uint32_t lut_slot(uint32_t bits) {
-    uint32_t key = (bits & 0x7fffffffu) >> 16;
-    key = key < kLutKeyLo ? kLutKeyLo : (key > kLutKeyHi ? kLutKeyHi : key);
-    return (key - kLutKeyLo) + ((bits >> 31) ? static_cast<uint32_t>(kLutKeys) : 0u);
-}
-FASTLM_HD uint8_t lut_count(uint32_t entry, uint32_t bits) {
-    const uint32_t low = (bits ^ (0u - (bits >> 31))) & kLutLowMask;
-    return static_cast<uint8_t>((entry >> 16) + (low > (entry & kLutLowMask) ? 1u : 0u));
-}
-FASTLM_HD uint8_t quantize_lut(const int32_t* lut, float x) {
+FASTLM_HD int32_t clamp_i32(int32_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// The index of (about) the nearest code value to a normalized x, in closed form: the code is
+// linear inside each decade, so there the index of |x| is trunc(|x| * scale + offset); the
+// segment (zero, a decade, one) comes from |x|'s octave and one compare with the boundary
+// inside it. Exactly the nearest value except within an fp32 rounding of a midpoint. The
+// unsigned code's input is never negative, so its sign bit is not masked (a negative input
+// clamps to index 0); a signed negative x takes the mirror index of |x|. NaN and infinities
+// clamp like the largest magnitudes. fastlm/optim/_rule.py's quantize is the same fp32
+// arithmetic; csrc/cpu/optim8bit.cpp has a 16-lane version.
+FASTLM_HD uint8_t quantize(const float* table, float x, bool is_signed) {
     const uint32_t bits = float_bits(x);
-    return lut_count(static_cast<uint32_t>(lut[lut_slot(bits)]), bits);
+    const int32_t raw = static_cast<int32_t>(is_signed ? (bits & 0x7fffffffu) : bits);
+    const int32_t magnitude = clamp_i32(raw, kMagLoBits, kMagHiBits);
+    const int octave = (magnitude >> 23) & 31;
+    const float xa = bits_float(static_cast<uint32_t>(magnitude));
+    const int segment =
+        static_cast<int>(table[kTableSegment + octave]) + (xa > table[kTableThreshold + octave] ? 1 : 0);
+    const float y = add_rn(mul_rn(xa, table[kTableScale + segment]), table[kTableOffset + segment]);
+    const float top = table[kTableTop + segment];
+    int32_t k = static_cast<int32_t>(y < top ? y : top);  // y >= 0: truncation is floor
+    if (is_signed && (bits >> 31)) k = 254 - k < 0 ? 0 : 254 - k;
+    return static_cast<uint8_t>(k);
 }
-
-// x / scale, quantized: x is a new moment, scale its block's safe_scale(absmax).
-FASTLM_HD float normalize(float x, float scale) { return div_rn(x, scale); }
 
 // ---- hyper-parameters ------------------------------------------------------------------
 // Every scalar the rule needs, rounded to fp32 once on the host (fastlm/optim/_rule.py), so

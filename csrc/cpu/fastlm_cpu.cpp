@@ -18,8 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("dbias"), py::arg("is_rms"));
     m.def("optim8bit_step", &optim8bit_step_cpu, "One block-wise 8-bit AdamW/Adam/Lion step, in place",
           py::arg("kind"), py::arg("param"), py::arg("grad"), py::arg("state1"), py::arg("absmax1"),
-          py::arg("state2"), py::arg("absmax2"), py::arg("tables1"), py::arg("lut1"), py::arg("tables2"),
-          py::arg("lut2"), py::arg("block_size"), py::arg("hyper"), py::arg("seed"), py::arg("step"),
+          py::arg("state2"), py::arg("absmax2"), py::arg("tables1"), py::arg("tables2"),
+          py::arg("block_size"), py::arg("hyper"), py::arg("seed"), py::arg("step"),
           py::arg("stochastic_rounding"), py::call_guard<py::gil_scoped_release>());
     m.def("act_fwd", &act_fwd_cpu, "Fused SiLU/GELU activation, optionally gated (act(gate) * up)", py::arg("gate"),
           py::arg("up"), py::arg("y"), py::arg("act"));

@@ -20,16 +20,14 @@
 
 #include "common/optim8bit_rule.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace {
 
 namespace rule = fastlm::optim8bit;
 
 // Quantization blocks per at::parallel_for task: enough work to amortize the scheduling.
 constexpr int64_t kGrainBytes = 1 << 16;
+// The largest block step_kernel pipelines (two scratch buffers of both moments: 16 KB).
+constexpr int64_t kPipelinedBlockSize = 1024;
 
 inline float load(float x) { return x; }
 inline float load(c10::BFloat16 x) { return rule::bf16_to_float(x.x); }
@@ -46,19 +44,16 @@ inline T store(float x, uint32_t key, int64_t index) {
     }
 }
 
-struct Tables {
-    const float* code;
-    const int32_t* lut;
-};
-
-#if defined(__AVX512F__)
-// ---- 16 lanes at a time (AVX-512) --------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define FASTLM_OPTIM8BIT_SIMD 1
+#include <immintrin.h>
+// ---- 16 lanes at a time (AVX-512 F/BW/VBMI) ------------------------------------------------
 // The same rule, operation for operation (one IEEE-rounded vector op per scalar op, no FMA), so
 // the results are the scalar path's bits. Written out by hand for the table lookups, which the
-// auto-vectorized loop turns into gathers (emulated with scalar loads under GCC's AMD tunings):
-// a lookup costs about a cycle per lane either way. The 256-entry code fits 16 registers, so
-// dequantizing is 8 two-register permutes and 7 blends per 16 lanes; the 26 KB quantize table
-// does not, and stays one hardware gather per 16 lanes, the costliest step that is left.
+// auto-vectorized loop turns into gathers (slow on AMD Zen 4: ~30 cycles per 16 lanes). Both
+// lookups stay in registers instead: dequantizing reads the 256 code values as four byte
+// planes with byte permutes (64 codes per vpermt2b pair), quantizing evaluates the rule's
+// closed form with 16- and 32-entry permutes.
 namespace simd {
 
 // Everything one block's update reads and writes, and the task's fp32 scratch for the new
@@ -67,63 +62,99 @@ template <typename T>
 struct Block {
     T* param;
     const T* grad;
-    uint8_t* q1;
-    uint8_t* q2;
+    const uint8_t* q1;
+    const uint8_t* q2;
     float* m;
     float* v;
     float scale1, scale2;
     int64_t index;  // flat index of the block's first element (keys stochastic rounding)
 };
 
-struct Code256 {
-    __m512 r[16];
-    explicit Code256(const float* code) {
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(code + 16 * i);
+inline __mmask16 lanes16(int64_t count) {
+    return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// The dword order that undoes (or, applied to codes, prepares for) the in-lane interleaving of
+// 4 registers by unpack or pack instructions: a 4x4 transpose of 128-bit lanes' dwords.
+inline __m512i lane_transpose() {
+    return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+// table[q] for 64 codes: byte k of every code value is looked up in plane k (256 bytes, four
+// registers, two 128-entry vpermt2b and a blend on the index's top bit), and the four planes
+// are interleaved back into fp32 lanes. The unpacks interleave within 128-bit lanes, so the
+// codes are first permuted (a 4x4 transpose of dwords) for the results to come out in order.
+struct CodePlanes {
+    __m512i plane[4][4];
+    explicit CodePlanes(const float* table) {
+        alignas(64) uint8_t bytes[4][rule::kCodeSize];
+        for (int i = 0; i < rule::kCodeSize; ++i) {
+            const uint32_t u = rule::float_bits(table[i]);
+            for (int k = 0; k < 4; ++k) bytes[k][i] = static_cast<uint8_t>(u >> (8 * k));
+        }
+        for (int k = 0; k < 4; ++k) {
+            for (int j = 0; j < 4; ++j) plane[k][j] = _mm512_load_si512(bytes[k] + 64 * j);
+        }
     }
-    // code[idx] per lane, idx in [0, 256): bits 0-4 pick within a 32-entry pair of registers,
-    // bits 5-7 pick the pair.
-    __m512 operator()(__m512i idx) const {
-        __m512 p[8];
-        for (int i = 0; i < 8; ++i) p[i] = _mm512_permutex2var_ps(r[2 * i], idx, r[2 * i + 1]);
-        const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-        const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-        const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
-        for (int i = 0; i < 4; ++i) p[i] = _mm512_mask_blend_ps(b5, p[2 * i], p[2 * i + 1]);
-        for (int i = 0; i < 2; ++i) p[i] = _mm512_mask_blend_ps(b6, p[2 * i], p[2 * i + 1]);
-        return _mm512_mask_blend_ps(b7, p[0], p[1]);
+    // out[j] = table[q[16 j + l]] for lane l; codes past `count` read as 0 (never past memory).
+    void operator()(const uint8_t* q, int64_t count, __m512 out[4]) const {
+        __m512i idx = count >= 64 ? _mm512_loadu_si512(q)
+                                  : _mm512_maskz_loadu_epi8((~0ull) >> (64 - count), q);
+        idx = _mm512_permutexvar_epi32(lane_transpose(), idx);
+        const __mmask64 high = _mm512_movepi8_mask(idx);
+        __m512i p[4];
+        for (int k = 0; k < 4; ++k) {
+            p[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(plane[k][0], idx, plane[k][1]),
+                                          _mm512_permutex2var_epi8(plane[k][2], idx, plane[k][3]));
+        }
+        const __m512i lo01 = _mm512_unpacklo_epi8(p[0], p[1]), hi01 = _mm512_unpackhi_epi8(p[0], p[1]);
+        const __m512i lo23 = _mm512_unpacklo_epi8(p[2], p[3]), hi23 = _mm512_unpackhi_epi8(p[2], p[3]);
+        out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
+        out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
+        out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
+        out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
     }
 };
 
-inline __m512 dequantize(const Code256& code, const uint8_t* q, __m512 absmax) {
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    return _mm512_mul_ps(code(idx), absmax);
-}
+// rule::quantize on 16 lanes, the tables in seven registers. index() leaves the signed code's
+// mirror index unclamped (-1 for the largest negative magnitudes): the caller clamps it to 0.
+struct Quantizer {
+    __m512 threshold_lo, threshold_hi, scale, offset, top;
+    __m512i segment_lo, segment_hi;
+    explicit Quantizer(const float* table)
+        : threshold_lo(_mm512_loadu_ps(table + rule::kTableThreshold)),
+          threshold_hi(_mm512_loadu_ps(table + rule::kTableThreshold + 16)),
+          scale(_mm512_loadu_ps(table + rule::kTableScale)),
+          offset(_mm512_loadu_ps(table + rule::kTableOffset)),
+          top(_mm512_loadu_ps(table + rule::kTableTop)),
+          segment_lo(_mm512_cvttps_epi32(_mm512_loadu_ps(table + rule::kTableSegment))),
+          segment_hi(_mm512_cvttps_epi32(_mm512_loadu_ps(table + rule::kTableSegment + 16))) {}
+    template <bool Signed>
+    __m512i index(__m512 x) const {
+        const __m512i bits = _mm512_castps_si512(x);
+        __m512i magnitude = Signed ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)) : bits;
+        magnitude = _mm512_min_epi32(_mm512_max_epi32(magnitude, _mm512_set1_epi32(rule::kMagLoBits)),
+                                     _mm512_set1_epi32(rule::kMagHiBits));
+        const __m512i octave = _mm512_srli_epi32(magnitude, 23);  // the permutes read its low 5 bits
+        const __m512 xa = _mm512_castsi512_ps(magnitude);
+        __m512i segment = _mm512_permutex2var_epi32(segment_lo, octave, segment_hi);
+        const __mmask16 above =
+            _mm512_cmp_ps_mask(xa, _mm512_permutex2var_ps(threshold_lo, octave, threshold_hi), _CMP_GT_OQ);
+        segment = _mm512_mask_add_epi32(segment, above, segment, _mm512_set1_epi32(1));
+        const __m512 y = _mm512_add_ps(_mm512_mul_ps(xa, _mm512_permutexvar_ps(segment, scale)),
+                                       _mm512_permutexvar_ps(segment, offset));
+        __m512i k = _mm512_cvttps_epi32(_mm512_min_ps(y, _mm512_permutexvar_ps(segment, top)));
+        if constexpr (Signed) k = _mm512_mask_sub_epi32(k, _mm512_movepi32_mask(bits), _mm512_set1_epi32(254), k);
+        return k;
+    }
+};
 
-// rule::quantize_lut on 16 lanes.
-inline __m128i quantize_lut(const int32_t* lut, __m512 x) {
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i negative = _mm512_srai_epi32(bits, 31);  // all ones in negative lanes
-    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), 16);
-    key = _mm512_min_epu32(_mm512_max_epu32(key, _mm512_set1_epi32(rule::kLutKeyLo)),
-                           _mm512_set1_epi32(rule::kLutKeyHi));
-    const __m512i slot = _mm512_add_epi32(_mm512_sub_epi32(key, _mm512_set1_epi32(rule::kLutKeyLo)),
-                                          _mm512_and_si512(negative, _mm512_set1_epi32(rule::kLutKeys)));
-    const __m512i entry = _mm512_i32gather_epi32(slot, lut, 4);
-    const __m512i low_mask = _mm512_set1_epi32(rule::kLutLowMask);
-    const __m512i low = _mm512_and_si512(_mm512_xor_si512(bits, negative), low_mask);
-    const __mmask16 above = _mm512_cmpgt_epu32_mask(low, _mm512_and_si512(entry, low_mask));
-    const __m512i below = _mm512_srli_epi32(entry, 16);
-    return _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(below, above, below, _mm512_set1_epi32(1)));
-}
-
-inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load(const c10::BFloat16* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+inline __m512 load(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load(const c10::BFloat16* p, __mmask16 k) {
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __m512 load(const c10::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+inline __m512 load(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
 
 inline __m512i fmix32(__m512i h) {
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
@@ -163,16 +194,15 @@ inline __m256i round_bf16(__m512 x, uint32_t key, int64_t index) {
 }
 
 template <bool Stochastic>
-inline void store(float* p, __m512 x, uint32_t, int64_t) { _mm512_storeu_ps(p, x); }
+inline void store(float* p, __mmask16 k, __m512 x, uint32_t, int64_t) { _mm512_mask_storeu_ps(p, k, x); }
 template <bool Stochastic>
-inline void store(c10::BFloat16* p, __m512 x, uint32_t key, int64_t index) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16<Stochastic>(x, key, index));
+inline void store(c10::BFloat16* p, __mmask16 k, __m512 x, uint32_t key, int64_t index) {
+    _mm256_mask_storeu_epi16(p, k, round_bf16<Stochastic>(x, key, index));
 }
 // Round to nearest even, as c10::Half's conversion (NaN payloads aside).
 template <bool Stochastic>
-inline void store(c10::Half* p, __m512 x, uint32_t, int64_t) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+inline void store(c10::Half* p, __mmask16 k, __m512 x, uint32_t, int64_t) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 // The broadcast scalars of rule::Hyper.
@@ -190,47 +220,74 @@ struct Hyper {
           l2(_mm512_set1_ps(h.l2)) {}
 };
 
-// The update of elements [0, len16) of a block (len16 a multiple of 16): rule::adam_update or
-// rule::lion_update, operation for operation; the running absmax of the new moments in am1/am2.
+// The update of a block's `len` elements, 64 codes at a time (the last group masked): the
+// rule's adam_update or lion_update, operation for operation; the new moments go to the
+// block's scratch, their running absmax to am1/am2 (masked lanes excluded).
 template <typename T, int Kind, bool Stochastic>
-inline void update(const Block<T>& blk, int64_t len16, const Code256& code1, const Code256* code2, const Hyper& h,
-                   uint32_t key, __m512& am1, __m512& am2) {
+inline void update(const Block<T>& blk, int64_t len, const CodePlanes& code1, const CodePlanes& code2,
+                   const Hyper& h, uint32_t key, __m512& am1, __m512& am2) {
     const __m512 s1 = _mm512_set1_ps(blk.scale1);
     const __m512 s2 = _mm512_set1_ps(blk.scale2);
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (int64_t i = 0; i < len16; i += 16) {
-        __m512 g = load(blk.grad + i);
-        __m512 p = load(blk.param + i);
-        __m512 m = dequantize(code1, blk.q1 + i, s1);
-        if constexpr (Kind == rule::kLion) {
-            const __m512 c = _mm512_add_ps(_mm512_mul_ps(h.beta1, m), _mm512_mul_ps(h.one_minus_beta1, g));
-            const __m512 zero = _mm512_setzero_ps();
-            __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(c, zero, _CMP_GT_OQ), _mm512_set1_ps(1.f));
-            sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(c, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
-            p = _mm512_sub_ps(_mm512_mul_ps(p, h.decay), _mm512_mul_ps(h.step_size, sign));
-            m = _mm512_add_ps(_mm512_mul_ps(h.beta2, m), _mm512_mul_ps(h.one_minus_beta2, g));
-        } else {
-            __m512 v = dequantize(*code2, blk.q2 + i, s2);
-            if constexpr (Kind == rule::kAdam) g = _mm512_add_ps(g, _mm512_mul_ps(h.l2, p));
-            m = _mm512_add_ps(_mm512_mul_ps(h.beta1, m), _mm512_mul_ps(h.one_minus_beta1, g));
-            v = _mm512_add_ps(_mm512_mul_ps(h.beta2, v), _mm512_mul_ps(_mm512_mul_ps(h.one_minus_beta2, g), g));
-            const __m512 denom =
-                _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), h.inv_bias_correction2_sqrt), h.eps);
-            p = _mm512_sub_ps(_mm512_mul_ps(p, h.decay), _mm512_div_ps(_mm512_mul_ps(h.step_size, m), denom));
-            _mm512_storeu_ps(blk.v + i, v);
-            am2 = _mm512_max_ps(am2, v);
+    for (int64_t i0 = 0; i0 < len; i0 += 64) {
+        const int64_t count = std::min<int64_t>(64, len - i0);
+        __m512 m_codes[4], v_codes[4];
+        code1(blk.q1 + i0, count, m_codes);
+        if constexpr (Kind != rule::kLion) code2(blk.q2 + i0, count, v_codes);
+        for (int j = 0; j < 4 && 16 * j < count; ++j) {
+            const int64_t i = i0 + 16 * j;
+            const __mmask16 k = lanes16(count - 16 * j);
+            __m512 g = load(blk.grad + i, k);
+            __m512 p = load(blk.param + i, k);
+            __m512 m = _mm512_mul_ps(m_codes[j], s1);
+            if constexpr (Kind == rule::kLion) {
+                const __m512 c = _mm512_add_ps(_mm512_mul_ps(h.beta1, m), _mm512_mul_ps(h.one_minus_beta1, g));
+                const __m512 zero = _mm512_setzero_ps();
+                __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(c, zero, _CMP_GT_OQ), _mm512_set1_ps(1.f));
+                sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(c, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
+                p = _mm512_sub_ps(_mm512_mul_ps(p, h.decay), _mm512_mul_ps(h.step_size, sign));
+                m = _mm512_add_ps(_mm512_mul_ps(h.beta2, m), _mm512_mul_ps(h.one_minus_beta2, g));
+            } else {
+                __m512 v = _mm512_mul_ps(v_codes[j], s2);
+                if constexpr (Kind == rule::kAdam) g = _mm512_add_ps(g, _mm512_mul_ps(h.l2, p));
+                m = _mm512_add_ps(_mm512_mul_ps(h.beta1, m), _mm512_mul_ps(h.one_minus_beta1, g));
+                v = _mm512_add_ps(_mm512_mul_ps(h.beta2, v), _mm512_mul_ps(_mm512_mul_ps(h.one_minus_beta2, g), g));
+                const __m512 denom =
+                    _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), h.inv_bias_correction2_sqrt), h.eps);
+                p = _mm512_sub_ps(_mm512_mul_ps(p, h.decay), _mm512_div_ps(_mm512_mul_ps(h.step_size, m), denom));
+                _mm512_store_ps(blk.v + i, v);
+                am2 = _mm512_mask_max_ps(am2, k, am2, v);
+            }
+            _mm512_store_ps(blk.m + i, m);
+            am1 = _mm512_mask_max_ps(am1, k, am1, _mm512_and_ps(m, abs_mask));
+            store<Stochastic>(blk.param + i, k, p, key, blk.index + i);
         }
-        _mm512_storeu_ps(blk.m + i, m);
-        am1 = _mm512_max_ps(am1, _mm512_and_ps(m, abs_mask));
-        store<Stochastic>(blk.param + i, p, key, blk.index + i);
     }
 }
 
-// q[i] = quantize_lut(x[i] / scale) for i in [0, len16).
-inline void requantize(const int32_t* lut, const float* x, float scale, uint8_t* q, int64_t len16) {
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int64_t i = 0; i < len16; i += 16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), quantize_lut(lut, _mm512_div_ps(_mm512_loadu_ps(x + i), s)));
+// q[i] = quantize(x[i] * inverse) for i in [0, len): 64 at a time, packed to bytes by two
+// saturating packs (which also clamp the signed code's mirror index -1 to 0), then 16 at a time.
+template <bool Signed>
+inline void requantize(const Quantizer& quantize, const float* x, float inverse, uint8_t* q, int64_t len) {
+    const __m512 s = _mm512_set1_ps(inverse);
+    int64_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+        __m512i k[4];
+        for (int j = 0; j < 4; ++j) {
+            k[j] = quantize.template index<Signed>(_mm512_mul_ps(_mm512_load_ps(x + i + 16 * j), s));
+        }
+        const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(k[0], k[1]), _mm512_packus_epi32(k[2], k[3]));
+        _mm512_storeu_si512(q + i, _mm512_permutexvar_epi32(lane_transpose(), bytes));
+    }
+    for (; i < len; i += 16) {
+        __m512i k = quantize.template index<Signed>(_mm512_mul_ps(_mm512_load_ps(x + i), s));
+        if constexpr (Signed) k = _mm512_max_epi32(k, _mm512_setzero_si512());
+        const __m128i codes = _mm512_cvtepi32_epi8(k);
+        if (len - i >= 16) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), codes);
+        } else {
+            _mm_mask_storeu_epi8(q + i, lanes16(len - i), codes);
+        }
     }
 }
 
@@ -238,16 +295,23 @@ inline void requantize(const int32_t* lut, const float* x, float scale, uint8_t*
 #endif
 
 // Per block: dequantize, update each element in fp32 (parameter written at once, new moments
-// kept in fp32 scratch), take the new moments' absmax, then requantize against it. With
-// AVX-512 the first len16 elements of a block go 16 at a time (simd::), the rest here.
+// kept in fp32 scratch on the stack, L1-resident), take the new moments' absmax, then
+// requantize against it: two passes over the scratch. Block b is requantized after block
+// b + 1's update (two scratch buffers), so the absmax reduction and reciprocal that separate
+// b's passes overlap independent work instead of draining the pipeline once per block (at
+// block_size 256 that stall cost about a sixth of the step); blocks above kPipelinedBlockSize
+// amortize it and use one buffer, whose scratch then still fits L1. With AVX-512 (F/BW/VBMI) a
+// block goes 16 lanes at a time (simd::), otherwise element by element through the rule.
 template <typename T, int Kind, bool Stochastic>
 void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax1, uint8_t* q2_ptr, float* absmax2,
-                 Tables t1, Tables t2, int64_t n, int64_t block_size, rule::Hyper h, uint32_t key) {
+                 const float* table1_ptr, const float* table2_ptr, int64_t n, int64_t block_size, rule::Hyper h,
+                 uint32_t key) {
     constexpr bool kTwoMoments = Kind != rule::kLion;
     const int64_t blocks = (n + block_size - 1) / block_size;
     const int64_t grain = std::max<int64_t>(1, kGrainBytes / block_size);
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> m_new(block_size), v_new(kTwoMoments ? block_size : 0);
+        // [buffer][moment][element]
+        alignas(64) float scratch[2][kTwoMoments ? 2 : 1][rule::kMaxBlockSize];
         // Local copies of everything the loops read: a uint8 store may alias any captured
         // variable, and a pointer reloaded on every iteration blocks vectorization.
         T* const param = param_ptr;
@@ -255,41 +319,34 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
         uint8_t* const q1 = q1_ptr;
         uint8_t* const q2 = q2_ptr;
         const rule::Hyper hp = h;
-        float* const sm = m_new.data();
-        float* const sv = v_new.data();
-        const float* const code1 = t1.code;
-        const int32_t* const lut1 = t1.lut;
-        const float* const code2 = t2.code;
-        const int32_t* const lut2 = t2.lut;
-#if defined(__AVX512F__)
-        const simd::Code256 vcode1(code1);
-        const simd::Code256 vcode2(kTwoMoments ? code2 : code1);
+        const float* const table1 = table1_ptr;
+        const float* const table2 = kTwoMoments ? table2_ptr : table1_ptr;
+#if defined(FASTLM_OPTIM8BIT_SIMD)
+        const simd::CodePlanes code1(table1), code2(table2);
+        const simd::Quantizer quantize1(table1), quantize2(table2);
         const simd::Hyper vh(hp);
-        constexpr int64_t kLanes = 16;
-#else
-        constexpr int64_t kLanes = 1;
 #endif
-        for (int64_t b = begin; b < end; ++b) {
+        const auto length = [&](int64_t b) { return std::min(block_size, n - b * block_size); };
+        const auto update = [&](int64_t b, float* sm, float* sv) {
             const int64_t off = b * block_size;
-            const int64_t len = std::min(block_size, n - off);
-            const int64_t len16 = kLanes > 1 ? len / kLanes * kLanes : 0;
+            const int64_t len = length(b);
             const float scale1 = absmax1[b];
             const float scale2 = kTwoMoments ? absmax2[b] : 0.f;
             float amax1 = 0.f, amax2 = 0.f;
-#if defined(__AVX512F__)
+#if defined(FASTLM_OPTIM8BIT_SIMD)
             const simd::Block<T> blk{param + off, grad + off, q1 + off, q2 + off, sm, sv, scale1, scale2, off};
             __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
-            simd::update<T, Kind, Stochastic>(blk, len16, vcode1, &vcode2, vh, key, am1, am2);
+            simd::update<T, Kind, Stochastic>(blk, len, code1, code2, vh, key, am1, am2);
             amax1 = _mm512_reduce_max_ps(am1);
             if constexpr (kTwoMoments) amax2 = _mm512_reduce_max_ps(am2);
-#endif
+#else
 #pragma omp simd reduction(max : amax1, amax2)
-            for (int64_t i = len16; i < len; ++i) {
+            for (int64_t i = 0; i < len; ++i) {
                 const float g = load(grad[off + i]);
                 float p = load(param[off + i]);
-                float m = rule::dequantize(code1, q1[off + i], scale1);
+                float m = rule::dequantize(table1, q1[off + i], scale1);
                 if constexpr (kTwoMoments) {
-                    float v = rule::dequantize(code2, q2[off + i], scale2);
+                    float v = rule::dequantize(table2, q2[off + i], scale2);
                     rule::adam_update(g, p, m, v, hp, Kind == rule::kAdam);
                     sv[i] = v;
                     amax2 = std::max(amax2, v);
@@ -300,40 +357,50 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
                 amax1 = std::max(amax1, __builtin_fabsf(m));
                 param[off + i] = store<T, Stochastic>(p, key, off + i);
             }
-            absmax1[b] = amax1;
-            const float div1 = rule::safe_scale(amax1);
-#if defined(__AVX512F__)
-            simd::requantize(lut1, sm, div1, q1 + off, len16);
 #endif
-#pragma omp simd
-            for (int64_t i = len16; i < len; ++i) {
-                q1[off + i] = rule::quantize_lut(lut1, rule::normalize(sm[i], div1));
+            absmax1[b] = amax1;
+            if constexpr (kTwoMoments) absmax2[b] = amax2;
+        };
+        // Reads the block's new absmax, written by update().
+        const auto requantize = [&](int64_t b, const float* sm, const float* sv) {
+            const int64_t off = b * block_size;
+            const int64_t len = length(b);
+            const float inverse1 = rule::inverse_scale(absmax1[b]);
+            const float inverse2 = kTwoMoments ? rule::inverse_scale(absmax2[b]) : 0.f;
+#if defined(FASTLM_OPTIM8BIT_SIMD)
+            simd::requantize<true>(quantize1, sm, inverse1, q1 + off, len);
+            if constexpr (kTwoMoments) simd::requantize<false>(quantize2, sv, inverse2, q2 + off, len);
+#else
+            for (int64_t i = 0; i < len; ++i) {
+                q1[off + i] = rule::quantize(table1, rule::normalize(sm[i], inverse1), true);
             }
             if constexpr (kTwoMoments) {
-                absmax2[b] = amax2;
-                const float div2 = rule::safe_scale(amax2);
-#if defined(__AVX512F__)
-                simd::requantize(lut2, sv, div2, q2 + off, len16);
-#endif
-#pragma omp simd
-                for (int64_t i = len16; i < len; ++i) {
-                    q2[off + i] = rule::quantize_lut(lut2, rule::normalize(sv[i], div2));
+                for (int64_t i = 0; i < len; ++i) {
+                    q2[off + i] = rule::quantize(table2, rule::normalize(sv[i], inverse2), false);
                 }
             }
+#endif
+        };
+        if (block_size > kPipelinedBlockSize) {
+            for (int64_t b = begin; b < end; ++b) {
+                update(b, scratch[0][0], scratch[0][kTwoMoments ? 1 : 0]);
+                requantize(b, scratch[0][0], scratch[0][kTwoMoments ? 1 : 0]);
+            }
+            return;
+        }
+        for (int64_t b = begin; b <= end; ++b) {
+            if (b < end) update(b, scratch[b & 1][0], scratch[b & 1][kTwoMoments ? 1 : 0]);
+            if (b > begin) requantize(b - 1, scratch[(b - 1) & 1][0], scratch[(b - 1) & 1][kTwoMoments ? 1 : 0]);
         }
     });
 }
 
-Tables tables_of(const at::Tensor& values, const at::Tensor& lut, const char* name) {
-    TORCH_CHECK(values.dtype() == at::kFloat && values.is_contiguous() &&
-                    values.numel() == rule::kCodeSize + rule::kMidPadded,
-                name, ": expected the contiguous fp32 code table of ", rule::kCodeSize + rule::kMidPadded,
-                " values, got ", values.dtype(), " of ", values.numel());
-    TORCH_CHECK(lut.dtype() == at::kInt && lut.is_contiguous() && lut.numel() == rule::kLutSize, name,
-                ": expected the contiguous int32 lookup table of ", rule::kLutSize, " entries, got ", lut.dtype(),
-                " of ", lut.numel());
-    TORCH_CHECK(values.device().is_cpu() && lut.device().is_cpu(), name, ": code tables must be on the CPU");
-    return Tables{values.data_ptr<float>(), lut.data_ptr<int32_t>()};
+const float* table_of(const at::Tensor& table, const char* name) {
+    TORCH_CHECK(table.device().is_cpu() && table.dtype() == at::kFloat && table.is_contiguous() &&
+                    table.numel() == rule::kTableSize,
+                name, ": expected the contiguous fp32 CPU code table of ", rule::kTableSize, " values, got ",
+                table.dtype(), " of ", table.numel(), " on ", table.device());
+    return table.data_ptr<float>();
 }
 
 void check_state(const at::Tensor& state, const at::Tensor& absmax, int64_t n, int64_t blocks, const char* name) {
@@ -348,7 +415,7 @@ void check_state(const at::Tensor& state, const at::Tensor& absmax, int64_t n, i
 
 template <typename T, int Kind>
 void dispatch_rounding(at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1, uint8_t* q2, float* a2,
-                       Tables t1, Tables t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
+                       const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
                        bool stochastic) {
     T* p = reinterpret_cast<T*>(param.data_ptr());
     const T* g = reinterpret_cast<const T*>(grad.data_ptr());
@@ -364,7 +431,7 @@ void dispatch_rounding(at::Tensor& param, const at::Tensor& grad, uint8_t* q1, f
 
 template <typename T>
 void dispatch_kind(int64_t kind, at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1, uint8_t* q2,
-                   float* a2, Tables t1, Tables t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
+                   float* a2, const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
                    bool stochastic) {
     switch (kind) {
         case rule::kAdamW:
@@ -383,13 +450,13 @@ void dispatch_kind(int64_t kind, at::Tensor& param, const at::Tensor& grad, uint
 
 void optim8bit_step_cpu(int64_t kind, at::Tensor& param, const at::Tensor& grad, at::Tensor& state1,
                         at::Tensor& absmax1, std::optional<at::Tensor> state2, std::optional<at::Tensor> absmax2,
-                        const at::Tensor& tables1, const at::Tensor& lut1, const std::optional<at::Tensor>& tables2,
-                        const std::optional<at::Tensor>& lut2, int64_t block_size, const std::vector<double>& hyper,
+                        const at::Tensor& tables1, const std::optional<at::Tensor>& tables2, int64_t block_size,
+                        const std::vector<double>& hyper,
                         int64_t seed, int64_t step, bool stochastic_rounding) {
     TORCH_CHECK(kind == rule::kAdamW || kind == rule::kAdam || kind == rule::kLion,
                 "kind: expected 0 (AdamW), 1 (Adam) or 2 (Lion), got ", kind);
-    TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
-                "block_size: expected a power of two, got ", block_size);
+    TORCH_CHECK(block_size >= 16 && block_size <= rule::kMaxBlockSize && (block_size & (block_size - 1)) == 0,
+                "block_size: expected a power of two in [16, ", rule::kMaxBlockSize, "], got ", block_size);
     TORCH_CHECK(param.device().is_cpu() && param.is_contiguous(), "param: expected a contiguous CPU tensor, got ",
                 param.device(), param.is_contiguous() ? "" : " (non-contiguous)");
     const auto dtype = param.scalar_type();
@@ -403,14 +470,14 @@ void optim8bit_step_cpu(int64_t kind, at::Tensor& param, const at::Tensor& grad,
     const int64_t n = param.numel();
     const int64_t blocks = (n + block_size - 1) / block_size;
     check_state(state1, absmax1, n, blocks, "state1");
-    const Tables t1 = tables_of(tables1, lut1, "tables1");
-    Tables t2{nullptr, nullptr};
+    const float* t1 = table_of(tables1, "tables1");
+    const float* t2 = nullptr;
     uint8_t* q2 = nullptr;
     float* a2 = nullptr;
     if (kind != rule::kLion) {
-        TORCH_CHECK(state2 && absmax2 && tables2 && lut2, "Adam/AdamW need state2, absmax2, tables2 and lut2");
+        TORCH_CHECK(state2 && absmax2 && tables2, "Adam/AdamW need state2, absmax2 and tables2");
         check_state(*state2, *absmax2, n, blocks, "state2");
-        t2 = tables_of(*tables2, *lut2, "tables2");
+        t2 = table_of(*tables2, "tables2");
         q2 = state2->data_ptr<uint8_t>();
         a2 = absmax2->data_ptr<float>();
     }

@@ -21,8 +21,7 @@ void check_cuda(const at::Tensor& t, const at::Tensor& param, at::ScalarType dty
                 t.is_contiguous() ? "" : " (non-contiguous)");
 }
 
-// Same contract as optim8bit_step_cpu (csrc/cpu/optim8bit.h); tables hold the code then the
-// padded midpoints (the CUDA kernel searches them; it needs no lookup table).
+// Same contract as optim8bit_step_cpu (csrc/cpu/optim8bit.h).
 void optim8bit_step_cuda(int64_t kind, at::Tensor& param, const at::Tensor& grad, at::Tensor& state1,
                          at::Tensor& absmax1, std::optional<at::Tensor> state2, std::optional<at::Tensor> absmax2,
                          const at::Tensor& tables1, const std::optional<at::Tensor>& tables2, int64_t block_size,
@@ -42,13 +41,13 @@ void optim8bit_step_cuda(int64_t kind, at::Tensor& param, const at::Tensor& grad
     check_cuda(grad, param, dtype, n, "grad");
     check_cuda(state1, param, at::kByte, n, "state1");
     check_cuda(absmax1, param, at::kFloat, blocks, "absmax1");
-    check_cuda(tables1, param, at::kFloat, rule::kCodeSize + rule::kMidPadded, "tables1");
+    check_cuda(tables1, param, at::kFloat, rule::kTableSize, "tables1");
     const bool two_moments = kind != rule::kLion;
     if (two_moments) {
         TORCH_CHECK(state2 && absmax2 && tables2, "Adam/AdamW need state2, absmax2 and tables2");
         check_cuda(*state2, param, at::kByte, n, "state2");
         check_cuda(*absmax2, param, at::kFloat, blocks, "absmax2");
-        check_cuda(*tables2, param, at::kFloat, rule::kCodeSize + rule::kMidPadded, "tables2");
+        check_cuda(*tables2, param, at::kFloat, rule::kTableSize, "tables2");
     }
     const c10::cuda::CUDAGuard guard(param.device());
     rule::StepArgs args{};

@@ -6,7 +6,7 @@
 // each thread loads 16 bytes of parameters and gradients (4 fp32 or 8 bf16/fp16 elements) with
 // vector loads where aligned, dequantizes its codes, updates in fp32 registers, writes the
 // parameters, and the block's new absmax comes from warp-shuffle reductions; then each thread
-// requantizes its elements (binary search over the midpoints in shared memory).
+// requantizes its elements (the rule's closed form, its tables in shared memory).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -94,15 +94,11 @@ __global__ void __launch_bounds__(1024) optim8bit_kernel(StepArgs args) {
     constexpr bool kTwoMoments = Kind != kLion;
     using Word = typename CodeWord<kVec>::type;
 
-    __shared__ float code1[kCodeSize], mid1[kCodeSize], code2[kCodeSize], mid2[kCodeSize];
+    __shared__ float table1[kTableSize], table2[kTableSize];
     __shared__ float scratch[2][kWarp];
-    for (int i = threadIdx.x; i < kCodeSize; i += blockDim.x) {
-        code1[i] = args.tables1[i];
-        mid1[i] = args.tables1[kCodeSize + i];  // 255 midpoints and one +inf
-        if constexpr (kTwoMoments) {
-            code2[i] = args.tables2[i];
-            mid2[i] = args.tables2[kCodeSize + i];
-        }
+    for (int i = threadIdx.x; i < kTableSize; i += blockDim.x) {
+        table1[i] = args.tables1[i];
+        if constexpr (kTwoMoments) table2[i] = args.tables2[i];
     }
     __syncthreads();
 
@@ -152,9 +148,9 @@ __global__ void __launch_bounds__(1024) optim8bit_kernel(StepArgs args) {
         for (int j = 0; j < kVec; ++j) {
             if (j < count) {
                 float p = to_float(p_in[j]);
-                m[j] = dequantize(code1, c1[j], scale1);
+                m[j] = dequantize(table1, c1[j], scale1);
                 if constexpr (kTwoMoments) {
-                    v[j] = dequantize(code2, c2[j], scale2);
+                    v[j] = dequantize(table2, c2[j], scale2);
                     adam_update(to_float(g_in[j]), p, m[j], v[j], h, Kind == kAdam);
                     amax2 = fmaxf(amax2, v[j]);
                 } else {
@@ -174,12 +170,12 @@ __global__ void __launch_bounds__(1024) optim8bit_kernel(StepArgs args) {
         }
 
         block_max2(amax1, amax2, scratch);
-        const float div1 = safe_scale(amax1), div2 = safe_scale(amax2);
+        const float inverse1 = inverse_scale(amax1), inverse2 = inverse_scale(amax2);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
             if (j < count) {
-                c1[j] = quantize_search(mid1, normalize(m[j], div1));
-                if constexpr (kTwoMoments) c2[j] = quantize_search(mid2, normalize(v[j], div2));
+                c1[j] = quantize(table1, normalize(m[j], inverse1), true);
+                if constexpr (kTwoMoments) c2[j] = quantize(table2, normalize(v[j], inverse2), false);
             }
         }
         if (vector) {

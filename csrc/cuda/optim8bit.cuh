@@ -22,7 +22,7 @@ struct StepArgs {
     float* absmax1;
     uint8_t* state2;  // null for Lion
     float* absmax2;
-    const float* tables1;  // code (256) then padded midpoints (kMidPadded), signed code
+    const float* tables1;  // the signed code's table (kTableSize: the code, then the quantizer's)
     const float* tables2;  // the same for the unsigned code; null for Lion
     int64_t n;
     int block_size;  // power of two in [32, 4096]

@@ -1,5 +1,6 @@
 """Optimizer step time and state memory: fastlm AdamW8bit vs torch AdamW (fused, foreach) and
-bitsandbytes AdamW8bit (when importable), on one flat fp32 parameter.
+bitsandbytes AdamW8bit (when importable), on one flat fp32 parameter (and a bf16 one: pure-bf16
+training, where the parameter and gradient move 2 bytes each instead of 4).
 
 Bytes moved per step (GB/s), per parameter: fastlm 8-bit reads the parameter, gradient and
 two uint8 codes and writes the parameter and both codes: 4+4+1+1 + 4+1+1 = 16 bytes (plus 8
@@ -21,7 +22,11 @@ SIZES = {
     "full": [8 << 20, 64 << 20],
     "gpu": [8 << 20, 64 << 20, 256 << 20, 1 << 30],
 }
+# bf16 parameters: the sizes above with 2 bytes per parameter or gradient read or written, and
+# torch's fp32 states stored in bf16 as well (torch keeps states in the parameter's dtype).
+BF16_SIZES = {"quick": [], "full": [8 << 20], "gpu": [64 << 20]}
 BYTES_PER_PARAM = {"fastlm": 16 + 8 / 256, "bnb": 16 + 8 / 256, "torch": 28, "torch-foreach": 28}
+BF16_BYTES_PER_PARAM = {"fastlm": 10 + 8 / 256, "bnb": 10 + 8 / 256, "torch": 14, "torch-foreach": 14}
 
 
 def optimizers() -> dict:
@@ -44,10 +49,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def cases(suite: str, device: torch.device) -> Iterator[Case]:
     """Built lazily: at 1B parameters one provider's parameter, gradient and state take 10-16 GB."""
-    for n in SIZES[suite]:
+    runs = [(n, torch.float32) for n in SIZES[suite]] + [(n, torch.bfloat16) for n in BF16_SIZES[suite]]
+    for n, dtype in runs:
+        per_param = BYTES_PER_PARAM if dtype == torch.float32 else BF16_BYTES_PER_PARAM
         for provider, factory in optimizers().items():
-            param = torch.nn.Parameter(torch.randn(n, device=device))
-            param.grad = torch.randn(n, device=device) * 1e-2
+            param = torch.nn.Parameter(torch.randn(n, device=device, dtype=dtype))
+            param.grad = (torch.randn(n, device=device) * 1e-2).to(dtype)
             opt = factory([param])
             try:
                 opt.step()  # creates the states (and builds kernels on first use)
@@ -55,6 +62,7 @@ def cases(suite: str, device: torch.device) -> Iterator[Case]:
                 print(f"  optim: skipping {provider} at {n} parameters: {exc}", file=sys.stderr)
                 continue
             held = state_bytes(opt)
-            yield Case("adamw_step", provider, "step", f"{n / 2**20:g}M fp32", opt.step, size=n,
-                       bytes_moved=int(BYTES_PER_PARAM[provider] * n),
+            shape = f"{n / 2**20:g}M {'fp32' if dtype == torch.float32 else 'bf16'}"
+            yield Case("adamw_step", provider, "step", shape, opt.step, size=n,
+                       bytes_moved=int(per_param[provider] * n),
                        extra={"params": n, "state_bytes": held, "state_bytes_per_param": held / n})

@@ -1,4 +1,4 @@
-"""The 8-bit codes of the block-wise optimizers, and the tables the kernels search them with.
+"""The 8-bit codes of the block-wise optimizers, and the tables the kernels quantize with.
 
 The dynamic (tree) code of Dettmers et al., "8-bit Optimizers via Block-wise Quantization"
 (ICLR 2022): a value in [-1, 1] is ``sign * 10^-e * f``, the exponent ``e`` in 0..6 picked by
@@ -7,18 +7,31 @@ the first set bit of the code after the sign, the remaining bits a linear fracti
 and still reaches 1e-7. The signed code (first moment) spends one bit on the sign; the
 unsigned code (second moment, never negative) gives it to the fraction. Both contain 0 and 1.
 
-The tables are generated here once (float64, rounded to fp32) and handed to every backend as
-tensors, so the C++, CUDA and PyTorch paths quantize with the same numbers:
+Quantizing (``quantize`` in csrc/common/optim8bit_rule.h, mirrored by
+``fastlm.optim._rule.quantize``) is a closed form, not a search: the code is linear inside
+each decade, so a magnitude's index there is ``trunc(|x| * scale + offset)``; which decade
+(segment) applies comes from |x|'s binary exponent (a 32-entry table, since each octave
+[2^k, 2^(k+1)) holds at most one boundary between segments) and one compare with that
+boundary. The boundaries are the fp32 midpoints between neighbouring segments' values, and
+inside a decade the midpoints between values are the linear grid's edges, so the result is
+the nearest code value except within an fp32 rounding of a midpoint (``tests/optim`` checks
+it). The CPU kernel evaluates it with in-register permutes on 16 lanes; the search it
+replaces needed a 26 KB table gather, the costliest step of the CPU update.
 
-* ``code``: the 256 values, sorted;
-* ``mid``: the 255 midpoints between neighbours, padded with +inf to ``MID_PADDED``; a value
-  quantizes to ``#(mid < x)``, the index of its nearest code value (ties to the lower);
-* ``lut``: for the CPU kernel, per bucket of fp32 values sharing their top 16 bits,
-  ``#(mid < the bucket's smallest value) << 16 | t``, ``t`` locating the bucket's one midpoint
-  by its low 16 bits, so ``quantize_lut`` (csrc/common/optim8bit_rule.h) counts with one load
-  and one compare.
+One fp32 table per code, generated here once (float64, rounded to fp32) and handed to every
+backend as a tensor, so the C++, CUDA and PyTorch paths use the same numbers (the offsets
+below mirror the header's ``kTable*`` constants):
 
-The constants mirror the header's; ``lookup_table`` checks the premises for each code.
+* ``[0, 256)``: the 256 code values, sorted;
+* ``[256, 288)``: per octave (|x|'s biased exponent mod 32, clamped to [2^-24, 1]), the
+  segment boundary inside it, +inf if none;
+* ``[288, 320)``: per octave, the segment at its bottom (an integer);
+* ``[320, 336)``, ``[336, 352)``, ``[352, 368)``: per segment (0: zero, 1-7: the decades,
+  8: one), ``scale``, ``offset`` and ``top`` (the segment's last index) of the closed form.
+
+Signed code: the closed form gives the index of |x| among the non-negative values (127..255);
+a negative x takes the mirror index ``max(254 - k, 0)`` (there is no -1: the largest
+magnitudes map to the most negative value).
 """
 
 import functools
@@ -27,21 +40,30 @@ import numpy as np
 import torch
 
 CODE_SIZE = 256
-MID_PADDED = CODE_SIZE
-LUT_KEY_LO = (127 - 26) << 7  # top 16 bits of 2^-26
-LUT_KEY_HI = 127 << 7  # top 16 bits of 1.0
-LUT_KEYS = LUT_KEY_HI - LUT_KEY_LO + 1
-LUT_LOW_MASK = 0xFFFF  # no midpoint in the bucket: no low half exceeds it
+TABLE_THRESHOLD = 256
+TABLE_SEGMENT = 288
+TABLE_SCALE = 320
+TABLE_OFFSET = 336
+TABLE_TOP = 352
+TABLE_SIZE = 368
+# |x| is clamped to [2^-24, 1] before the octave lookup: those 25 binary exponents (103..127)
+# are distinct mod 32, and no code value but 0 lies below 2^-22.
+MAG_LO_BITS = 0x33800000  # 2^-24
+MAG_HI_BITS = 0x3F800000  # 1.0
 _EXPONENTS = 7  # decades 1e-6 .. 1e0
+_SEGMENTS = _EXPONENTS + 2  # zero, the decades, one
+
+
+def _steps(signed: bool) -> list[int]:
+    # Decade 10^(i-6) gets 2^i fraction steps (signed) or 2^(i+1) (unsigned): the leading zeros
+    # before the indicator bit pick the decade, the rest is the fraction.
+    return [2**i if signed else 2 ** (i + 1) for i in range(_EXPONENTS)]
 
 
 def dynamic_code(signed: bool) -> np.ndarray:
     """The 256 sorted values of the dynamic 8-bit code, as float32."""
     values = [0.0, 1.0]
-    for i in range(_EXPONENTS):
-        # Decade 10^(i-6) gets 2^i fraction steps (signed) or 2^(i+1) (unsigned): the
-        # leading zeros before the indicator bit pick the decade, the rest is the fraction.
-        steps = 2 ** i if signed else 2 ** (i + 1)
+    for i, steps in enumerate(_steps(signed)):
         edges = np.linspace(0.1, 1.0, steps + 1, dtype=np.float64)
         means = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - (_EXPONENTS - 1))
         values.extend(means.tolist())
@@ -52,55 +74,54 @@ def dynamic_code(signed: bool) -> np.ndarray:
     return code
 
 
-def _bucket_bounds(negative: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Smallest and largest fp32 value of every quantize_lut bucket of one sign."""
-    keys = np.arange(LUT_KEY_LO, LUT_KEY_HI + 1, dtype=np.uint32)
-    lo_mag = (keys << 16).view(np.float32).copy()
-    hi_mag = ((keys << 16) | 0xFFFF).view(np.float32).copy()
-    lo_mag[0] = 0.0  # the lowest bucket takes every smaller magnitude
-    hi_mag[-1] = np.inf  # the highest takes every larger one
-    if negative:
-        return -hi_mag, -lo_mag
-    return lo_mag, hi_mag
-
-
-def lookup_table(mid: np.ndarray) -> np.ndarray:
-    """``lut`` for the 255 fp32 midpoints ``mid``, positive buckets first: per bucket
-    ``#(mid < bucket minimum) << 16 | t``, where ``t`` is the low 16 bits of the one midpoint
-    inside the bucket (inverted in a negative bucket, where larger bits mean smaller values) or
-    ``LUT_LOW_MASK`` when there is none. ``quantize_lut`` adds 1 when x's low 16 bits, inverted
-    alike, exceed ``t``: inside a bucket only the low 16 bits differ, so that is ``mid < x``."""
-    mid_bits = mid.view(np.uint32)
-    parts = []
-    for negative in (False, True):
-        smallest, largest = _bucket_bounds(negative)
-        below_lo = np.searchsorted(mid, smallest, side="left")
-        inside = np.searchsorted(mid, largest, side="right") - below_lo
-        assert inside.max() <= 1, "a bucket holds more than one midpoint: quantize_lut needs more compares"
-        # The clamped end buckets also take magnitudes outside their top-16-bit range, whose low
-        # bits say nothing: they must hold no midpoint.
-        assert inside[0] == 0 and inside[-1] == 0, "a midpoint lies in a clamped bucket"
-        low = np.full(LUT_KEYS, LUT_LOW_MASK, dtype=np.int64)
-        has = inside == 1
-        low[has] = mid_bits[below_lo[has]] & LUT_LOW_MASK
-        if negative:
-            low[has] ^= LUT_LOW_MASK
-        parts.append((below_lo.astype(np.int64) << 16) | low)
-    return np.concatenate(parts).astype(np.int32)
-
-
-@functools.cache
-def _tables_cpu(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_table(signed: bool) -> np.ndarray:
+    """The fp32 table of one code (layout in the module docstring)."""
     code = dynamic_code(signed)
-    mid = ((code[:-1].astype(np.float64) + code[1:]) / 2).astype(np.float32)
-    padded = np.concatenate([mid, np.full(MID_PADDED - mid.size, np.inf, dtype=np.float32)])
-    values = torch.from_numpy(np.concatenate([code, padded]))
-    return values, torch.from_numpy(lookup_table(mid))
+    zero = 127 if signed else 0  # index of 0.0; the closed form counts magnitudes from there
+    assert code[zero] == 0.0 and code[-1] == 1.0
+    starts = [zero + 1]  # first index of each decade, then of the value 1
+    for steps in _steps(signed):
+        starts.append(starts[-1] + steps)
+    assert starts[-1] == CODE_SIZE - 1
+    scale = np.zeros(16)
+    offset = np.zeros(16)
+    top = np.zeros(16)
+    offset[0] = top[0] = zero
+    for i, steps in enumerate(_steps(signed)):
+        # Index = start + (|x| / 10^(i-6) - 0.1) / 0.9 * steps, truncated: the grid's edges are
+        # the midpoints between the decade's values.
+        decade = 10.0 ** (i - (_EXPONENTS - 1))
+        scale[i + 1] = steps / (0.9 * decade)
+        offset[i + 1] = starts[i] - 0.1 * steps / 0.9
+        top[i + 1] = starts[i] + steps - 1
+    offset[_SEGMENTS - 1] = top[_SEGMENTS - 1] = CODE_SIZE - 1
+    # Segment s >= 1 starts above the fp32 midpoint between its first value and the one below.
+    bounds = ((code[np.array(starts) - 1].astype(np.float64) + code[starts]) / 2).astype(np.float32)
+    threshold = np.full(32, np.inf, dtype=np.float32)
+    segment = np.zeros(32)
+    for slot in range(32):
+        exponent = slot + 96 if slot >= 7 else slot + 128  # slots 0-6: exponents >= 128 (clamped away)
+        if exponent >= 127:
+            segment[slot] = _SEGMENTS - 1
+            continue
+        lo, hi = np.float32(2.0 ** (exponent - 127)), np.float32(2.0 ** (exponent - 126))
+        segment[slot] = np.sum(bounds < lo)
+        inside = bounds[(bounds >= lo) & (bounds < hi)]
+        assert inside.size <= 1, "an octave holds two segment boundaries: one compare is not enough"
+        if inside.size:
+            threshold[slot] = inside[0]
+    table = np.concatenate([code, threshold, segment, scale, offset, top]).astype(np.float32)
+    assert table.size == TABLE_SIZE
+    return table
 
 
 @functools.cache
-def tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, lut)`` on ``device``: ``values[:256]`` is the code, ``values[256:]`` the padded
-    midpoints (fp32); ``lut`` the int32 bucket table. Built once per code and device."""
-    values, lut = _tables_cpu(signed)
-    return values.to(device), lut.to(device)
+def _table_cpu(signed: bool) -> torch.Tensor:
+    return torch.from_numpy(quantize_table(signed))
+
+
+@functools.cache
+def tables(signed: bool, device: torch.device) -> torch.Tensor:
+    """The fp32 table of the signed or unsigned code on ``device`` (``[:256]`` is the code);
+    built once per code and device."""
+    return _table_cpu(signed).to(device)

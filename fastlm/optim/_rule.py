@@ -4,8 +4,8 @@ It performs the operations of csrc/common/optim8bit_rule.h in the same order, ea
 to fp32 once, and quantizes with the same tables (``fastlm.optim._code``), so the C++ and
 CUDA kernels match it bit for bit. Two habits keep it exact: every scalar is rounded to fp32
 once (``Hyper``), nothing is divided by a scalar or a broadcast value (PyTorch may turn
-that into a multiplication by the reciprocal, which rounds differently), and square roots
-are taken in float64 (``_sqrt_rn``).
+that into a multiplication by the reciprocal, which rounds differently) and per-block values
+are materialized per element, and square roots are taken in float64 (``_sqrt_rn``).
 
 State layout (the same on every device, so a state_dict moves between them): a parameter
 of n elements, flattened, in blocks of ``block_size``; per moment a uint8 tensor of n codes
@@ -17,6 +17,8 @@ from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
+
+from fastlm.optim import _code
 
 ADAMW, ADAM, LION = 0, 1, 2
 KIND_NAMES = {ADAMW: "AdamW", ADAM: "Adam", LION: "Lion"}
@@ -133,19 +135,32 @@ def store_param(param: torch.Tensor, p: torch.Tensor, stochastic: bool, seed: in
 
 
 # ---- quantization ----------------------------------------------------------------------------
-def quantize(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """uint8 index of the nearest code value: #(midpoints < x)."""
-    mid = values[256:511]
-    return torch.searchsorted(mid, x.contiguous(), right=False).to(torch.uint8)
+def quantize(x: torch.Tensor, table: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 index of (about) the nearest code value to normalized ``x``: the header's closed
+    form (fastlm/optim/_code.py), the same fp32 operations."""
+    bits = x.contiguous().view(torch.int32)
+    # The unsigned code's input is never negative: its sign bit is not masked (a negative int32
+    # clamps to the lowest octave, index 0), as in the header.
+    magnitude = (bits & 0x7FFFFFFF) if signed else bits
+    magnitude = magnitude.clamp(_code.MAG_LO_BITS, _code.MAG_HI_BITS)
+    slot = ((magnitude >> 23) & 31).long()
+    xa = magnitude.view(torch.float32)
+    above = xa > table[_code.TABLE_THRESHOLD:_code.TABLE_SEGMENT][slot]
+    segment = table[_code.TABLE_SEGMENT:_code.TABLE_SCALE].long()[slot] + above.long()
+    y = xa * table[_code.TABLE_SCALE:_code.TABLE_OFFSET][segment] + table[_code.TABLE_OFFSET:_code.TABLE_TOP][segment]
+    k = torch.minimum(y, table[_code.TABLE_TOP:_code.TABLE_SIZE][segment]).to(torch.int32)  # y >= 0: truncation
+    if signed:
+        k = torch.where(bits < 0, (254 - k).clamp_min(0), k)
+    return k.to(torch.uint8)
 
 
-def dequantize(q: torch.Tensor, values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
     """fp32 values of flat codes ``q`` with one absmax per block."""
-    return values[q.long()] * _per_element(absmax, block_size, q.numel())
+    return table[q.long()] * _per_element(absmax, block_size, q.numel())
 
 
 def _per_element(per_block: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
-    # Materialized (not broadcast) so divisions by it stay true divisions.
+    # Materialized (not broadcast), so each element's product is one plain fp32 multiplication.
     return per_block.repeat_interleave(block_size)[:n]
 
 
@@ -156,31 +171,32 @@ def _block_absmax(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(blocks, block_size).amax(dim=1)
 
 
-def requantize(x: torch.Tensor, values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax) of flat fp32 ``x``: per block, x / absmax quantized (all-zero blocks: scale 1)."""
+def requantize(x: torch.Tensor, table: torch.Tensor, signed: bool,
+               block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of flat fp32 ``x``: per block, x * (1 / absmax) quantized (all-zero
+    blocks: scale 1). One division per block, then multiplications, as the kernels do."""
     absmax = _block_absmax(x, block_size)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return quantize(x / _per_element(scale, block_size, x.numel()), values), absmax
+    inverse = torch.ones_like(scale) / scale
+    return quantize(x * _per_element(inverse, block_size, x.numel()), table, signed), absmax
 
 
 # ---- one optimizer step over one parameter -----------------------------------------------------
 def step_8bit(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper,
               seed, step, stochastic_rounding):
     """Update ``param`` and its 8-bit states in place (the torch backend of ``optim8bit_step``)."""
-    values1 = tables1[0]
     g = grad.reshape(-1).float()
     p = param.reshape(-1).float()
-    m = dequantize(state1, values1, absmax1, block_size)
+    m = dequantize(state1, tables1, absmax1, block_size)
     if kind == LION:
         p, m = lion_update(g, p, m, hyper)
     else:
-        values2 = tables2[0]
-        v = dequantize(state2, values2, absmax2, block_size)
+        v = dequantize(state2, tables2, absmax2, block_size)
         p, m, v = adam_update(g, p, m, v, hyper, kind == ADAM)
-        q2, a2 = requantize(v, values2, block_size)
+        q2, a2 = requantize(v, tables2, False, block_size)
         state2.copy_(q2)
         absmax2.copy_(a2)
-    q1, a1 = requantize(m, values1, block_size)
+    q1, a1 = requantize(m, tables1, True, block_size)
     state1.copy_(q1)
     absmax1.copy_(a1)
     store_param(param, p, stochastic_rounding, seed, step)
