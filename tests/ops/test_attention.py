@@ -184,7 +184,7 @@ def test_torch_forward_skips_the_lse_and_any_backward_still_works():
 
 
 # Shapes for the C++ kernel only (it is cheap to run; the interpreter is not): lengths across its
-# 64-row/64-key tiles, head dims 8 to 128, GQA 4:1 and MQA, rows that see no key.
+# 32-row/32-key tiles, head dims 8 to 128, GQA 4:1 and MQA, rows that see no key.
 # (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs)
 CPP_DENSE_CASES = {
     "len7-d8-gqa4-causal": (3, 7, 7, 8, 2, 8, {"causal": True}),
