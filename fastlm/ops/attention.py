@@ -31,8 +31,8 @@ decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forwar
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
 sequence per call (no block-diagonal mask to build). Its backward recomputes the forward
-and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton backward and
-``return_lse``, so skipped otherwise) is computed separately, a query chunk at a time.
+and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton and C++ backwards
+and ``return_lse``, so skipped otherwise) is computed separately, a query chunk at a time.
 
 Decoding (``attention_with_kvcache``): the new keys/values are written into the cache at
 each sequence's length, then the forward kernel runs split along the key axis (flash
