@@ -13,9 +13,10 @@
 // Flash attention, one (sequence, head) pair at a time, tiled along both axes so no
 // seqlen_q x seqlen_k matrix is ever formed. Every product is the one small GEMM below,
 // C[r][:] += sum_t A(r, t) * B[t][:], register-blocked: S = Q K^T and dP = dO V^T read keys and
-// values transposed (copied once per call), P V / dS K / P^T dO / dS^T Q read head-major copies
-// of the rows, P^T and dS^T through their strides. The backward starts from the forward's log-sum-exp, so
-// training runs the forward once (the torch backend's SDPA path reruns it inside its backward).
+// values transposed, P V / dS K / P^T dO / dS^T Q read contiguous copies of the rows (both packed
+// once per work item), P^T and dS^T through their strides. The backward starts from the forward's
+// log-sum-exp, so training runs the forward once (the torch backend's SDPA path reruns it inside
+// its backward).
 
 namespace {
 
@@ -104,20 +105,19 @@ void gemm_acc(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, c
 
 int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 
-// The rearranged copies of a call's inputs live in a buffer kept from call to call, one per calling
-// thread: fresh megabyte-sized tensors come from mmap and faulted in every 4 KiB page on every call
-// (~10% of a training-shape call). It holds the largest call's copies until the thread exits.
+// Per-thread scratch kept from call to call (a thread_local buffer of the worker thread): fresh
+// megabyte-sized buffers come from mmap and faulted in every 4 KiB page on every call (~10% of a
+// training-shape call). It holds the largest call's scratch until the thread exits.
 class Workspace {
   public:
     explicit Workspace(int64_t floats) : buffer_(storage()) {
         if (static_cast<int64_t>(buffer_.size()) < floats) buffer_.resize(floats);
     }
-    // The next `sizes` floats of the buffer as a tensor.
-    at::Tensor take(at::IntArrayRef sizes) {
-        const at::Tensor t = at::from_blob(buffer_.data() + used_, sizes, at::TensorOptions().dtype(at::kFloat));
-        used_ += t.numel();
+    float* take(int64_t floats) {
+        float* p = buffer_.data() + used_;
+        used_ += floats;
         TORCH_INTERNAL_ASSERT(used_ <= static_cast<int64_t>(buffer_.size()));
-        return t;
+        return p;
     }
 
   private:
@@ -129,15 +129,6 @@ class Workspace {
     int64_t used_ = 0;
 };
 
-// (tokens, heads, dim) -> (heads, tokens, dim): each head's rows contiguous, dim floats apart. In
-// place they lie heads * dim floats apart, 4 KiB at 8 heads of 128: every row of a tile then maps to
-// the same L1 set, and the tile thrashed the cache.
-at::Tensor head_major(const at::Tensor& t, int64_t tokens, Workspace& ws) {
-    at::Tensor out = ws.take({t.size(-2), tokens, t.size(-1)});
-    out.copy_(t.reshape({tokens, t.size(-2), t.size(-1)}).permute({1, 0, 2}));
-    return out;
-}
-
 // Row stride of a transposed (dim, tokens) matrix: at least 8 floats past the last token (a tile's
 // columns are read in whole vectors of 8) and an odd multiple of 16 floats, so consecutive rows
 // fall in different L1 sets.
@@ -146,13 +137,21 @@ int64_t transposed_stride(int64_t tokens) {
     return (ld / 16) % 2 == 0 ? ld + 16 : ld;
 }
 
-// (tokens, heads, dim) -> (heads, dim, ld) with zeros past the tokens: keys along the GEMM's vector
-// lanes for S = Q K^T (and dP = dO V^T), transposed once per call rather than once per tile.
-at::Tensor transposed(const at::Tensor& t, int64_t tokens, int64_t ld, Workspace& ws) {
-    at::Tensor out = ws.take({t.size(-2), t.size(-1), ld});
-    out.narrow(2, tokens, ld - tokens).zero_();
-    out.narrow(2, 0, tokens).copy_(t.reshape({tokens, t.size(-2), t.size(-1)}).permute({1, 2, 0}));
-    return out;
+// The work item's operands, copied once per item into its thread's scratch (inside the one parallel
+// region of a call: on a busy machine every extra OpenMP region, e.g. an ATen copy, cost a scheduler
+// time slice, several ms). rows: n rows of src (row stride ld) made contiguous, dim floats apart. In
+// place they lie heads * dim floats apart, 4 KiB at 8 heads of 128: every row of a tile then maps to
+// the same L1 set, and the tile thrashed the cache.
+void pack_rows(float* dst, const float* src, int64_t ld, int64_t n, int64_t dim) {
+    for (int64_t j = 0; j < n; ++j) std::copy(src + j * ld, src + j * ld + dim, dst + j * dim);
+}
+
+// dst[d * ldt + j] = src[j * ld + d], zeros for n <= j < ldt: keys along the GEMM's vector lanes
+// for S = Q K^T (and dP = dO V^T).
+void pack_transposed(float* dst, int64_t ldt, const float* src, int64_t ld, int64_t n, int64_t dim) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < dim; ++d) dst[d * ldt + j] = src[j * ld + d];
+    for (int64_t d = 0; d < dim; ++d) std::fill(dst + d * ldt + n, dst + (d + 1) * ldt, 0.f);
 }
 
 // Where each sequence's rows start and how many there are.
@@ -163,7 +162,7 @@ struct Seq {
 struct Layout {
     std::vector<Seq> seqs;
     bool packed;
-    int64_t heads, kv_heads, dim, total_q, total_k;
+    int64_t heads, kv_heads, dim, total_q;
     float scale;
     int64_t left, right;
 
@@ -224,7 +223,6 @@ Layout make_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     L.left = left;
     L.right = right;
     L.total_q = L.packed ? q.size(0) : q.size(0) * q.size(1);
-    L.total_k = L.packed ? k.size(0) : k.size(0) * k.size(1);
     if (L.packed) {
         const int64_t batch = cu_q->size(0) - 1;
         const auto cq = read_cu(*cu_q, "cu_seqlens_q", batch, q.size(0));
@@ -260,8 +258,8 @@ void check_lse(const at::Tensor& lse, const Layout& L, const at::Tensor& q) {
 }
 
 // One query tile [i0, i0 + m) of one (sequence, head): online softmax over the key tiles it can see.
-// q/out: the tile's first row (row stride heads * dim); kt: the head's transposed keys from the
-// sequence's first one (row stride ldt); v: its head-major values from the sequence's first one.
+// q/out: the tile's first row (row stride heads * dim); kt (row stride ldt) and v (rows of dim): the
+// head's packed keys and values from the sequence's key key0 on, covering every key the tile sees.
 struct FwdScratch {
     std::vector<float> s, o, row_max, row_sum;
     explicit FwdScratch(int64_t dim)
@@ -269,7 +267,7 @@ struct FwdScratch {
 };
 
 void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, int64_t ldt, const float* v,
-              float* out, float* lse, int64_t i0, int64_t m, FwdScratch& w) {
+              int64_t key0, float* out, float* lse, int64_t i0, int64_t m, FwdScratch& w) {
     const int64_t dim = L.dim, ldq = L.heads * dim, diag = s.sk - s.sq;
     const float scale = L.scale;
     float* o = w.o.data();
@@ -283,7 +281,7 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
         const int64_t n = std::min(kBlockN, k_end - j0), nc = round_up8(n);
         float* st = w.s.data();
         std::fill(st, st + m * nc, 0.f);
-        gemm_acc(st, nc, q, ldq, 1, kt + j0, ldt, m, nc, dim);  // S = Q K^T
+        gemm_acc(st, nc, q, ldq, 1, kt + (j0 - key0), ldt, m, nc, dim);  // S = Q K^T
         for (int64_t r = 0; r < m; ++r) {
             float* p = st + r * nc;
             int64_t lo, hi;
@@ -317,7 +315,7 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
                 for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha;
             }
         }
-        gemm_acc(o, dim, st, nc, 1, v + j0 * dim, dim, m, dim, n);  // O += P V
+        gemm_acc(o, dim, st, nc, 1, v + (j0 - key0) * dim, dim, m, dim, n);  // O += P V
     }
     for (int64_t r = 0; r < m; ++r) {
         float* dst = out + r * ldq;
@@ -330,12 +328,9 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
     }
 }
 
-// The backward's inputs rearranged once per call (see head_major and transposed): q, dout and k
-// head-major, k and v transposed; dq accumulates head-major too.
 struct BwdOperands {
-    const float *dout, *out, *lse, *qh, *doh, *kh, *kt, *vt;
-    float *dqh, *dk, *dv;
-    int64_t ldt;
+    const float *dout, *q, *k, *v, *out, *lse;
+    float *dq, *dk, *dv;
 };
 
 struct BwdScratch {
@@ -345,14 +340,34 @@ struct BwdScratch {
           lse(rows) {}
 };
 
-// Every gradient of one (sequence, kv head): key tiles outer (their dK/dV accumulate in scratch),
-// then each query head of the group and each query tile that sees the key tile; dQ accumulates
-// into rows of dqh that only this work item writes.
-void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOperands& x, BwdScratch& w) {
+// Floats of packed operands one backward item needs (see bwd_item).
+int64_t bwd_packed_floats(int64_t dim, int64_t group, int64_t sq, int64_t sk) {
+    return dim * (2 * transposed_stride(sk) + sk + 3 * group * sq);
+}
+
+// Every gradient of one (sequence, kv head). Its operands are packed first into `packed` (see
+// pack_rows): K and V transposed, K rows, and the Q, dO and dQ rows of the group's query heads.
+// Then key tiles outer (their dK/dV accumulate in scratch), each query head of the group and each
+// query tile that sees the key tile inner; dQ accumulates in the packed rows and is written last.
+void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOperands& x, float* packed,
+              BwdScratch& w) {
     const int64_t dim = L.dim, ldq = L.heads * dim, ldk = L.kv_heads * dim, diag = s.sk - s.sq;
-    const int64_t group = L.heads / L.kv_heads, ldt = x.ldt;
+    const int64_t group = L.heads / L.kv_heads, ldt = transposed_stride(s.sk);
+    float* kt = packed;
+    float* vt = kt + dim * ldt;
+    float* kr = vt + dim * ldt;
+    float* qr = kr + s.sk * dim;
+    float* dor = qr + group * s.sq * dim;
+    float* dqr = dor + group * s.sq * dim;
+    const int64_t k_off = s.k0 * ldk + g * dim;
+    pack_transposed(kt, ldt, x.k + k_off, ldk, s.sk, dim);
+    pack_transposed(vt, ldt, x.v + k_off, ldk, s.sk, dim);
+    pack_rows(kr, x.k + k_off, ldk, s.sk, dim);
+    std::fill(dqr, dqr + group * s.sq * dim, 0.f);
     for (int64_t hh = 0; hh < group; ++hh) {
         const int64_t h = g * group + hh, base = s.q0 * ldq + h * dim;
+        pack_rows(qr + hh * s.sq * dim, x.q + base, ldq, s.sq, dim);
+        pack_rows(dor + hh * s.sq * dim, x.dout + base, ldq, s.sq, dim);
         const float* lse_h = x.lse + L.lse_offset(b, s, h);
         for (int64_t i = 0; i < s.sq; ++i) {
             const float* o_row = x.out + base + i * ldq;
@@ -365,9 +380,6 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
         }
     }
     const float scale = L.scale;
-    const float* kt = x.kt + g * dim * ldt + s.k0;
-    const float* vt = x.vt + g * dim * ldt + s.k0;
-    const float* kh = x.kh + (g * L.total_k + s.k0) * dim;
     for (int64_t j0 = 0; j0 < s.sk; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, s.sk - j0), nc = round_up8(n);
         std::fill(w.dk.begin(), w.dk.begin() + n * dim, 0.f);
@@ -376,11 +388,11 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
         const int64_t q_begin = L.right >= 0 ? std::max<int64_t>(0, j0 - diag - L.right) : 0;
         const int64_t q_end = L.left >= 0 ? std::min<int64_t>(s.sq, j0 + n - 1 - diag + L.left + 1) : s.sq;
         for (int64_t hh = 0; hh < group; ++hh) {
-            const int64_t row0 = ((g * group + hh) * L.total_q + s.q0) * dim;
+            const int64_t row0 = hh * s.sq * dim;
             for (int64_t i0 = q_begin; i0 < q_end; i0 += kBlockM) {
                 const int64_t m = std::min(kBlockM, q_end - i0);
-                const float* q_tile = x.qh + row0 + i0 * dim;
-                const float* do_tile = x.doh + row0 + i0 * dim;
+                const float* q_tile = qr + row0 + i0 * dim;
+                const float* do_tile = dor + row0 + i0 * dim;
                 float *p = w.p.data(), *ds = w.ds.data();
                 std::fill(p, p + m * nc, 0.f);
                 std::fill(ds, ds + m * nc, 0.f);
@@ -399,16 +411,20 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
                         dsr[j] = pr[j] * (dsr[j] - delta) * scale;  // dS, with the softmax scale of dQ and dK
                     }
                 }
-                gemm_acc(w.dv.data(), dim, p, 1, nc, do_tile, dim, n, dim, m);                 // dV += P^T dO
-                gemm_acc(w.dk.data(), dim, ds, 1, nc, q_tile, dim, n, dim, m);                 // dK += dS^T Q
-                gemm_acc(x.dqh + row0 + i0 * dim, dim, ds, nc, 1, kh + j0 * dim, dim, m, dim, n);  // dQ += dS K
+                gemm_acc(w.dv.data(), dim, p, 1, nc, do_tile, dim, n, dim, m);              // dV += P^T dO
+                gemm_acc(w.dk.data(), dim, ds, 1, nc, q_tile, dim, n, dim, m);              // dK += dS^T Q
+                gemm_acc(dqr + row0 + i0 * dim, dim, ds, nc, 1, kr + j0 * dim, dim, m, dim, n);  // dQ += dS K
             }
         }
-        const int64_t dst = (s.k0 + j0) * ldk + g * dim;
         for (int64_t j = 0; j < n; ++j) {
-            std::copy(w.dk.begin() + j * dim, w.dk.begin() + (j + 1) * dim, x.dk + dst + j * ldk);
-            std::copy(w.dv.begin() + j * dim, w.dv.begin() + (j + 1) * dim, x.dv + dst + j * ldk);
+            std::copy(w.dk.begin() + j * dim, w.dk.begin() + (j + 1) * dim, x.dk + k_off + (j0 + j) * ldk);
+            std::copy(w.dv.begin() + j * dim, w.dv.begin() + (j + 1) * dim, x.dv + k_off + (j0 + j) * ldk);
         }
+    }
+    for (int64_t hh = 0; hh < group; ++hh) {
+        const int64_t base = s.q0 * ldq + (g * group + hh) * dim;
+        for (int64_t i = 0; i < s.sq; ++i)
+            std::copy(dqr + (hh * s.sq + i) * dim, dqr + (hh * s.sq + i + 1) * dim, x.dq + base + i * ldq);
     }
 }
 
@@ -421,26 +437,46 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const Layout L = make_layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, left, right);
     check_like(out, q, "out");
     if (lse.has_value()) check_lse(*lse, L, q);
-    const int64_t ldt = transposed_stride(L.total_k);
-    Workspace ws(L.kv_heads * L.dim * (ldt + L.total_k));
-    const at::Tensor kt = transposed(k, L.total_k, ldt, ws), vh = head_major(v, L.total_k, ws);
-    const float *qp = q.data_ptr<float>(), *ktp = kt.data_ptr<float>(), *vhp = vh.data_ptr<float>();
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     float* op = out.data_ptr<float>();
     float* lp = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-    const int64_t tiles = (max_seqlen_q + kBlockM - 1) / kBlockM, n_seqs = static_cast<int64_t>(L.seqs.size());
-    const int64_t group = L.heads / L.kv_heads;
-    // Work items: (sequence, head, query tile), the tile fastest so neighbours share keys in cache.
-    at::parallel_for(0, n_seqs * L.heads * tiles, 1, [&](int64_t begin, int64_t end) {
-        FwdScratch w(L.dim);
+    const int64_t n_seqs = static_cast<int64_t>(L.seqs.size()), group = L.heads / L.kv_heads;
+    const int64_t dim = L.dim, ldq = L.heads * dim, ldk = L.kv_heads * dim;
+    const int64_t max_tiles = std::max<int64_t>(1, (max_seqlen_q + kBlockM - 1) / kBlockM);
+    int64_t max_k = 0;
+    for (const Seq& s : L.seqs) max_k = std::max(max_k, s.sk);
+    // Work items: (sequence, kv head, query chunk): each packs the keys and values its queries see once
+    // for every query head of the group. Sequences are split into chunks only when there are too few
+    // (sequence, kv head) pairs to keep every thread busy (each chunk packs its keys again).
+    const int64_t pairs = n_seqs * L.kv_heads;
+    const int64_t chunks = std::min(max_tiles, (4 * at::get_num_threads() + pairs - 1) / pairs);
+    at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+        Workspace ws(dim * (transposed_stride(max_k) + max_k));
+        float* kt = ws.take(dim * transposed_stride(max_k));
+        float* vr = ws.take(dim * max_k);
+        FwdScratch w(dim);
         for (int64_t item = begin; item < end; ++item) {
-            const int64_t tile = item % tiles, h = item / tiles % L.heads, b = item / tiles / L.heads;
+            const int64_t chunk = item % chunks, g = item / chunks % L.kv_heads, b = item / chunks / L.kv_heads;
             const Seq& s = L.seqs[b];
-            const int64_t i0 = tile * kBlockM, g = h / group;
-            if (i0 >= s.sq) continue;
-            const int64_t off = (s.q0 + i0) * L.heads * L.dim + h * L.dim;
-            fwd_tile(L, s, qp + off, ktp + g * L.dim * ldt + s.k0, ldt, vhp + (g * L.total_k + s.k0) * L.dim,
-                     op + off, lp != nullptr ? lp + L.lse_offset(b, s, h) + i0 : nullptr, i0,
-                     std::min(kBlockM, s.sq - i0), w);
+            const int64_t tiles = (s.sq + kBlockM - 1) / kBlockM;
+            const int64_t q_begin = std::min(s.sq, tiles * chunk / chunks * kBlockM);
+            const int64_t q_end = std::min(s.sq, tiles * (chunk + 1) / chunks * kBlockM);
+            if (q_begin >= q_end) continue;
+            const int64_t diag = s.sk - s.sq;
+            const int64_t k_begin = L.left >= 0 ? std::clamp<int64_t>(q_begin + diag - L.left, 0, s.sk) : 0;
+            const int64_t k_end = L.right >= 0 ? std::clamp<int64_t>(q_end + diag + L.right, 0, s.sk) : s.sk;
+            const int64_t n_keys = std::max<int64_t>(0, k_end - k_begin), ldt = transposed_stride(n_keys);
+            const int64_t k_off = (s.k0 + k_begin) * ldk + g * dim;
+            pack_transposed(kt, ldt, kp + k_off, ldk, n_keys, dim);
+            pack_rows(vr, vp + k_off, ldk, n_keys, dim);
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+                for (int64_t i0 = q_begin; i0 < q_end; i0 += kBlockM) {
+                    const int64_t off = (s.q0 + i0) * ldq + h * dim;
+                    fwd_tile(L, s, qp + off, kt, ldt, vr, k_begin, op + off,
+                             lp != nullptr ? lp + L.lse_offset(b, s, h) + i0 : nullptr, i0,
+                             std::min(kBlockM, q_end - i0), w);
+                }
+            }
         }
     });
 }
@@ -456,22 +492,19 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     check_like(dk, k, "dk");
     check_like(dv, k, "dv");
     check_lse(lse, L, q);
-    const int64_t ldt = transposed_stride(L.total_k);
-    Workspace ws(3 * L.heads * L.total_q * L.dim + L.kv_heads * L.dim * (2 * ldt + L.total_k));
-    const at::Tensor qh = head_major(q, L.total_q, ws), doh = head_major(dout, L.total_q, ws);
-    const at::Tensor kh = head_major(k, L.total_k, ws);
-    const at::Tensor kt = transposed(k, L.total_k, ldt, ws), vt = transposed(v, L.total_k, ldt, ws);
-    at::Tensor dqh = ws.take({L.heads, L.total_q, L.dim}).zero_();
-    const BwdOperands x{dout.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), qh.data_ptr<float>(),
-                        doh.data_ptr<float>(), kh.data_ptr<float>(), kt.data_ptr<float>(), vt.data_ptr<float>(),
-                        dqh.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), ldt};
+    const BwdOperands x{dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                        out.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                        dv.data_ptr<float>()};
     const int64_t group = L.heads / L.kv_heads, n_seqs = static_cast<int64_t>(L.seqs.size());
+    int64_t max_k = 0;
+    for (const Seq& s : L.seqs) max_k = std::max(max_k, s.sk);
     // Work items: (sequence, kv head). Each owns its dK/dV rows and the dQ rows of its query heads,
     // so nothing is shared between threads and the sums run in a fixed order (deterministic).
     at::parallel_for(0, n_seqs * L.kv_heads, 1, [&](int64_t begin, int64_t end) {
+        Workspace ws(bwd_packed_floats(L.dim, group, max_seqlen_q, max_k));
+        float* packed = ws.take(bwd_packed_floats(L.dim, group, max_seqlen_q, max_k));
         BwdScratch w(L.dim, group * max_seqlen_q);
-        for (int64_t item = begin; item < end; ++item) bwd_item(L, item / L.kv_heads, L.seqs[item / L.kv_heads],
-                                                                item % L.kv_heads, x, w);
+        for (int64_t item = begin; item < end; ++item)
+            bwd_item(L, item / L.kv_heads, L.seqs[item / L.kv_heads], item % L.kv_heads, x, packed, w);
     });
-    dq.view({L.total_q, L.heads, L.dim}).copy_(dqh.permute({1, 0, 2}));
 }
