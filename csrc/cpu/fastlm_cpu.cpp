@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "cpu/activation.h"
+#include "cpu/attention.h"
 #include "cpu/cross_entropy.h"
 #include "cpu/decode.h"
 #include "cpu/norm.h"
@@ -32,6 +33,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("cross_entropy_fwd", &cross_entropy_fwd_cpu, "Cross-entropy per-row loss and scaled gradient",
           py::arg("logits"), py::arg("target"), py::arg("scale"), py::arg("loss"), py::arg("grad"),
           py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("row_scale"));
+    m.def("attention_fwd", &attention_fwd_cpu, "Flash attention forward, fp32 (out and the base-2 LSE)", py::arg("q"),
+          py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+          py::arg("max_seqlen_q"), py::arg("scale"), py::arg("left"), py::arg("right"),
+          py::call_guard<py::gil_scoped_release>());
+    m.def("attention_bwd", &attention_bwd_cpu, "Flash attention backward from out and the LSE, fp32", py::arg("dout"),
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+          py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("scale"),
+          py::arg("left"), py::arg("right"), py::call_guard<py::gil_scoped_release>());
     py::class_<DecodePlan>(m, "DecodePlan", "One Transformer decode step in C++ (csrc/cpu/decode.h)")
         .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                       std::vector<std::vector<std::optional<at::Tensor>>>, std::optional<at::Tensor>,

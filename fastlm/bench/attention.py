@@ -23,6 +23,12 @@ SIZES = {
     "full": ([512, 1024, 2048], [64, 128], 4096, 2048),
     "gpu": ([1024, 2048, 4096, 8192, 16384], [64, 128], 16384, 2048),
 }
+# CPU training shapes, fp32 causal: (batch, seqlen, heads, kv heads, head dim). The first is one layer
+# of fastlm's `tiny` preset step (issue #6's CPU target); quick runs it, full runs all three.
+CPU_TRAIN_SHAPES = {
+    "quick": [(16, 128, 4, 2, 32)],
+    "full": [(16, 128, 4, 2, 32), (4, 512, 8, 8, 64), (2, 1024, 8, 8, 128)],
+}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 MATH_MAX_SEQLEN_CUDA = 4096
 """The math backend materializes batch * heads * seqlen^2 scores (and their gradient): beyond
@@ -34,7 +40,7 @@ def _sdpa(backend):
 
     def call(q, k, v, causal):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
     return call
 
@@ -78,11 +84,18 @@ def providers(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[s
     return found
 
 
-def _case(name, layout, fn, batch, seqlen, heads, head_dim, causal, dtype, device) -> Iterator[Case]:
-    shape = (batch, seqlen, heads, head_dim) if layout == "bshd" else (batch, heads, seqlen, head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    dout = torch.randn(shape, device=device, dtype=dtype)
-    label = f"b{batch} s{seqlen} h{heads} d{head_dim}{' causal' if causal else ''} {str(dtype).removeprefix('torch.')}"
+def _case(name, layout, fn, batch, seqlen, heads, head_dim, causal, dtype, device, kv_heads=None) -> Iterator[Case]:
+    kv_heads = kv_heads or heads
+
+    def shape(h):
+        return (batch, seqlen, h, head_dim) if layout == "bshd" else (batch, h, seqlen, head_dim)
+
+    q = torch.randn(shape(heads), device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(shape(kv_heads), device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn(shape(heads), device=device, dtype=dtype)
+    kv = f" kv{kv_heads}" if kv_heads != heads else ""
+    label = (f"b{batch} s{seqlen} h{heads}{kv} d{head_dim}{' causal' if causal else ''} "
+             f"{str(dtype).removeprefix('torch.')}")
     fwd_flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     calls = autograd_modes(lambda q, k, v: fn(q, k, v, causal), [q, k, v], dout, train_forward=False)
     for mode, call in calls.items():
@@ -104,3 +117,12 @@ def cases(suite: str, device: torch.device) -> Iterator[Case]:
                         continue
                     yield from _case(name, layout, fn, max(1, tokens // seqlen), seqlen, hidden // head_dim,
                                      head_dim, causal, dtype, device)
+    if device.type == "cpu":
+        # Training shapes against SDPA's CPU flash kernel (GQA through enable_gqa); its autograd keeps
+        # the forward's outputs, so its fwd+bwd has no forward recompute either.
+        for batch, seqlen, heads, kv_heads, head_dim in CPU_TRAIN_SHAPES.get(suite, []):
+            found = providers(device, torch.float32, head_dim)
+            for name in ("fastlm", "sdpa-flash"):
+                if name in found:
+                    yield from _case(name, *found[name], batch, seqlen, heads, head_dim, True, torch.float32, device,
+                                     kv_heads)

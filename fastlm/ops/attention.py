@@ -22,11 +22,17 @@ blocks for dK/dV, each program looping over every query head of its key/value he
 ``deterministic=False`` therefore selects the same kernels. Dropout draws Philox numbers
 in the kernel from a seed taken from the torch RNG; the backward regenerates them.
 
+CPU (``cpp`` backend, the default there): a C++ flash kernel (csrc/cpu/attention.cpp) for fp32
+without dropout, forward (online softmax over key tiles, writing the LSE) and backward from the
+saved LSE (no forward recompute; dK/dV summed over each GQA group without atomics, so
+deterministic). Other calls on the cpp backend (fp16/bf16, dropout) run the torch launchers,
+decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then.
+
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
 sequence per call (no block-diagonal mask to build). Its backward recomputes the forward
-and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton backward and
-``return_lse``, so skipped otherwise) is computed separately, a query chunk at a time.
+and runs SDPA's own fused backward. The log-sum-exp (needed only by the Triton and C++ backwards
+and ``return_lse``, so skipped otherwise) is computed separately, a query chunk at a time.
 
 Decoding (``attention_with_kvcache``): the new keys/values are written into the cache at
 each sequence's length, then the forward kernel runs split along the key axis (flash
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 
 from fastlm import alloc, backend, eager
 from fastlm._triton import tl, triton
+from fastlm.extension import cpu_extension
 from fastlm.kernel_registry import Variant, register_kernel
 
 MAX_HEAD_DIM = 256
@@ -897,8 +904,31 @@ def _dropout_mask_torch(batch, n_heads, seqlen_q, seqlen_k, dropout_p, seed, dev
     return _torch_keep(seed, 0, (batch, n_heads, seqlen_q, seqlen_k), dropout_p, device)
 
 
-backend.register("attention_fwd", triton=_fwd_triton, torch=_fwd_torch)
-backend.register("attention_bwd", triton=_bwd_triton, torch=_bwd_torch)
+# -- the cpp backend
+
+
+def _cpp_takes(dtype: torch.dtype, dropout_p: float) -> bool:
+    """Whether the C++ kernel runs a call: fp32 without dropout (the CPU training case). The cpp
+    launchers hand every other call to the torch ones (SDPA), which need no LSE for the backward."""
+    return dtype == torch.float32 and dropout_p == 0
+
+
+def _fwd_cpp(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    if not _cpp_takes(q.dtype, dropout_p):
+        _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
+        return
+    cpu_extension().attention_fwd(q, k, v, out, lse, cu_q, cu_k, max_q, scale, left, right)
+
+
+def _bwd_cpp(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+    if not _cpp_takes(q.dtype, dropout_p):
+        _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
+        return
+    cpu_extension().attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, scale, left, right)
+
+
+backend.register("attention_fwd", triton=_fwd_triton, cpp=_fwd_cpp, torch=_fwd_torch)
+backend.register("attention_bwd", triton=_bwd_triton, cpp=_bwd_cpp, torch=_bwd_torch)
 backend.register("attention_kvcache", triton=_kvcache_triton, torch=_kvcache_torch)
 backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_dropout_mask_torch)
 
@@ -945,7 +975,7 @@ def _attention_bwd_op(
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
     if q.numel() > 0 and k.numel() > 0:
-        if lse.numel() == 0 and backend.chosen("attention_bwd", q.device) != "torch":
+        if lse.numel() == 0 and _backward_needs_lse(q.device, q.dtype, dropout_p):
             lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
             backend.select("attention_fwd", q.device)(
                 q, k, v, torch.empty_like(q), lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -1095,10 +1125,12 @@ def _draw_seed(dropout_p: float) -> int:
 
 
 @torch.compiler.assume_constant_result
-def _backward_needs_lse(device: torch.device) -> bool:
-    """Whether the backward backend for ``device`` reads the forward's LSE (a constant to torch.compile,
-    which cannot trace the backend choice's context variable)."""
-    return backend.chosen("attention_bwd", device) != "torch"
+def _backward_needs_lse(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
+    """Whether the backward that runs for ``device`` reads the forward's LSE (a constant to torch.compile,
+    which cannot trace the backend choice's context variable): the torch one does not, nor the cpp one
+    for the calls it hands to torch."""
+    chosen = backend.chosen("attention_bwd", device)
+    return chosen != "torch" and (chosen != "cpp" or _cpp_takes(dtype, dropout_p))
 
 
 def attention(
@@ -1145,10 +1177,10 @@ def attention(
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         max_q, max_k = q.shape[1], k.shape[1]
-    # The Triton backward recomputes the probabilities from the forward's LSE; the torch backward reruns
-    # SDPA's fused backward and needs none, so on CPU the LSE pass is skipped unless asked for.
+    # The Triton and C++ backwards recompute the probabilities from the forward's LSE; the torch backward
+    # reruns SDPA's fused backward and needs none, so for it the LSE pass is skipped unless asked for.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    need_lse = return_lse or (needs_grad and _backward_needs_lse(q.device))
+    need_lse = return_lse or (needs_grad and _backward_needs_lse(q.device, q.dtype, float(dropout_p)))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
         _draw_seed(dropout_p), need_lse,

@@ -14,8 +14,12 @@ from fastlm.ops.attention import attention, attention_dropout_mask, attention_re
 from fastlm.testing import assert_matches_reference, poison_outputs, random_tensor
 from tests.backends import cpu_backend_params
 
-# Attention has no C++ kernel: on CPU the torch backend (SDPA) is the fused path.
-BACKENDS = [p for p in cpu_backend_params() if p.values[0] != "cpp"]
+# Training attention (attention_fwd/bwd) runs on every backend; the cpp launchers hand fp16/bf16 and
+# dropout to the torch ones, which their cpp-float16/bfloat16 params check. KV-cache decoding has no
+# C++ kernel.
+TRAIN_BACKENDS = cpu_backend_params()
+TRAIN_FP32_BACKENDS = [p for p in TRAIN_BACKENDS if p.values[1] == torch.float32]
+BACKENDS = [p for p in TRAIN_BACKENDS if p.values[0] != "cpp"]
 FP32_BACKENDS = [p for p in BACKENDS if p.values[1] == torch.float32]
 
 
@@ -90,7 +94,7 @@ DENSE_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
 @pytest.mark.parametrize("case", list(DENSE_CASES), ids=str)
 def test_dense_matches_float64_reference(backend, dtype, case):
     batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs = DENSE_CASES[case]
@@ -110,7 +114,7 @@ VARLEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
 @pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
 def test_varlen_matches_float64_reference(backend, dtype, case):
     lengths_q, lengths_k, n_heads, n_kv_heads, head_dim, kwargs = VARLEN_CASES[case]
@@ -122,7 +126,7 @@ def test_varlen_matches_float64_reference(backend, dtype, case):
     assert lse.shape == (n_heads, sum(lengths_q))
 
 
-@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TRAIN_FP32_BACKENDS)
 def test_varlen_never_attends_across_sequences(backend, dtype):
     # Changing the second sequence's keys must leave the first sequence's output untouched.
     q, k, v = make_qkv(1, 50, 50, 2, 2, 32, dtype, packed=True)
@@ -137,7 +141,7 @@ def test_varlen_never_attends_across_sequences(backend, dtype):
     assert not torch.equal(a[20:], b[20:])
 
 
-@pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
+@pytest.mark.parametrize("backend,dtype", TRAIN_FP32_BACKENDS)
 def test_backward_is_deterministic(backend, dtype):
     inputs = make_qkv(1, 67, 67, 4, 2, 32, dtype)
     dout = random_tensor(1, 67, 4, 32, dtype=torch.float64)
@@ -174,6 +178,116 @@ def test_torch_forward_skips_the_lse_and_any_backward_still_works():
     mixed, triton = run("torch", "triton"), run("triton", "triton")
     for a, b in zip(mixed, triton):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the C++ kernel
+
+
+# Shapes for the C++ kernel only (it is cheap to run; the interpreter is not): lengths across its
+# 32-row/32-key tiles, head dims 8 to 128, GQA 4:1 and MQA, rows that see no key.
+# (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs)
+CPP_DENSE_CASES = {
+    "len7-d8-gqa4-causal": (3, 7, 7, 8, 2, 8, {"causal": True}),
+    "len300-d64-mqa-causal": (1, 300, 300, 4, 1, 64, {"causal": True}),
+    "q123-k300-d80-causal": (2, 123, 300, 2, 1, 80, {"causal": True}),
+    # diag = -177: queries 0..171 see no key in the window [i - 197, i - 172].
+    "q300-k123-d40-window-empty-rows": (1, 300, 123, 2, 2, 40, {"window": (20, 5)}),
+    "len123-d128-gqa4-full": (1, 123, 123, 8, 2, 128, {}),
+    "len1-d128": (2, 1, 1, 2, 1, 128, {}),
+    "q7-k123-d64-window-left": (2, 7, 123, 2, 2, 64, {"window": (30, -1)}),
+}
+
+
+@pytest.mark.parametrize("case", list(CPP_DENSE_CASES), ids=str)
+def test_cpp_kernel_matches_float64_reference(case):
+    batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs = CPP_DENSE_CASES[case]
+    inputs = make_qkv(batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, torch.float32)
+    dout = random_tensor(batch, seqlen_q, n_heads, head_dim, dtype=torch.float64)
+    out, lse = check_against_reference("cpp", torch.float32, inputs, dout, **kwargs)
+    if case.endswith("empty-rows"):
+        assert torch.equal(out[:, :172], torch.zeros_like(out[:, :172]))
+        assert torch.isinf(lse[..., :172]).all() and torch.isfinite(lse[..., 172:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpp_kernel_varlen_with_empty_and_length1_sequences(causal):
+    # An empty query sequence, one with no keys (its queries output zeros), lengths 1 and > 64.
+    lengths_q, lengths_k = [0, 1, 123, 7, 5], [5, 1, 123, 0, 70]
+    cu_q = torch.tensor([0] + lengths_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lengths_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    inputs = make_qkv(1, sum(lengths_q), sum(lengths_k), 4, 1, 40, torch.float32, packed=True)
+    dout = random_tensor(sum(lengths_q), 4, 40, dtype=torch.float64)
+    out, lse = check_against_reference("cpp", torch.float32, inputs, dout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                       causal=causal)
+    no_keys = slice(124, 131)  # the sequence with 7 queries and no key
+    assert torch.equal(out[no_keys], torch.zeros_like(out[no_keys]))
+    assert torch.isinf(lse[:, no_keys]).all()
+
+
+def test_cpp_backward_reads_the_forward_lse():
+    """The cpp forward saves the LSE and its backward uses it (no forward recompute); a forward on
+    the torch backend saves none, and the cpp backward then recomputes it: the same gradients."""
+    inputs = make_qkv(2, 37, 45, 4, 2, 40, torch.float32)
+    dout = random_tensor(2, 37, 4, 40, dtype=torch.float64)
+
+    def run(forward_backend):
+        saved = []
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with fastlm.use_backend(forward_backend):
+                out = attention(*leaves, causal=True)
+        with fastlm.use_backend("cpp"):
+            (out.double() * dout).sum().backward()
+        has_lse = any(t.dtype == torch.float32 and t.shape == (2, 4, 37) for t in saved)
+        return has_lse, [t.grad for t in leaves]
+
+    (cpp_lse, cpp_grads), (torch_lse, mixed_grads) = run("cpp"), run("torch")
+    assert cpp_lse and not torch_lse
+    # Not bit-equal: the backward's rowsum(dO * O) reads each forward's own output.
+    for a, b in zip(cpp_grads, mixed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cpp_hands_what_it_does_not_take_to_torch_without_an_lse(dtype):
+    """fp16/bf16 on the cpp backend run SDPA, whose backward needs no LSE: none is computed for training."""
+    leaves = [t.requires_grad_() for t in make_qkv(1, 9, 9, 2, 2, 16, dtype)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with fastlm.use_backend("cpp"):
+            attention(*leaves, causal=True)
+    assert any(t.dtype == torch.float32 and t.numel() == 0 for t in saved)
+
+
+def test_cpp_dropout_runs_the_torch_launchers():
+    inputs = make_qkv(1, 20, 20, 2, 1, 16, torch.float32)
+    dout = random_tensor(1, 20, 2, 16, dtype=torch.float64)
+    results = []
+    for name in ("torch", "cpp"):
+        torch.manual_seed(7)
+        with fastlm.use_backend(name), poison_outputs():
+            results.append(forward_backward(lambda *a: attention(*a, causal=True, dropout_p=0.2), inputs, dout))
+    (torch_outs, torch_grads), (cpp_outs, cpp_grads) = results
+    for a, b in zip((*torch_outs, *torch_grads), (*cpp_outs, *cpp_grads)):
+        assert torch.equal(a, b)
+
+
+def test_cpp_kernel_checks_its_inputs():
+    """The C++ entry points reject what the public function would never pass (a second line of defence)."""
+    from fastlm.extension import cpu_extension
+
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float32)
+    out = torch.empty_like(q)
+    ext = cpu_extension()
+    with pytest.raises(RuntimeError, match="k must be float32"):
+        ext.attention_fwd(q, k.double(), v, out, None, None, None, 8, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="q must be contiguous"):
+        ext.attention_fwd(q.transpose(1, 2), k, v, out, None, None, None, 8, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be a contiguous CPU int32"):
+        cu = torch.tensor([0, 8])
+        ext.attention_fwd(q[0], k[0], v[0], out[0], None, cu, cu.int(), 8, 0.25, -1, -1)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        ext.attention_fwd(q, k, v, out, torch.empty(1, 2, 7), None, None, 8, 0.25, -1, -1)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -311,8 +425,8 @@ def test_bad_input_does_not_touch_the_cache():
 # The registration is the same for every backend: packed input once, on the cheaper torch backend.
 @pytest.mark.parametrize(
     "backend,dtype,varlen",
-    [pytest.param(*p.values, False, id=f"{p.id}-dense", marks=p.marks) for p in FP32_BACKENDS]
-    + [pytest.param("torch", torch.float32, True, id="torch-float32-varlen")],
+    [pytest.param(*p.values, False, id=f"{p.id}-dense", marks=p.marks) for p in TRAIN_FP32_BACKENDS]
+    + [pytest.param(name, torch.float32, True, id=f"{name}-float32-varlen") for name in ("torch", "cpp")],
 )
 def test_opcheck(backend, dtype, varlen):
     if varlen:
