@@ -14,12 +14,14 @@ sinks, position bias, a head dim fastlm does not support) falls back to transfor
 that call; ``fallback_counts()`` says how often and why.
 
 One more case runs transformers' SDPA function, by measurement: plain dense attention (no mask, not packed)
-that needs gradients, on a device where fastlm's attention would run its PyTorch backend (CPU, until
-attention has a C++ kernel there) under ``FASTLM_BACKEND=auto``. That backend IS SDPA, and its backward
-reruns the SDPA forward (it keeps no statistics), so calling SDPA directly is the same math without the
-rerun: a Llama 2x128 training step at seq 128 took 0.95x unpatched transformers' speed with it and 1.09x
-without (``benchmarks/plain_process_ab.py hf-quick``). It is counted in ``fallback_counts()`` under
-``DENSE_TRAINING_ON_TORCH_BACKEND``; forcing a backend (``use_backend("torch")``) runs fastlm's attention.
+that needs gradients, where fastlm's attention would run its PyTorch backend under ``FASTLM_BACKEND=auto``
+(on CPU: fp16/bf16 or dropout; fp32 runs the C++ kernel). That backend IS SDPA, and its backward reruns
+the SDPA forward (it keeps no statistics), so calling SDPA directly is the same math without the rerun: a
+Llama 2x128 training step at seq 128 took 0.95x unpatched transformers' speed with it and 1.09x without
+(``benchmarks/plain_process_ab.py hf-quick``). For fp32 on CPU the C++ kernel was measured against this
+rule, patched/unpatched speed: 1.08x vs 1.13x at 2x128, 1.15x vs 1.05x at 4x512 (seq 512), so fp32 keeps the
+kernel. It is counted in ``fallback_counts()`` under ``DENSE_TRAINING_ON_TORCH_BACKEND``; forcing a backend
+(``use_backend("torch")``) runs fastlm's attention.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections import Counter
 import torch
 
 from fastlm import backend
-from fastlm.ops.attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
+from fastlm.ops.attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention, runs_torch_backend
 
 NAME = "fastlm"
 DENSE_TRAINING_ON_TORCH_BACKEND = (
@@ -69,10 +71,10 @@ def _fallback_reason(query, key, value, attention_mask, packed, kwargs) -> str |
 
 
 @torch.compiler.assume_constant_result
-def _auto_runs_torch_attention(device: torch.device) -> bool:
-    """Whether fastlm's attention runs its PyTorch backend on ``device`` under "auto" (a constant to
+def _auto_runs_torch_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fastlm's attention runs its PyTorch backend for this call under "auto" (a constant to
     torch.compile, which cannot trace the backend choice's context variable)."""
-    return backend.requested_backend() == "auto" and backend.chosen("attention_fwd", device) == "torch"
+    return backend.requested_backend() == "auto" and runs_torch_backend(device, dtype, 0.0)
 
 
 def _sdpa_is_the_kernel(query, key, value, attention_mask, packed) -> bool:
@@ -81,7 +83,7 @@ def _sdpa_is_the_kernel(query, key, value, attention_mask, packed) -> bool:
     return (
         attention_mask is None and not packed and query.shape[2] == key.shape[2]
         and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        and _auto_runs_torch_attention(query.device)
+        and _auto_runs_torch_attention(query.device, query.dtype)
     )
 
 

@@ -975,7 +975,7 @@ def _attention_bwd_op(
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
     if q.numel() > 0 and k.numel() > 0:
-        if lse.numel() == 0 and _backward_needs_lse(q.device, q.dtype, dropout_p):
+        if lse.numel() == 0 and not runs_torch_backend(q.device, q.dtype, dropout_p):
             lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
             backend.select("attention_fwd", q.device)(
                 q, k, v, torch.empty_like(q), lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -1125,12 +1125,12 @@ def _draw_seed(dropout_p: float) -> int:
 
 
 @torch.compiler.assume_constant_result
-def _backward_needs_lse(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
-    """Whether the backward that runs for ``device`` reads the forward's LSE (a constant to torch.compile,
-    which cannot trace the backend choice's context variable): the torch one does not, nor the cpp one
-    for the calls it hands to torch."""
+def runs_torch_backend(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
+    """Whether a call on ``device`` runs the torch backend (SDPA, its backward rerunning the forward): the
+    torch backend chosen, or the cpp one handing the call to it. A constant to torch.compile, which
+    cannot trace the backend choice's context variable."""
     chosen = backend.chosen("attention_bwd", device)
-    return chosen != "torch" and (chosen != "cpp" or _cpp_takes(dtype, dropout_p))
+    return chosen == "torch" or (chosen == "cpp" and not _cpp_takes(dtype, dropout_p))
 
 
 def attention(
@@ -1180,7 +1180,7 @@ def attention(
     # The Triton and C++ backwards recompute the probabilities from the forward's LSE; the torch backward
     # reruns SDPA's fused backward and needs none, so for it the LSE pass is skipped unless asked for.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    need_lse = return_lse or (needs_grad and _backward_needs_lse(q.device, q.dtype, float(dropout_p)))
+    need_lse = return_lse or (needs_grad and not runs_torch_backend(q.device, q.dtype, float(dropout_p)))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
         _draw_seed(dropout_p), need_lse,
