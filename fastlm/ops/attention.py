@@ -26,7 +26,10 @@ CPU (``cpp`` backend, the default there): a C++ flash kernel (csrc/cpu/attention
 without dropout, forward (online softmax over key tiles, writing the LSE) and backward from the
 saved LSE (no forward recompute; dK/dV summed over each GQA group without atomics, so
 deterministic). Other calls on the cpp backend (fp16/bf16, dropout) run the torch launchers,
-decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then.
+decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then. So does a
+forward that keeps no LSE (no gradient needed, ``return_lse=False``): SDPA's forward alone measured
+1.1-1.8x faster than the C++ one in 5 of 6 shapes (fp32, 2 threads, no grad; 2x128, 4x256 and 16x128,
+causal or not); the C++ forward is for training, where the LSE it writes spares the backward a rerun.
 
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
@@ -914,7 +917,10 @@ def _cpp_takes(dtype: torch.dtype, dropout_p: float) -> bool:
 
 
 def _fwd_cpp(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
-    if not _cpp_takes(q.dtype, dropout_p):
+    # A forward that keeps no LSE (inference, evaluation: no backward will read it) runs SDPA, whose
+    # forward alone measured faster than the C++ one in most shapes; the C++ forward pays off in
+    # training, where its LSE spares the backward a forward rerun.
+    if lse is None or not _cpp_takes(q.dtype, dropout_p):
         _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
         return
     cpu_extension().attention_fwd(q, k, v, out, lse, cu_q, cu_k, max_q, scale, left, right)

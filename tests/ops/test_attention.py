@@ -5,6 +5,8 @@ the interpreter's tiles are 32x16 / 16x32 (see ``_config``). Large shapes and bf
 in tests/gpu/test_attention_cuda.py.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -257,6 +259,32 @@ def test_cpp_hands_what_it_does_not_take_to_torch_without_an_lse(dtype):
         with fastlm.use_backend("cpp"):
             attention(*leaves, causal=True)
     assert any(t.dtype == torch.float32 and t.numel() == 0 for t in saved)
+
+
+def test_cpp_forward_without_an_lse_runs_sdpa(monkeypatch):
+    """A forward that keeps no LSE (no grad, return_lse=False) runs SDPA on the cpp backend (measured faster
+    there); with return_lse, the C++ forward runs. Both match the reference."""
+    attn_module = sys.modules[attention.__module__]
+    inputs = make_qkv(2, 37, 37, 4, 2, 40, torch.float32)
+    ref = attention_ref(*[t.double() for t in inputs], causal=True)
+    calls = []
+    real = attn_module.cpu_extension
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real(), name)
+
+    monkeypatch.setattr(attn_module, "cpu_extension", Spy)
+    with torch.no_grad(), fastlm.use_backend("cpp"):
+        out = attention(*inputs, causal=True)
+        assert calls == []
+        with fastlm.use_backend("torch"):
+            assert torch.equal(out, attention(*inputs, causal=True))
+        out_lse, _ = attention(*inputs, causal=True, return_lse=True)
+        assert calls == ["attention_fwd"]
+    for o in (out, out_lse):
+        torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cpp_dropout_runs_the_torch_launchers():
