@@ -261,12 +261,11 @@ def test_cpp_hands_what_it_does_not_take_to_torch_without_an_lse(dtype):
     assert any(t.dtype == torch.float32 and t.numel() == 0 for t in saved)
 
 
-def test_cpp_forward_without_an_lse_runs_sdpa(monkeypatch):
-    """A forward that keeps no LSE (no grad, return_lse=False) runs SDPA on the cpp backend (measured faster
-    there); with return_lse, the C++ forward runs. Both match the reference."""
+def test_cpp_full_forward_without_an_lse_runs_sdpa(monkeypatch):
+    """On the cpp backend, full attention that keeps no LSE (no grad, return_lse=False) runs SDPA (measured
+    faster there); a causal one, or one returning the LSE, runs the C++ forward. All match the reference."""
     attn_module = sys.modules[attention.__module__]
     inputs = make_qkv(2, 37, 37, 4, 2, 40, torch.float32)
-    ref = attention_ref(*[t.double() for t in inputs], causal=True)
     calls = []
     real = attn_module.cpu_extension
 
@@ -277,14 +276,18 @@ def test_cpp_forward_without_an_lse_runs_sdpa(monkeypatch):
 
     monkeypatch.setattr(attn_module, "cpu_extension", Spy)
     with torch.no_grad(), fastlm.use_backend("cpp"):
-        out = attention(*inputs, causal=True)
+        full = attention(*inputs)
         assert calls == []
         with fastlm.use_backend("torch"):
-            assert torch.equal(out, attention(*inputs, causal=True))
-        out_lse, _ = attention(*inputs, causal=True, return_lse=True)
+            assert torch.equal(full, attention(*inputs))
+        full_lse, _ = attention(*inputs, return_lse=True)
         assert calls == ["attention_fwd"]
-    for o in (out, out_lse):
-        torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+        causal = attention(*inputs, causal=True)
+        assert calls == ["attention_fwd"] * 2
+    double = [t.double() for t in inputs]
+    for out, ref in ((full, attention_ref(*double)), (full_lse, attention_ref(*double)),
+                     (causal, attention_ref(*double, causal=True))):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cpp_dropout_runs_the_torch_launchers():

@@ -1,0 +1,48 @@
+"""Forward-only attention on the CPU (inference, evaluation: no gradient), alternating calls in one process:
+fastlm.attention as it runs there (SDPA: a forward that keeps no LSE), the C++ kernel's forward (what
+``return_lse=True`` runs), and SDPA called directly. The evidence for the cpp backend's rule that a
+forward without an LSE runs SDPA (fastlm/ops/attention.py).
+
+    python benchmarks/attention_cpu_forward_ab.py [CALLS]
+
+Prints the median milliseconds of each over CALLS alternating calls (default 60), fp32, per shape.
+"""
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastlm
+
+SHAPES = [(2, 128, 2, 64), (4, 256, 4, 64), (16, 128, 4, 32)]  # (batch, seqlen, heads, head dim)
+
+
+def main() -> None:
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    torch.manual_seed(0)
+    for batch, seqlen, heads, head_dim in SHAPES:
+        for causal in (False, True):
+            q, k, v = (torch.randn(batch, seqlen, heads, head_dim) for _ in range(3))
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            runs = {
+                "fastlm": lambda: fastlm.attention(q, k, v, causal=causal),
+                "c++ forward": lambda: fastlm.attention(q, k, v, causal=causal, return_lse=True),
+                "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+            }
+            times = {name: [] for name in runs}
+            with torch.no_grad():
+                for fn in runs.values():
+                    fn()
+                for _ in range(calls):
+                    for name, fn in runs.items():
+                        start = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - start)
+            medians = "  ".join(f"{name} {sorted(t)[len(t) // 2] * 1e3:.3f} ms" for name, t in times.items())
+            print(f"{batch}x{seqlen} h{heads} d{head_dim} {'causal' if causal else 'full'}: {medians}")
+
+
+if __name__ == "__main__":
+    main()
