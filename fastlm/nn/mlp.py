@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.ops.activation import APPROXIMATE, _act_bwd_op, _act_fwd_op
+from fastlm.ops.activation import APPROXIMATE, _act_bwd_packed_op, _act_fwd_op
 
 
 class _MLPFunction(torch.autograd.Function):
@@ -46,31 +46,16 @@ class _MLPFunction(torch.autograd.Function):
         dt = pre.dtype  # the forward's compute dtype (the autocast dtype under autocast)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         dout2 = dout.reshape(-1, dout.shape[-1]).to(dt)
-        pre2 = pre.reshape(-1, pre.shape[-1])
+        pre2 = pre.reshape(-1, pre.shape[-1])  # contiguous: F.linear's output
         w_in_c, w_out_c = w_in.to(dt), w_out.to(dt)
-        gate, up = pre2.chunk(2, dim=-1) if ctx.gated else (pre2, None)
-        # One pass: both activation gradients and the recomputed activation output.
-        dgate, dup, act_out = _act_bwd_op(dout2 @ w_out_c, gate, up, ctx.act, need_w_out)
+        # One pass: the gradient of the packed pre-activation ([dgate | dup] when gated) and the
+        # recomputed activation output; each gradient through w_in is then ONE matmul.
+        dpre, act_out = _act_bwd_packed_op(dout2 @ w_out_c, pre2, ctx.act, ctx.gated, need_w_out)
         dw_out = (dout2.t() @ act_out).to(w_out.dtype) if need_w_out else None
         db_out = dout2.sum(0, dtype=w_out.dtype) if need_b_out and ctx.has_b_out else None
-        # The gate and up halves' gradients go through their halves of w_in, so the
-        # (tokens, 2 * hidden) gradient of the packed projection is never concatenated.
-        grads = [(dgate, w_in_c[: gate.shape[-1]])] + ([(dup, w_in_c[gate.shape[-1] :])] if ctx.gated else [])
-        dx = dw_in = db_in = None
-        if need_x:
-            dx = grads[0][0] @ grads[0][1]
-            for g, w in grads[1:]:
-                dx.addmm_(g, w)
-            dx = dx.view(x.shape).to(x.dtype)
-        if need_w_in:
-            dw_in = torch.empty(w_in.shape, dtype=dt, device=w_in.device)
-            rows = 0
-            for g, _ in grads:
-                torch.mm(g.t(), x2, out=dw_in[rows : rows + g.shape[-1]])
-                rows += g.shape[-1]
-            dw_in = dw_in.to(w_in.dtype)
-        if need_b_in and ctx.has_b_in:
-            db_in = torch.cat([g.sum(0, dtype=w_in.dtype) for g, _ in grads])
+        dx = (dpre @ w_in_c).view(x.shape).to(x.dtype) if need_x else None
+        dw_in = (dpre.t() @ x2).to(w_in.dtype) if need_w_in else None
+        db_in = dpre.sum(0, dtype=w_in.dtype) if need_b_in and ctx.has_b_in else None
         return dx, dw_in, db_in, dw_out, db_out, None, None
 
 

@@ -260,6 +260,33 @@ def _(dy, gate, up, act, recompute):
     )
 
 
+@eager.custom_op("fastlm::act_bwd_packed", mutates_args=())
+def _act_bwd_packed_op(
+    dy: torch.Tensor, pre: torch.Tensor, act: str, gated: bool, recompute: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_bwd`` on a (rows, 2F) ``pre = [gate | up]`` (gated) or a (rows, F) ``pre = gate``.
+
+    Returns (dpre, y): dpre in pre's layout, ``[dgate | dup]`` written in place by the kernel, so an
+    MLP's backward runs ONE matmul per gradient through its packed gate/up weight (two half-width
+    ones ran ~15% slower on CPU) with no concatenation; y (rows, F) the recomputed forward, empty
+    unless asked.
+    """
+    width = pre.shape[-1] // 2 if gated else pre.shape[-1]
+    dpre = alloc.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+    y = alloc.empty((pre.shape[0], width), dtype=pre.dtype, device=pre.device) if recompute else None
+    if pre.numel() > 0:
+        gate, up = pre.split(width, dim=-1) if gated else (pre, None)
+        dgate, dup = dpre.split(width, dim=-1) if gated else (dpre, None)
+        backend.select("act_bwd", pre.device)(*_as_rows(dy, gate, up, dgate, dup, y), act)
+    return dpre, y if y is not None else pre.new_empty(0)
+
+
+@_act_bwd_packed_op.register_fake
+def _(dy, pre, act, gated, recompute):
+    width = pre.shape[-1] // 2 if gated else pre.shape[-1]
+    return pre.new_empty(pre.shape), pre.new_empty((pre.shape[0], width) if recompute else (0,))
+
+
 def _setup_context(ctx, inputs, output):
     gate, up, act = inputs
     # Only the inputs: the activation is recomputed in backward.

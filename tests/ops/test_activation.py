@@ -72,6 +72,24 @@ def test_halves_of_a_packed_projection(backend, dtype, name):
     check_against_reference(name, [gate, up], dtype, backend)
 
 
+@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
+@pytest.mark.parametrize("act,gated", [("silu", True), ("gelu", True), ("gelu_tanh", False)],
+                         ids=["swiglu", "geglu-none", "gelu-tanh"])
+def test_packed_backward_matches_the_unpacked_one(backend, dtype, act, gated):
+    """act_bwd_packed (the MLP's backward) writes [dgate | dup] into one buffer: every element, bit for
+    bit what act_bwd computes on the separate halves (the same kernel), recomputed forward included."""
+    width = 37
+    pre = random_tensor(11, (2 if gated else 1) * width, dtype=dtype, scale=3.0)
+    dy = random_tensor(11, width, dtype=dtype)
+    gate, up = pre.split(width, dim=-1) if gated else (pre, None)
+    with fastlm.use_backend(backend), poison_outputs():
+        dgate, dup, y = torch.ops.fastlm.act_bwd(dy, gate.contiguous(), up.contiguous() if gated else None, act, True)
+        dpre, y_packed = torch.ops.fastlm.act_bwd_packed(dy, pre, act, gated, True)
+    assert dpre.shape == pre.shape and y_packed.shape == (11, width)
+    torch.testing.assert_close(dpre, torch.cat([dgate, dup], dim=-1) if gated else dgate, rtol=0, atol=0)
+    torch.testing.assert_close(y_packed, y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])
 def test_extreme_inputs_stay_finite(backend, dtype):
     # Far tails: exp overflows inside sigmoid; the results must still be exact limits, not NaN.
@@ -137,6 +155,8 @@ def test_opcheck(backend, dtype, act, gated):
         # The backward op is not differentiable itself (no double backward): detached inputs.
         up_const = up.detach() if up is not None else None
         torch.library.opcheck(torch.ops.fastlm.act_bwd.default, (dy, gate.detach(), up_const, act, True))
+        pre = torch.cat([gate.detach(), up_const], dim=-1) if gated else gate.detach()
+        torch.library.opcheck(torch.ops.fastlm.act_bwd_packed.default, (dy, pre, act, gated, True))
 
 
 def test_torch_compile_fullgraph():
