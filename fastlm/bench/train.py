@@ -55,7 +55,8 @@ def transformers_model(cfg):
 
 def step_fn(model, loss_fn, device, backend=None):
     """One optimizer step; ``backend`` (if given) is forced over the forward AND the backward."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW for every provider: fastlm-train's optimizer and the Hugging Face Trainer's default.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     forced = (lambda: fastlm.use_backend(backend)) if backend else contextlib.nullcontext
 

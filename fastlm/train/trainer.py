@@ -23,7 +23,9 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def _adamw(groups, cfg):
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused: one kernel for all parameters (CPU and CUDA), what the Hugging Face Trainer uses by
+    # default; the for-loop implementation torch picks on CPU ran ~10 ops per parameter.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def _adamw8bit(groups, cfg):
