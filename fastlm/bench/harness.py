@@ -142,7 +142,8 @@ class Case:
     flops: int | None = None
     """Floating-point operations; gives TFLOP/s."""
     extra: dict = field(default_factory=dict)
-    """Further figures for the row; a ``tokens`` count (per call) also gives tokens/s, a ``series``
+    """Further figures for the row; a ``tokens`` count (per call) also gives tokens/s, a ``peak_flops``
+    (the device's datasheet FLOP/s) MFU, a ``series``
     name draws its own plot (e.g. one per attention head dim and causality)."""
 
 
@@ -196,6 +197,8 @@ def measure(case: Case, device: torch.device, min_run_time: float, roofline: dic
     }
     if "tokens" in case.extra:
         row["tokens_per_s"] = case.extra["tokens"] / timing.median_ms * 1e3
+    if "peak_flops" in case.extra and tflops:
+        row["mfu"] = tflops * 1e12 / case.extra["peak_flops"]
     if roofline:
         row["pct_bandwidth"] = 100 * gbps / roofline["copy_gbps"] if gbps else None
         row["pct_compute"] = 100 * tflops / roofline["matmul_tflops"] if tflops else None

@@ -24,7 +24,8 @@ def best_peer_ratio(rows: list[dict]) -> dict[int, float]:
 
 
 # Figures some ops add to their rows (Case.extra, or computed from it): column title and format.
-EXTRA_COLUMNS = {"tokens_per_s": ("tokens/s", ",.0f"), "state_bytes_per_param": ("state B/param", ".2f")}
+EXTRA_COLUMNS = {"tokens_per_s": ("tokens/s", ",.0f"), "mfu": ("MFU", ".1%"),
+                 "state_bytes_per_param": ("state B/param", ".2f")}
 
 
 def markdown(rows: list[dict], env: dict, roofline: dict) -> str:

@@ -3,9 +3,11 @@ the torch reference ops vs the same architecture from Hugging Face ``transformer
 
 Providers: ``fastlm`` (default backends: Triton on GPU, C++ on CPU), ``torch`` (the same model
 with every op forced to its PyTorch implementation, forward and backward: the baseline of the
-speed-up) and ``transformers`` (LlamaForCausalLM for rmsnorm/rope/swiglu presets,
-GPT2LMHeadModel for layernorm/learned/gelu ones, same dims; skipped with a note when
-``transformers`` is not importable). On CUDA the step runs under bf16 autocast on fp32
+speed-up), ``nanogpt+compile`` for GPT-2 presets (``fastlm/bench/nanogpt.py``: plain PyTorch
+modules, SDPA, full logits, ``torch.compile``; eager and named ``nanogpt`` on the CPU) and
+``transformers`` (LlamaForCausalLM for rmsnorm/rope/swiglu presets, GPT2LMHeadModel for
+layernorm/learned/gelu ones, same dims; skipped with a note when ``transformers`` is not
+importable). Every provider steps fused AdamW. On CUDA the step runs under bf16 autocast on fp32
 weights. Rows carry tokens/s (batch * seq / median step time); TFLOP/s counts
 ``Transformer.flops_per_token``.
 """
@@ -18,9 +20,11 @@ from collections.abc import Iterator
 import torch
 
 import fastlm
+from fastlm.bench import nanogpt
 from fastlm.bench.harness import Case
 from fastlm.models import Transformer
 from fastlm.train.config import resolve
+from fastlm.train.metrics import peak_bf16_flops
 
 # suite -> (preset, batch, seq, vocab override or None for the preset's); "full" depends on the device
 SIZES = {
@@ -80,6 +84,8 @@ def cases(suite: str, device: torch.device) -> Iterator[Case]:
     targets = torch.roll(inputs, -1, dims=1)
     shape = f"{preset} {batch}x{seq}"
     extra = {"tokens": batch * seq}
+    if peak_bf16_flops(device):  # MFU against the datasheet peak (issue #6's GPU target: >= 50%)
+        extra["peak_flops"] = peak_bf16_flops(device)
     flops = None
     for provider, backend in (("fastlm", None), ("torch", "torch")):
         model = Transformer(cfg).to(device)
@@ -87,6 +93,13 @@ def cases(suite: str, device: torch.device) -> Iterator[Case]:
         extra["params"] = model.num_params()
         yield Case("train_step", provider, "step", shape, step_fn(model, lambda m=model: m(inputs, targets), device,
                                                                  backend), size=seq, flops=flops, extra=dict(extra))
+    if nanogpt.supports(cfg):
+        # The GPU target's baseline is compiled; on the CPU (no such target) it runs eager.
+        gpt = nanogpt.GPT(cfg).to(device)
+        run = torch.compile(gpt) if device.type == "cuda" else gpt
+        yield Case("train_step", "nanogpt+compile" if device.type == "cuda" else "nanogpt", "step", shape,
+                   step_fn(gpt, lambda: run(inputs, targets), device), size=seq, flops=flops,
+                   extra=dict(extra, params=sum(p.numel() for p in gpt.parameters())))
     hf = transformers_model(cfg)
     if hf is not None:
         hf = hf.to(device)

@@ -6,6 +6,19 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
+# Dense bf16 tensor-core FLOP/s of the GPUs MFU is reported for (datasheet, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The datasheet peak of ``device`` for MFU; None on the CPU and on GPUs not listed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
 
 def _tensorboard_writer(logdir: Path):
     """A SummaryWriter, or None when tensorboard is not installed (it is an optional extra)."""

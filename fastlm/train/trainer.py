@@ -16,10 +16,7 @@ from fastlm.models import ModelConfig, Transformer, hf_convert
 from fastlm.optim import AdamW8bit
 from fastlm.train import checkpoint, data, distributed
 from fastlm.train.config import Config, UserError
-from fastlm.train.metrics import MetricsLog
-
-# Peak dense bf16 tensor FLOP/s by GPU name, for MFU; GPUs not listed get no MFU figure.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+from fastlm.train.metrics import MetricsLog, peak_bf16_flops
 
 
 def _adamw(groups, cfg):
@@ -275,8 +272,7 @@ def train(cfg: Config) -> dict:
     val_batches = packed.val_batches(cfg.eval.batches)
     n_params = net.num_params()
     flops_per_token = net.flops_per_token(cfg.data.seq_len)
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
-                       and k in torch.cuda.get_device_name(device)), None)
+    peak_flops = peak_bf16_flops(device)
     world = distributed.world_size()
     distributed.print0(f"fastlm-train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} tokens "
                        f"({packed.train_rows} train rows x {cfg.data.seq_len}), unigram entropy {entropy:.3f} "

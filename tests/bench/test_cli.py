@@ -5,9 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastlm.bench.cli import SUITES, main
-from fastlm.bench.report import best_peer_ratio, plot
+from fastlm.bench.harness import Case, measure
+from fastlm.bench.report import best_peer_ratio, markdown, plot
+
+ENV = {"device": "cpu", "date": "today", "commit": "abc", "torch": "2", "triton": "3", "cuda": None, "python": "3"}
+ROOFLINE = {"copy_gbps": 10.0, "copy_bytes": 2**20, "matmul_tflops": 0.1, "matmul_shape": "64x64x64 float32"}
 
 
 def test_quick_suite_writes_results_report_and_plots(tmp_path):
@@ -59,3 +64,12 @@ def test_plot_draws_one_figure_per_series(tmp_path):
     ]
     written = sorted(path.name for path in plot(rows, tmp_path))
     assert written == ["attention-fwd-d64.png", "attention-fwd-d64_causal.png"]
+
+
+def test_rows_carry_tokens_per_s_and_mfu_when_given():
+    a = torch.randn(64, 64)
+    case = Case("mm", "fastlm", "fwd", "64", lambda: a @ a, flops=2 * 64**3, extra={"tokens": 64, "peak_flops": 1e15})
+    row = measure(case, torch.device("cpu"), 0.05)
+    assert row["tokens_per_s"] == pytest.approx(64 / row["median_ms"] * 1e3)
+    assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 1e15)
+    assert "MFU" in markdown([row], ENV, ROOFLINE)
