@@ -68,8 +68,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adamw8bit"] = "adamw"
-    """Optimizer: torch's AdamW, or fastlm.optim.AdamW8bit (block-wise 8-bit states, ~2 bytes per
-    parameter instead of 8)."""
+    """Optimizer: torch's AdamW (fused: one kernel for all parameters), or fastlm.optim.AdamW8bit
+    (block-wise 8-bit states, ~2 bytes per parameter instead of 8)."""
     lr: float = 6e-4
     """Peak learning rate."""
     beta1: float = 0.9
