@@ -4,8 +4,8 @@
 
 quick: small CPU sizes, a few minutes at most (CI runs it: it proves the suite works and
 asserts nothing about speed). full: realistic sizes on this device. gpu: the H200 sizes,
-sized to fit one ten-minute window, after a correctness pass of every GPU test module
-(bf16 on the real kernels) that stops the run on any mismatch.
+sized to fit one ten-minute window, after a correctness pass of the GPU test modules of
+the selected ops (bf16 on the real kernels) that stops the run on any mismatch.
 
 Writes under --out: results.jsonl (one line per measurement, with device, versions,
 commit and date), report.md (one table per op) and one PNG per op and mode.
@@ -43,12 +43,30 @@ SUITES = {
 MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
 
 
-def gpu_correctness_pass() -> None:
-    """Run the GPU test modules (bf16 on the compiled kernels); raise on any failure."""
+# op -> the GPU test modules (tests/gpu) of the kernels it times: the correctness pass runs those of
+# the selected ops only, so `--ops attention` does not wait on the CUDA optimizer extension's build.
+MODEL_KERNELS = ("test_norm_cuda.py", "test_attention_cuda.py", "test_cross_entropy_gpu.py", "test_activation_gpu.py",
+                 "test_rope_gpu.py")
+GPU_TESTS = {
+    "norm": ("test_norm_cuda.py",),
+    "cross_entropy": ("test_cross_entropy_gpu.py",),
+    "hf": MODEL_KERNELS,
+    "attention": ("test_attention_cuda.py",),
+    "ffn": ("test_activation_gpu.py",),
+    "rope": ("test_rope_gpu.py",),
+    "optim": ("test_optim_cuda.py",),
+    "train": MODEL_KERNELS,
+    "generate": ("test_attention_cuda.py", "test_generate_gpu.py"),
+}
+
+
+def gpu_correctness_pass(ops: list[str]) -> None:
+    """Run the GPU test modules (bf16 on the compiled kernels) of ``ops``; raise on any failure."""
     tests = Path(__file__).resolve().parents[2] / "tests" / "gpu"
     if not tests.is_dir():
         raise SystemExit(f"fastlm-bench --suite gpu: the GPU tests are not at {tests} (run from a checkout)")
-    result = subprocess.run([sys.executable, "-m", "pytest", str(tests), "-x", "-q"], cwd=tests.parents[1])
+    modules = sorted({str(tests / name) for op in ops for name in GPU_TESTS[op]})
+    result = subprocess.run([sys.executable, "-m", "pytest", *modules, "-q"], cwd=tests.parents[1])
     if result.returncode != 0:
         raise SystemExit("fastlm-bench: the GPU correctness pass FAILED; no timings are reported")
 
@@ -68,7 +86,7 @@ def main(argv=None) -> int:
     if args.suite == "gpu":
         if device.type != "cuda":
             p.error("--suite gpu needs a CUDA device")
-        gpu_correctness_pass()
+        gpu_correctness_pass(ops)
 
     # The bwd modes replay one saved backward (retain_graph=True), which a torch.compile'd
     # backward with donated buffers refuses.

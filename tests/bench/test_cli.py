@@ -73,3 +73,14 @@ def test_rows_carry_tokens_per_s_and_mfu_when_given():
     assert row["tokens_per_s"] == pytest.approx(64 / row["median_ms"] * 1e3)
     assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 1e15)
     assert "MFU" in markdown([row], ENV, ROOFLINE)
+
+
+def test_every_op_has_gpu_tests_that_exist():
+    from pathlib import Path
+
+    from fastlm.bench.cli import GPU_TESTS
+
+    assert set(GPU_TESTS) == set(SUITES)
+    gpu_tests = Path(__file__).resolve().parents[1] / "gpu"
+    assert all((gpu_tests / name).is_file() for names in GPU_TESTS.values() for name in names)
+    assert {p.name for p in gpu_tests.glob("test_*.py")} == {n for names in GPU_TESTS.values() for n in names}
