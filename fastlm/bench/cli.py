@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/out/DATE-DEVICE)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gpu-tests-passed", action="store_true",
+                   help="skip the gpu suite's correctness pass: only right after tests/gpu passed on this checkout "
+                        "and device (benchmarks/gpu_session.sh runs them first and keeps their log)")
     args = p.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = sorted(set(ops) - set(SUITES))
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
     if args.suite == "gpu":
         if device.type != "cuda":
             p.error("--suite gpu needs a CUDA device")
-        gpu_correctness_pass(ops)
+        if not args.gpu_tests_passed:
+            gpu_correctness_pass(ops)
 
     # The bwd modes replay one saved backward (retain_graph=True), which a torch.compile'd
     # backward with donated buffers refuses.
