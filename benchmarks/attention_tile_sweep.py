@@ -29,7 +29,9 @@ import torch
 attn = importlib.import_module("fastlm.ops.attention")
 
 HEAD_DIMS = (128, 64)  # 128 first: the size users compare, timed first if the device window ends early
-KERNELS = {"fwd": "_attn_fwd_kernel", "bwd_dq": "_attn_bwd_dq_kernel", "bwd_dkdv": "_attn_bwd_dkdv_kernel"}
+# dK/dV first: the backward is the slow part (0.30-0.34x SDPA on the H200, benchmarks/results/h200-2026-11-28),
+# and dK/dV (4 of its 7 matmuls) the larger share of it: timed first if the device window ends early.
+KERNELS = {"bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel", "fwd": "_attn_fwd_kernel"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). HGMMA needs 64 rows on the M side of a dot: the
 # query block for the forward and dQ, the key block (BLOCK_N) for dK/dV.
 CANDIDATES = {
@@ -41,8 +43,10 @@ CANDIDATES = {
 # dK/dV recomputes QK^T and forms dO V^T, P^T dO and dS^T Q.
 MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}
 # A larger tile may win despite a few more spilled registers; beyond this it is not worth a
-# device compile (several seconds each, the sweep's main cost).
-SPILL_SLACK = 128
+# device compile (several seconds each, the sweep's main cost). 256 admits the dK/dV tiles with
+# 32-query steps at head dim 128 (150-230 bytes against the default 16-query step's 0): whether
+# their fewer, larger steps beat the spill is what only the device can say.
+SPILL_SLACK = 256
 SHAPE = dict(batch=4, seqlen=4096, heads=16)  # 64 programs per query block row: fills 132 SMs
 
 

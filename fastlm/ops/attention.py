@@ -290,12 +290,8 @@ def _fwd_variants():
             )
 
 
-register_kernel(
-    _attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True,
-    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q) exceeds 255 registers at every tile that "
-    "still issues HGMMA (tried 16-128 rows, 4/8 warps); the packed-sequence variant at head dim 128 spills 24 "
-    "bytes; dense fp16/bf16 at head dims <= 128 and decoding do not spill",
-)
+# No variant spills once built with the strides' 16-divisibility the launcher gives them (see _variant).
+register_kernel(_attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True)
 
 
 @triton.jit
@@ -659,12 +655,12 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
         block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     # Chosen by compiling for sm_90a without a GPU (none to time them yet): HGMMA needs 64 rows per
-    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV), and a tile with
-    # fewer M rows than 16 per warp is computed twice (the TTGIR lays a 64-row score tile over both
-    # warpgroups of 8 warps), so M = 16 * num_warps where registers allow; within that, the tiles that
-    # spill least. dK/dV at head dim 128 holds two 128x128 fp32 accumulators (128 registers a thread):
-    # 16-query steps are the largest that do not spill (32 spill 150-230 bytes), at 64 keys the score
-    # dots run twice. fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
+    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV), and under 8
+    # warps a 64-row tile is computed by both warpgroups (its TTGIR layout spans 128 rows), so M is
+    # 16 rows per warp where registers allow; within that, the tiles that spill least. dK/dV at head
+    # dim 128 then holds two 128x128 fp32 accumulators (128 registers a thread): 16-query steps are
+    # the largest that do not spill (32-query steps spill 150-230 bytes; with 64 keys and 8 warps
+    # the score dots run twice). fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
     fp32 = dtype == torch.float32
     if fp32:
         tiles = (32, 16, 4, 1) if head_dim <= 128 and kind in ("fwd", "decode") else (16, 16, 4, 1)
