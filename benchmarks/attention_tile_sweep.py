@@ -2,7 +2,10 @@
 GPU minutes go to timing only:
 
     python benchmarks/attention_tile_sweep.py compile OUT.jsonl   # no GPU: compile every candidate for sm_90a
-    python benchmarks/attention_tile_sweep.py time OUT.jsonl [COMPILED.jsonl]   # on the GPU: time, check
+    python benchmarks/attention_tile_sweep.py time OUT.jsonl [COMPILED.jsonl [KINDS]]   # on the GPU: time, check
+
+``KINDS`` (e.g. ``bwd_dkdv`` or ``bwd_dkdv,bwd_dq``) limits the timing to those kernels, for a
+device window too short for every candidate.
 
 ``compile`` builds each candidate tile (BLOCK_M, BLOCK_N, warps, stages) of each kernel, bf16,
 causal, at head dims 64 and 128, and records registers, spill bytes, shared memory and HGMMA
@@ -124,10 +127,13 @@ def admitted(compiled_path: str) -> set[tuple[str, int, tuple[int, ...]]]:
                                 and r["spill"] <= budget.get((r["kind"], r["head_dim"]), 0) + SPILL_SLACK)}
 
 
-def time_sweep(out, compiled_path: str | None) -> None:
+def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KERNELS)) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    unknown = set(kinds) - set(KERNELS)
+    if unknown:
+        raise SystemExit(f"unknown kernel kinds {sorted(unknown)}; expected some of {list(KERNELS)}")
     keep = admitted(compiled_path) if compiled_path else None
     b, s, h = SHAPE["batch"], SHAPE["seqlen"], SHAPE["heads"]
     for head_dim in HEAD_DIMS:
@@ -149,6 +155,8 @@ def time_sweep(out, compiled_path: str | None) -> None:
 
         base = errors()
         for kind, name in KERNELS.items():
+            if kind not in kinds:
+                continue
             for tile in CANDIDATES[kind]:
                 if keep is not None and (kind, head_dim, tile) not in keep:
                     continue
@@ -176,7 +184,8 @@ def main() -> None:
         if mode == "compile":
             compile_sweep(out)
         else:
-            time_sweep(out, sys.argv[3] if len(sys.argv) > 3 else None)
+            kinds = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else tuple(KERNELS)
+            time_sweep(out, sys.argv[3] if len(sys.argv) > 3 else None, kinds)
 
 
 if __name__ == "__main__":
