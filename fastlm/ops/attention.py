@@ -437,7 +437,7 @@ def _load_row_vector(ptr, rows, n_rows, other, CHECK_ROWS: tl.constexpr):
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qs, cols, offs_m, offs_d,
-    lo, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+    lo, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
     MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -463,10 +463,11 @@ def _bwd_dkdv_inner(
         # Only the window hides scores here. Query rows past the end load lse2 = +inf, as rows that see
         # no key have it, so their p (and ds) is 0; keys past the end (zero rows of k and v) fill rows
         # of dK and dV that are never stored.
-        if MASKED and MASK_RIGHT:
-            qk_t = tl.where(cols[:, None] <= rows[None, :] + diag + win_right, qk_t, float("-inf"))
-        if MASKED and MASK_LEFT:
-            qk_t = tl.where(cols[:, None] >= rows[None, :] + diag - win_left, qk_t, float("-inf"))
+        if MASKED:
+            if MASK_RIGHT:
+                qk_t = tl.where(cols[:, None] <= rows[None, :] + diag + win_right, qk_t, float("-inf"))
+            if MASK_LEFT:
+                qk_t = tl.where(cols[:, None] >= rows[None, :] + diag - win_left, qk_t, float("-inf"))
         p_t = tl.exp2(qk_t - lse2[None, :])
         if DOT_PRECISION != "ieee":
             do = _load_rows(DO_ptr + tile_off, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
@@ -548,18 +549,18 @@ def _attn_bwd_dkdv_kernel(
         rng_base = lse_base * rng_cols
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, lo, full_lo, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            offs_d, lo, full_lo, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
             rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p,
+            offs_d, full_lo, full_hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p,
             seed, rng_base, rng_cols, False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
             DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, full_hi, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            offs_d, full_hi, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
             rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )
     tl.store(DK + k_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
