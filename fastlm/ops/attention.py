@@ -86,9 +86,16 @@ def _variant(kernel, kind, dtype, head_dim, pointers, floats=(), nones=(), label
             signature[name] = "fp32" if name in floats else "i32"
     fixed.update(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_precision(dtype),
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **constexprs)
+    # Triton's launcher specializes every integer argument that is a multiple of 16. The strides of the
+    # contiguous (..., heads, head_dim) tensors are multiples of the head dim, so of 16 at every variant's
+    # head dim: built without that, the gate would measure a kernel that never runs (row starts of unknown
+    # alignment, so scalar loads with a 64-bit pointer per element: hundreds of bytes of spill that the
+    # launched kernel does not have). LSE strides follow seqlen_q and stay unspecialized.
+    aligned = tuple(name for name in signature if name.startswith(("stride_q", "stride_k", "stride_v", "stride_o")))
     # fp32 dots are exact IEEE (no tensor cores); fp16/bf16 must issue HGMMA.
     return Variant(signature, fixed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                   label=f"{dt} d={head_dim} {label}".strip(), tensor_cores=None if dtype != torch.float32 else False)
+                   label=f"{dt} d={head_dim} {label}".strip(), divisible_by_16=aligned,
+                   tensor_cores=None if dtype != torch.float32 else False)
 
 
 def _train_variants(kernel, kind, pointers, floats):
@@ -283,12 +290,8 @@ def _fwd_variants():
             )
 
 
-register_kernel(
-    _attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True,
-    spills_allowed="head dim 256 (64x256 fp32 accumulator plus q) exceeds 255 registers at every tile that "
-    "still issues HGMMA (tried 16-128 rows, 4/8 warps); the packed-sequence variant at head dim 128 spills 24 "
-    "bytes; dense fp16/bf16 at head dims <= 128 and decoding do not spill",
-)
+# No variant spills once built with the strides' 16-divisibility the launcher gives them (see _variant).
+register_kernel(_attn_fwd_kernel, variants=_fwd_variants, tensor_cores=True)
 
 
 @triton.jit
@@ -400,43 +403,74 @@ def _bwd_dq_variants():
 
 register_kernel(
     _attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True,
-    spills_allowed="head dim 128 causal (8 bytes), head dim 256 and fp32 at head dim 128 spill at every tile "
-    "tried that keeps HGMMA's 64 rows; restructuring the dQ pass (TMA loads, fewer live tiles) is the known fix",
+    spills_allowed="head dim 256 (72-80 bytes in fp16/bf16) and fp32's IEEE dots at head dims 128 (about 280 "
+    "bytes) and 256 (about 2.2 KB) spill; fp16/bf16 at head dims 64 and 128 do not",
 )
 
 
 @triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (rows x BLOCK_D) tile: masks only what may lie outside (rows past ``n_rows``, the head dim's padding),
+    so that a full tile of an unpadded head dim is a plain vectorized load."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _load_row_vector(ptr, rows, n_rows, other, CHECK_ROWS: tl.constexpr):
+    """One value per query row (LSE, delta); ``other`` past ``n_rows``."""
+    if CHECK_ROWS:
+        x = tl.load(ptr + rows, mask=rows < n_rows, other=other)
+    else:
+        x = tl.load(ptr + rows)
+    return x
+
+
+@triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qs, cols, offs_m, offs_d, d_ok,
-    lo, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qs, cols, offs_m, offs_d,
+    lo, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
     MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Works on transposed tiles (keys x queries) so dK and dV accumulate as keys x headdim.
+    # Scores are formed transposed (keys x queries), so that dK and dV accumulate as keys x headdim.
+    # q and dO are loaded as stored (queries x headdim, contiguous rows) and transposed inside the dots,
+    # which read either operand major from shared memory. Only the block's base pointer advances (a
+    # scalar): a loop-carried tensor of pointers would hold 64 bits per element in registers.
+    tile_off = offs_m[:, None] * stride_qs + offs_d[None, :]
+    step = BLOCK_M * stride_qs
+    Q_ptr += tl.cast(lo, tl.int64) * stride_qs  # tl.cast: lo may be the literal 0
+    DO_ptr += tl.cast(lo, tl.int64) * stride_qs
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
+        q = _load_rows(Q_ptr + tile_off, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        lse2 = _load_row_vector(LSE_ptr, rows, seqlen_q, float("inf"), MASKED)
+        # Where each load sits changes ptxas's register allocation: loaded up front, the fp32 (FMA-dot)
+        # build spills at most 32 bytes instead of up to 2824; the tensor-core builds spill least loading dO and
+        # delta next to their first use.
+        if DOT_PRECISION == "ieee":
+            do = _load_rows(DO_ptr + tile_off, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+            delta = _load_row_vector(DELTA_ptr, rows, seqlen_q, 0.0, MASKED)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        # Only the window hides scores here. Query rows past the end load lse2 = +inf, as rows that see
+        # no key have it, so their p (and ds) is 0; keys past the end (zero rows of k and v) fill rows
+        # of dK and dV that are never stored.
         if MASKED:
-            row_ok = rows < seqlen_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q_mask_t = d_ok[:, None] & row_ok[None, :]
-        else:
-            row_ok = rows >= 0
-            q_mask = d_ok[None, :]
-            q_mask_t = d_ok[:, None]
-        # q is loaded transposed (headdim x queries): k @ q_t needs no transposition in registers.
-        q_t = tl.load(Q_ptr + offs_d[:, None] + rows[None, :].to(tl.int64) * stride_qs, mask=q_mask_t, other=0.0)
-        do = tl.load(DO_ptr + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE_ptr + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA_ptr + rows, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible_t = (cols[:, None] < seqlen_k) & (rows[None, :] < seqlen_q)
             if MASK_RIGHT:
-                visible_t &= cols[:, None] <= rows[None, :] + diag + win_right
+                qk_t = tl.where(cols[:, None] <= rows[None, :] + diag + win_right, qk_t, float("-inf"))
             if MASK_LEFT:
-                visible_t &= cols[:, None] >= rows[None, :] + diag - win_left
-            qk_t = tl.where(visible_t, qk_t, float("-inf"))
+                qk_t = tl.where(cols[:, None] >= rows[None, :] + diag - win_left, qk_t, float("-inf"))
         p_t = tl.exp2(qk_t - lse2[None, :])
+        if DOT_PRECISION != "ieee":
+            do = _load_rows(DO_ptr + tile_off, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             rng_t = rng_base + rows[None, :].to(tl.int64) * rng_cols + cols[:, None].to(tl.int64)
@@ -446,8 +480,12 @@ def _bwd_dkdv_inner(
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if DOT_PRECISION != "ieee":
+            delta = _load_row_vector(DELTA_ptr, rows, seqlen_q, 0.0, MASKED)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        Q_ptr += step
+        DO_ptr += step
     return dk, dv
 
 
@@ -511,18 +549,19 @@ def _attn_bwd_dkdv_kernel(
         rng_base = lse_base * rng_cols
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, d_ok, lo, full_lo, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
-            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+            offs_d, lo, full_lo, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, d_ok, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p,
-            seed, rng_base, rng_cols, False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+            offs_d, full_lo, full_hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p,
+            seed, rng_base, rng_cols, False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
+            DOT_PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, d_ok, full_hi, hi, seqlen_q, seqlen_k, diag, win_left, win_right, qk_scale, dropout_p, seed,
-            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, BLOCK_M, DOT_PRECISION,
+            offs_d, full_hi, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
+            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )
     tl.store(DK + k_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + v_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -535,9 +574,10 @@ def _bwd_dkdv_variants():
 
 register_kernel(
     _attn_bwd_dkdv_kernel, variants=_bwd_dkdv_variants, tensor_cores=True,
-    spills_allowed="holds k, v and the fp32 dk, dv accumulators of a 64-key block (HGMMA's minimum) plus the "
-    "per-query-block tiles: spills at every tile tried (16-128 queries, 4/8 warps) with Triton 3.9; a TMA / "
-    "warp-specialized rewrite is the known fix",
+    spills_allowed="the fp32 dK and dV accumulators take 128 registers a thread at head dims 128 (128 keys) and "
+    "256 (64 keys): head dim 256 spills 288-376 bytes, and at head dim 128 the window (8), packed-sequence (64) "
+    "and dropout (176) variants' index and mask math does; fp32's IEEE dots spill up to 32 bytes. Dense "
+    "fp16/bf16 at head dims 64 and 128 do not spill",
 )
 
 
@@ -616,8 +656,12 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
         block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     # Chosen by compiling for sm_90a without a GPU (none to time them yet): HGMMA needs 64 rows per
-    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV); within that,
-    # the tiles that spill least. fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
+    # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV), and under 8
+    # warps a 64-row tile is computed by both warpgroups (its TTGIR layout spans 128 rows), so M is
+    # 16 rows per warp where registers allow; within that, the tiles that spill least. dK/dV at head
+    # dim 128 then holds two 128x128 fp32 accumulators (128 registers a thread): 16-query steps are
+    # the largest that do not spill (32-query steps spill 150-230 bytes; with 64 keys and 8 warps
+    # the score dots run twice). fp32 runs IEEE dots on the FMA units: small tiles keep them in registers.
     fp32 = dtype == torch.float32
     if fp32:
         tiles = (32, 16, 4, 1) if head_dim <= 128 and kind in ("fwd", "decode") else (16, 16, 4, 1)
@@ -632,9 +676,9 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> d
         # 64 query rows even for one token: decoding is bound by reading the cache, not by the dots.
         tiles = (64, 64, 4, 3) if head_dim <= 64 else (64, 64, 8, 3) if head_dim <= 128 else (64, 32, 8, 2)
     elif kind == "bwd_dq":
-        tiles = (64, 32, 4 if head_dim <= 64 else 8, 2) if head_dim <= 128 else (64, 16, 8, 1)
+        tiles = (64, 32, 4, 2) if head_dim <= 64 else (128, 32, 8, 2) if head_dim <= 128 else (64, 16, 8, 1)
     else:
-        tiles = (16, 64, 4, 2) if head_dim <= 64 else (16, 64, 8, 2) if head_dim <= 128 else (16, 64, 8, 1)
+        tiles = (32, 128, 8, 2) if head_dim <= 64 else (16, 128, 8, 2) if head_dim <= 128 else (16, 64, 8, 2)
     block_m, block_n, num_warps, num_stages = tiles
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
