@@ -50,6 +50,9 @@ tests_passed=()
 grep -q "^tests_gpu: exit 0 " "$SUMMARY" && tests_passed=(--gpu-tests-passed)
 step bench 300 python3 -m fastlm.bench.cli --suite gpu --ops attention,train,hf,optim --out "$WORK/bench" \
     "${tests_passed[@]}"
+# 4. With what is left: the dK/dV tile candidates (head dim 128 first), each checked against SDPA.
+step tiles 600 python3 benchmarks/attention_tile_sweep.py time "$WORK/tiles.jsonl" \
+    benchmarks/results/attention-tiles-sm90.jsonl bwd_dkdv
 
 tar -czf "$OUT/session.tar.gz" -C "$WORK" .
 echo "packed: $(du -h "$OUT/session.tar.gz" | cut -f1)" >> "$SUMMARY"
