@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -32,74 +33,130 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 32;
 
-// Eight fp32 lanes: head dims are multiples of 8, so no lane is ever masked. GCC lowers it to
-// one ymm register (AVX2) or half a zmm; Zen 4 runs 512-bit FMAs as two 256-bit halves anyway.
-// aligned(4): rows of the (seq, heads, dim) tensors are only float-aligned.
-typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+// Score tiles are computed in strips of kStrip rows, each over only the key columns (whole vectors
+// of 8) that some row of the strip sees, and the dK/dV products in strips of kStrip keys over only
+// the queries that see them: on the diagonal of a causal mask that skips 37.5% of a 32 x 32 tile's
+// products and exps.
+constexpr int64_t kStrip = 8;
 
-// The GEMM's register tile: kRows rows of C x kColVecs vectors of 8 columns, that many
-// accumulators plus kColVecs loads of B and one broadcast live at once. AVX-512 has 32 vector
-// registers (4 x 4 = 16 accumulators fit); AVX2 has 16 (4 x 2).
-constexpr int kRows = 4;
+// `omp simd` at the widest vector compiled in: the softmax loops' exps are most of the time outside
+// the GEMMs, and 16 lanes take half the instructions of 8.
+#define FASTLM_PRAGMA(text) _Pragma(#text)
 #if defined(__AVX512F__)
-constexpr int kColVecs = 4;
+#define FASTLM_SIMD(clauses) FASTLM_PRAGMA(omp simd simdlen(16) clauses)
 #else
-constexpr int kColVecs = 2;
+#define FASTLM_SIMD(clauses) FASTLM_PRAGMA(omp simd simdlen(8) clauses)
 #endif
 
-// C[r][c] += sum_{t < T} a[r * sar + t * sat] * b[t * ldb + c] for r < R, c < 8 * V.
-template <int R, int V>
+// fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, 8 (one ymm) always, for column
+// counts that are a multiple of 8 but not of 16 (head dims are multiples of 8, so no lane is ever
+// masked). Zen 4 runs a 512-bit FMA as two 256-bit halves, but one zmm instruction still replaces
+// two loads, two broadcasts' worth of uses and two FMAs: fewer instructions for the same work.
+typedef float vec8 __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+typedef float vec16 __attribute__((vector_size(64)));
+#endif
+
+// Vector loads and stores through memcpy, which compiles to one unaligned move: rows of the
+// (seq, heads, dim) tensors and of the scratch tiles are only float-aligned.
+template <class Vec>
+FASTLM_ALWAYS_INLINE Vec load_vec(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+}
+template <class Vec>
+FASTLM_ALWAYS_INLINE void store_vec(float* p, const Vec& v) {
+    std::memcpy(p, &v, sizeof(Vec));
+}
+
+// C[r][c] (+)= sum_{t < T} a[r * sar + t * sat] * b[t * ldb + c] for r < R, c < lanes * V: a
+// register tile of R x V accumulators, V loads of B and a broadcast of A per step. Accumulate
+// false stores the product without reading C: score tiles start from nothing, so they need
+// neither a zero fill nor the loads of it.
+template <class Vec, int R, int V, bool Accumulate>
 void gemm_tile(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
                int64_t T) {
-    vec8 acc[R][V];
-#pragma GCC unroll 4
+    constexpr int kLanes = sizeof(Vec) / sizeof(float);
+    Vec acc[R][V];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[r][v] = *reinterpret_cast<const vec8*>(c + r * ldc + 8 * v);
+        for (int v = 0; v < V; ++v)
+            acc[r][v] = Accumulate ? load_vec<Vec>(c + r * ldc + kLanes * v) : Vec{};
     for (int64_t t = 0; t < T; ++t) {
-        vec8 bv[V];
+        Vec bv[V];
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const vec8*>(b + t * ldb + 8 * v);
-#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) bv[v] = load_vec<Vec>(b + t * ldb + kLanes * v);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const float s = a[r * sar + t * sat];
 #pragma GCC unroll 4
             for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) *reinterpret_cast<vec8*>(c + r * ldc + 8 * v) = acc[r][v];
+        for (int v = 0; v < V; ++v) store_vec(c + r * ldc + kLanes * v, acc[r][v]);
 }
 
-template <int R>
-void gemm_rows(int vecs, float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b,
-               int64_t ldb, int64_t T) {
-    switch (vecs) {
-        case 1: return gemm_tile<R, 1>(c, ldc, a, sar, sat, b, ldb, T);
-        case 2: return gemm_tile<R, 2>(c, ldc, a, sar, sat, b, ldb, T);
-        case 3: return gemm_tile<R, 3>(c, ldc, a, sar, sat, b, ldb, T);
-        default: return gemm_tile<R, 4>(c, ldc, a, sar, sat, b, ldb, T);
+// Every row of one column block, R at a time, then the last rows - 1 < R ones.
+template <class Vec, int R, int V, bool Accumulate>
+void gemm_rows(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
+               int64_t rows, int64_t T) {
+    int64_t r0 = 0;
+    for (; r0 + R <= rows; r0 += R) gemm_tile<Vec, R, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, T);
+    if constexpr (R > 1) {
+        if (r0 < rows) gemm_rows<Vec, R - 1, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, rows - r0, T);
     }
 }
 
-// C (rows x cols, row stride ldc) += A (rows x T, element (r, t) at a[r * sar + t * sat]) times
-// B (T x cols, row stride ldb). cols is a multiple of 8.
-void gemm_acc(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
-              int64_t rows, int64_t cols, int64_t T) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 8 * kColVecs) {
-        const int vecs = static_cast<int>(std::min<int64_t>(kColVecs, (cols - c0) / 8));
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-            float* ct = c + r0 * ldc + c0;
-            const float* at = a + r0 * sar;
-            switch (std::min<int64_t>(kRows, rows - r0)) {
-                case 1: gemm_rows<1>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                case 2: gemm_rows<2>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                case 3: gemm_rows<3>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                default: gemm_rows<4>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-            }
+// The register tile for V vectors per row: as many rows as keep 16 accumulators (AVX-512 has 32
+// registers: 16 accumulators, V loads of B, a broadcast) but at most 8, so the tile stays short
+// enough for the 8-row strips of a causal diagonal tile. AVX2 has 16 registers: 4 x 2.
+template <class Vec, int V, bool Accumulate>
+void gemm_block(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
+                int64_t rows, int64_t T) {
+#if defined(__AVX512F__)
+    constexpr int R = std::min(8, 16 / V);
+#else
+    constexpr int R = 4;
+#endif
+    gemm_rows<Vec, R, V, Accumulate>(c, ldc, a, sar, sat, b, ldb, rows, T);
+}
+
+// C (rows x cols, row stride ldc) (+)= A (rows x T, element (r, t) at a[r * sar + t * sat]) times
+// B (T x cols, row stride ldb). cols is a multiple of 8: blocks of up to 4 zmm (AVX-512), then
+// ymm ones for what is left (up to 2 on AVX2, 1 after zmm blocks).
+template <bool Accumulate>
+void gemm(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
+          int64_t rows, int64_t cols, int64_t T) {
+    int64_t c0 = 0;
+#if defined(__AVX512F__)
+    while (cols - c0 >= 16) {
+        const int64_t vecs = std::min<int64_t>(4, (cols - c0) / 16);
+        float* cb = c + c0;
+        const float* bb = b + c0;
+        switch (vecs) {
+            case 1: gemm_block<vec16, 1, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
+            case 2: gemm_block<vec16, 2, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
+            case 3: gemm_block<vec16, 3, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
+            default: gemm_block<vec16, 4, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
         }
+        c0 += 16 * vecs;
+    }
+    constexpr int64_t kYmmVecs = 1;  // at most 8 columns are left
+#else
+    constexpr int64_t kYmmVecs = 2;
+#endif
+    while (c0 < cols) {
+        const int64_t vecs = std::min<int64_t>(kYmmVecs, (cols - c0) / 8);
+        if (vecs == 2)
+            gemm_block<vec8, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+        else
+            gemm_block<vec8, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+        c0 += 8 * vecs;
     }
 }
 
@@ -175,6 +232,16 @@ struct Layout {
     // Offset of the LSE of (sequence b, head h, query 0); queries follow with stride 1.
     int64_t lse_offset(int64_t b, const Seq& s, int64_t h) const {
         return packed ? h * total_q + s.q0 : (b * heads + h) * s.sq;
+    }
+};
+
+// The keys [lo[r], hi[r]) (relative to j0) that each row r of one tile sees (empty when lo >= hi).
+// Both bounds are nondecreasing in r (the band moves right with the query), so the rows [a, b) of a
+// strip see no key outside [lo[a], hi[b - 1]).
+struct TileBands {
+    int64_t lo[kBlockM], hi[kBlockM];
+    TileBands(const Layout& L, const Seq& s, int64_t i0, int64_t m, int64_t j0, int64_t n) {
+        for (int64_t r = 0; r < m; ++r) L.visible(s, i0 + r, j0, n, lo[r], hi[r]);
     }
 };
 
@@ -279,43 +346,49 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
     const int64_t k_end = L.right >= 0 ? std::min<int64_t>(s.sk, i0 + m - 1 + diag + L.right + 1) : s.sk;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, k_end - j0), nc = round_up8(n);
+        const TileBands band(L, s, i0, m, j0, n);
         float* st = w.s.data();
-        std::fill(st, st + m * nc, 0.f);
-        gemm_acc(st, nc, q, ldq, 1, kt + (j0 - key0), ldt, m, nc, dim);  // S = Q K^T
-        for (int64_t r = 0; r < m; ++r) {
-            float* p = st + r * nc;
-            int64_t lo, hi;
-            L.visible(s, i0 + r, j0, n, lo, hi);
-            if (lo >= hi) {
-                std::fill(p, p + nc, 0.f);
-                continue;
-            }
-            // Whole rows (nc is a multiple of 8) with the band as a select: loops over [lo, hi) left
-            // a scalar remainder that cost more than the vector part at 64 keys per tile.
-            float block_max = -kInf;
-#pragma omp simd simdlen(8) reduction(max : block_max)
-            for (int64_t j = 0; j < nc; ++j) {
-                const float x = j >= lo && j < hi ? p[j] : -kInf;
-                block_max = x > block_max ? x : block_max;
-            }
-            const float new_max = std::max(w.row_max[r], block_max * scale);
-            const float alpha = exp_nonpositive(w.row_max[r] - new_max);
-            float sum = 0.f;
-#pragma omp simd simdlen(8) reduction(+ : sum)
-            for (int64_t j = 0; j < nc; ++j) {
-                const float e = exp_nonpositive(p[j] * scale - new_max);
-                p[j] = j >= lo && j < hi ? e : 0.f;
-                sum += p[j];
-            }
-            w.row_sum[r] = w.row_sum[r] * alpha + sum;
-            w.row_max[r] = new_max;
-            if (alpha != 1.f) {
-                float* orow = o + r * dim;
+        for (int64_t a = 0; a < m; a += kStrip) {
+            const int64_t a_end = std::min(m, a + kStrip), lo = band.lo[a], hi = band.hi[a_end - 1];
+            if (lo >= hi) continue;  // no row of the strip sees a key of this tile: O, max and sum stay
+            const int64_t c_lo = lo / 8 * 8, c_hi = std::min(nc, round_up8(hi));
+            gemm<false>(st + a * nc + c_lo, nc, q + a * ldq, ldq, 1, kt + (j0 - key0) + c_lo, ldt, a_end - a,
+                        c_hi - c_lo, dim);  // S = Q K^T
+            for (int64_t r = a; r < a_end; ++r) {
+                float* p = st + r * nc;
+                const int64_t rlo = band.lo[r], rhi = band.hi[r];
+                if (rlo >= rhi) {
+                    std::fill(p + c_lo, p + c_hi, 0.f);
+                    continue;
+                }
+                // The strip's whole vectors with the row's band as a select: loops over [rlo, rhi)
+                // left a scalar remainder that cost more than the vector part.
+                float block_max = -kInf;
+                FASTLM_SIMD(reduction(max : block_max))
+                for (int64_t j = c_lo; j < c_hi; ++j) {
+                    const float x = j >= rlo && j < rhi ? p[j] : -kInf;
+                    block_max = x > block_max ? x : block_max;
+                }
+                const float new_max = std::max(w.row_max[r], block_max * scale);
+                const float alpha = exp_nonpositive(w.row_max[r] - new_max);
+                float sum = 0.f;
+                FASTLM_SIMD(reduction(+ : sum))
+                for (int64_t j = c_lo; j < c_hi; ++j) {
+                    const float e = exp_nonpositive(p[j] * scale - new_max);
+                    p[j] = j >= rlo && j < rhi ? e : 0.f;
+                    sum += p[j];
+                }
+                w.row_sum[r] = w.row_sum[r] * alpha + sum;
+                w.row_max[r] = new_max;
+                if (alpha != 1.f) {
+                    float* orow = o + r * dim;
 #pragma omp simd
-                for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha;
+                    for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha;
+                }
             }
+            gemm<true>(o + a * dim, dim, st + a * nc + lo, nc, 1, v + (j0 - key0 + lo) * dim, dim, a_end - a, dim,
+                       hi - lo);  // O += P V over the strip's keys
         }
-        gemm_acc(o, dim, st, nc, 1, v + (j0 - key0) * dim, dim, m, dim, n);  // O += P V
     }
     for (int64_t r = 0; r < m; ++r) {
         float* dst = out + r * ldq;
@@ -394,26 +467,50 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
                 const float* q_tile = qr + row0 + i0 * dim;
                 const float* do_tile = dor + row0 + i0 * dim;
                 float *p = w.p.data(), *ds = w.ds.data();
-                std::fill(p, p + m * nc, 0.f);
-                std::fill(ds, ds + m * nc, 0.f);
-                gemm_acc(p, nc, q_tile, dim, 1, kt + j0, ldt, m, nc, dim);    // S = Q K^T
-                gemm_acc(ds, nc, do_tile, dim, 1, vt + j0, ldt, m, nc, dim);  // dP = dO V^T
-                for (int64_t r = 0; r < m; ++r) {
-                    float *pr = p + r * nc, *dsr = ds + r * nc;
-                    int64_t lo, hi;
-                    L.visible(s, i0 + r, j0, n, lo, hi);
-                    const float row_lse = w.lse[hh * s.sq + i0 + r], delta = w.delta[hh * s.sq + i0 + r];
-                    // Whole rows with the band as a select, as in the forward.
-#pragma omp simd simdlen(8)
-                    for (int64_t j = 0; j < nc; ++j) {
-                        const float e = exp_nonpositive(pr[j] * scale - row_lse);
-                        pr[j] = j >= lo && j < hi ? e : 0.f;
-                        dsr[j] = pr[j] * (dsr[j] - delta) * scale;  // dS, with the softmax scale of dQ and dK
+                const TileBands band(L, s, i0, m, j0, n);
+                const float* lse_t = w.lse.data() + hh * s.sq + i0;
+                const float* delta_t = w.delta.data() + hh * s.sq + i0;
+                for (int64_t a = 0; a < m; a += kStrip) {
+                    const int64_t a_end = std::min(m, a + kStrip), lo = band.lo[a], hi = band.hi[a_end - 1];
+                    if (lo >= hi) continue;  // P and dS stay unread: no row of the strip sees these keys
+                    const int64_t c_lo = lo / 8 * 8, c_hi = std::min(nc, round_up8(hi)), rows = a_end - a;
+                    gemm<false>(p + a * nc + c_lo, nc, q_tile + a * dim, dim, 1, kt + j0 + c_lo, ldt, rows,
+                                c_hi - c_lo, dim);  // S = Q K^T
+                    gemm<false>(ds + a * nc + c_lo, nc, do_tile + a * dim, dim, 1, vt + j0 + c_lo, ldt, rows,
+                                c_hi - c_lo, dim);  // dP = dO V^T
+                    for (int64_t r = a; r < a_end; ++r) {
+                        float *pr = p + r * nc, *dsr = ds + r * nc;
+                        const int64_t rlo = band.lo[r], rhi = band.hi[r];
+                        const float row_lse = lse_t[r], delta = delta_t[r];
+                        // The strip's whole vectors with the band as a select, as in the forward
+                        // (a select for dS too: outside the band dP may be anything, even NaN).
+                        FASTLM_SIMD()
+                        for (int64_t j = c_lo; j < c_hi; ++j) {
+                            const bool in = j >= rlo && j < rhi;
+                            const float e = exp_nonpositive(pr[j] * scale - row_lse);
+                            pr[j] = in ? e : 0.f;
+                            // dS, with the softmax scale of dQ and dK
+                            dsr[j] = in ? e * (dsr[j] - delta) * scale : 0.f;
+                        }
                     }
+                    gemm<true>(dqr + row0 + (i0 + a) * dim, dim, ds + a * nc + lo, nc, 1, kr + (j0 + lo) * dim, dim,
+                               rows, dim, hi - lo);  // dQ += dS K over the strip's keys
                 }
-                gemm_acc(w.dv.data(), dim, p, 1, nc, do_tile, dim, n, dim, m);              // dV += P^T dO
-                gemm_acc(w.dk.data(), dim, ds, 1, nc, q_tile, dim, n, dim, m);              // dK += dS^T Q
-                gemm_acc(dqr + row0 + i0 * dim, dim, ds, nc, 1, kr + j0 * dim, dim, m, dim, n);  // dQ += dS K
+                // dV += P^T dO and dK += dS^T Q, kStrip keys at a time over the queries that see them:
+                // rows [first whose hi passes the strip's first key, first whose lo reaches its end).
+                int64_t r_begin = 0, r_end = 0;
+                for (int64_t ka = 0; ka < n; ka += kStrip) {
+                    const int64_t kb = std::min(n, ka + kStrip);
+                    while (r_begin < m && band.hi[r_begin] <= ka) ++r_begin;
+                    r_end = std::max(r_end, r_begin);
+                    while (r_end < m && band.lo[r_end] < kb) ++r_end;
+                    if (r_begin >= r_end) continue;
+                    const int64_t t = r_end - r_begin;
+                    gemm<true>(w.dv.data() + ka * dim, dim, p + r_begin * nc + ka, 1, nc, do_tile + r_begin * dim, dim,
+                               kb - ka, dim, t);  // dV += P^T dO
+                    gemm<true>(w.dk.data() + ka * dim, dim, ds + r_begin * nc + ka, 1, nc, q_tile + r_begin * dim, dim,
+                               kb - ka, dim, t);  // dK += dS^T Q
+                }
             }
         }
         for (int64_t j = 0; j < n; ++j) {
