@@ -22,6 +22,10 @@
 namespace {
 
 using fastlm_cpu::exp_nonpositive;
+using fastlm_cpu::i32x8;
+using fastlm_cpu::lane_max;
+using fastlm_cpu::lane_sum;
+using vec8 = fastlm_cpu::f32x8;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -39,20 +43,10 @@ constexpr int64_t kBlockN = 32;
 // products and exps.
 constexpr int64_t kStrip = 8;
 
-// `omp simd` at the widest vector compiled in: the softmax loops' exps are most of the time outside
-// the GEMMs, and 16 lanes take half the instructions of 8.
-#define FASTLM_PRAGMA(text) _Pragma(#text)
-#if defined(__AVX512F__)
-#define FASTLM_SIMD(clauses) FASTLM_PRAGMA(omp simd simdlen(16) clauses)
-#else
-#define FASTLM_SIMD(clauses) FASTLM_PRAGMA(omp simd simdlen(8) clauses)
-#endif
-
 // fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, 8 (one ymm) always, for column
 // counts that are a multiple of 8 but not of 16 (head dims are multiples of 8, so no lane is ever
 // masked). Zen 4 runs a 512-bit FMA as two 256-bit halves, but one zmm instruction still replaces
 // two loads, two broadcasts' worth of uses and two FMAs: fewer instructions for the same work.
-typedef float vec8 __attribute__((vector_size(32)));
 #if defined(__AVX512F__)
 typedef float vec16 __attribute__((vector_size(64)));
 #endif
@@ -68,6 +62,14 @@ FASTLM_ALWAYS_INLINE Vec load_vec(const float* p) {
 template <class Vec>
 FASTLM_ALWAYS_INLINE void store_vec(float* p, const Vec& v) {
     std::memcpy(p, &v, sizeof(Vec));
+}
+
+constexpr vec8 kMinusInf = {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf, -kInf, -kInf};
+
+// Lanes j..j+7 of a row whose band is [lo, hi): all ones where lo <= lane < hi, zeros elsewhere.
+FASTLM_ALWAYS_INLINE i32x8 in_band(int64_t j, int64_t lo, int64_t hi) {
+    const i32x8 idx = i32x8{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<int32_t>(j);
+    return (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(hi));
 }
 
 // C[r][c] (+)= sum_{t < T} a[r * sar + t * sat] * b[t * ldb + c] for r < R, c < lanes * V: a
@@ -361,23 +363,23 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
                     std::fill(p + c_lo, p + c_hi, 0.f);
                     continue;
                 }
-                // The strip's whole vectors with the row's band as a select: loops over [rlo, rhi)
-                // left a scalar remainder that cost more than the vector part.
-                float block_max = -kInf;
-                FASTLM_SIMD(reduction(max : block_max))
-                for (int64_t j = c_lo; j < c_hi; ++j) {
-                    const float x = j >= rlo && j < rhi ? p[j] : -kInf;
-                    block_max = x > block_max ? x : block_max;
+                // The strip's whole vectors with the row's band as a select (c_lo and c_hi are
+                // multiples of 8): loops over [rlo, rhi) left a scalar remainder that cost more than
+                // the vector part.
+                vec8 vmax = kMinusInf;
+                for (int64_t j = c_lo; j < c_hi; j += 8) {
+                    const vec8 x = in_band(j, rlo, rhi) ? load_vec<vec8>(p + j) : kMinusInf;
+                    vmax = x > vmax ? x : vmax;
                 }
-                const float new_max = std::max(w.row_max[r], block_max * scale);
+                const float new_max = std::max(w.row_max[r], lane_max(vmax) * scale);
                 const float alpha = exp_nonpositive(w.row_max[r] - new_max);
-                float sum = 0.f;
-                FASTLM_SIMD(reduction(+ : sum))
-                for (int64_t j = c_lo; j < c_hi; ++j) {
-                    const float e = exp_nonpositive(p[j] * scale - new_max);
-                    p[j] = j >= rlo && j < rhi ? e : 0.f;
-                    sum += p[j];
+                vec8 vsum = {};
+                for (int64_t j = c_lo; j < c_hi; j += 8) {
+                    const vec8 e = in_band(j, rlo, rhi) ? exp_nonpositive(load_vec<vec8>(p + j) * scale - new_max) : vec8{};
+                    store_vec(p + j, e);
+                    vsum += e;
                 }
+                const float sum = lane_sum(vsum);
                 w.row_sum[r] = w.row_sum[r] * alpha + sum;
                 w.row_max[r] = new_max;
                 if (alpha != 1.f) {
@@ -445,10 +447,9 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
         for (int64_t i = 0; i < s.sq; ++i) {
             const float* o_row = x.out + base + i * ldq;
             const float* do_row = x.dout + base + i * ldq;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += o_row[d] * do_row[d];
-            w.delta[hh * s.sq + i] = dot;
+            vec8 dot = {};
+            for (int64_t d = 0; d < dim; d += 8) dot += load_vec<vec8>(o_row + d) * load_vec<vec8>(do_row + d);
+            w.delta[hh * s.sq + i] = lane_sum(dot);
             w.lse[hh * s.sq + i] = lse_h[i] * kLn2;  // +inf stays +inf: that row's P is 0
         }
     }
@@ -484,13 +485,12 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
                         const float row_lse = lse_t[r], delta = delta_t[r];
                         // The strip's whole vectors with the band as a select, as in the forward
                         // (a select for dS too: outside the band dP may be anything, even NaN).
-                        FASTLM_SIMD()
-                        for (int64_t j = c_lo; j < c_hi; ++j) {
-                            const bool in = j >= rlo && j < rhi;
-                            const float e = exp_nonpositive(pr[j] * scale - row_lse);
-                            pr[j] = in ? e : 0.f;
+                        for (int64_t j = c_lo; j < c_hi; j += 8) {
+                            const i32x8 in = in_band(j, rlo, rhi);
+                            const vec8 e = in ? exp_nonpositive(load_vec<vec8>(pr + j) * scale - row_lse) : vec8{};
+                            store_vec(pr + j, e);
                             // dS, with the softmax scale of dQ and dK
-                            dsr[j] = in ? e * (dsr[j] - delta) * scale : 0.f;
+                            store_vec(dsr + j, in ? e * (load_vec<vec8>(dsr + j) - delta) * scale : vec8{});
                         }
                     }
                     gemm<true>(dqr + row0 + (i0 + a) * dim, dim, ds + a * nc + lo, nc, 1, kr + (j0 + lo) * dim, dim,
