@@ -13,11 +13,12 @@
 
 // Flash attention, one (sequence, head) pair at a time, tiled along both axes so no
 // seqlen_q x seqlen_k matrix is ever formed. Every product is the one small GEMM below,
-// C[r][:] += sum_t A(r, t) * B[t][:], register-blocked: S = Q K^T and dP = dO V^T read keys and
+// C[r][:] (+)= sum_t A(r, t) * B[t][:], register-blocked: S = Q K^T and dP = dO V^T read keys and
 // values transposed, P V / dS K / P^T dO / dS^T Q read contiguous copies of the rows (both packed
-// once per work item), P^T and dS^T through their strides. The backward starts from the forward's
-// log-sum-exp, so training runs the forward once (the torch backend's SDPA path reruns it inside
-// its backward).
+// once per work item), P^T and dS^T through their strides. Tiles are computed in strips of 8 rows
+// (8 keys for dK/dV), each over only the keys (queries) its band can see, so a causal diagonal
+// costs little more than its visible half. The backward starts from the forward's log-sum-exp, so
+// training runs the forward once (the torch backend's SDPA path reruns it inside its backward).
 
 namespace {
 
@@ -30,17 +31,15 @@ using vec8 = fastlm_cpu::f32x8;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// Queries and keys per tile. Causal tiles on the diagonal are computed whole and masked: at
-// seqlen 128, 32 x 32 tiles compute 62.5% of the score matrix where 64 x 64 ones compute 75%; the
-// 32 x 32 tiles measured ~10% faster there (fwd + bwd, one thread; indicative) and the same at 512
-// and 1024, where the GEMMs' accumulator loads are still amortized over 32 steps.
+// Queries and keys per tile. With diagonal tiles cut into strips (kStrip), 64 x 64 tiles measured
+// no faster than 32 x 32 at seqlen 128 and 512 (fwd + bwd, one thread; indicative).
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 32;
 
 // Score tiles are computed in strips of kStrip rows, each over only the key columns (whole vectors
 // of 8) that some row of the strip sees, and the dK/dV products in strips of kStrip keys over only
 // the queries that see them: on the diagonal of a causal mask that skips 37.5% of a 32 x 32 tile's
-// products and exps.
+// products and exps (at seqlen 128, 15% of all of them).
 constexpr int64_t kStrip = 8;
 
 // fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, 8 (one ymm) always, for column
@@ -114,52 +113,35 @@ void gemm_rows(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, 
     }
 }
 
-// The register tile for V vectors per row: as many rows as keep 16 accumulators (AVX-512 has 32
-// registers: 16 accumulators, V loads of B, a broadcast) but at most 8, so the tile stays short
-// enough for the 8-row strips of a causal diagonal tile. AVX2 has 16 registers: 4 x 2.
-template <class Vec, int V, bool Accumulate>
-void gemm_block(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
-                int64_t rows, int64_t T) {
+// Rows of the register tile. AVX-512 (32 registers): 8 rows x 2 zmm (32 columns), 16
+// accumulators, 2 loads of B and a broadcast per step. 4 rows x 4 zmm read B twice as often, and B
+// is the operand that streams from L2 at large head dims (the 32 x 128 V or dO tile of P V and
+// P^T dO): 8 x 2 measured ~1.3x faster fwd + bwd at head dim 128 and ~1.25x at 64 (one thread,
+// indicative). 8 rows are also a strip. AVX2 (16 registers): 4 rows x 2 ymm.
 #if defined(__AVX512F__)
-    constexpr int R = std::min(8, 16 / V);
+constexpr int kRows = 8;
 #else
-    constexpr int R = 4;
+constexpr int kRows = 4;
 #endif
-    gemm_rows<Vec, R, V, Accumulate>(c, ldc, a, sar, sat, b, ldb, rows, T);
-}
 
 // C (rows x cols, row stride ldc) (+)= A (rows x T, element (r, t) at a[r * sar + t * sat]) times
-// B (T x cols, row stride ldb). cols is a multiple of 8: blocks of up to 4 zmm (AVX-512), then
-// ymm ones for what is left (up to 2 on AVX2, 1 after zmm blocks).
+// B (T x cols, row stride ldb). cols is a multiple of 8: blocks of 2 vectors, then one for the rest.
 template <bool Accumulate>
 void gemm(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
           int64_t rows, int64_t cols, int64_t T) {
     int64_t c0 = 0;
 #if defined(__AVX512F__)
-    while (cols - c0 >= 16) {
-        const int64_t vecs = std::min<int64_t>(4, (cols - c0) / 16);
-        float* cb = c + c0;
-        const float* bb = b + c0;
-        switch (vecs) {
-            case 1: gemm_block<vec16, 1, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
-            case 2: gemm_block<vec16, 2, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
-            case 3: gemm_block<vec16, 3, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
-            default: gemm_block<vec16, 4, Accumulate>(cb, ldc, a, sar, sat, bb, ldb, rows, T); break;
-        }
-        c0 += 16 * vecs;
+    for (; cols - c0 >= 32; c0 += 32)
+        gemm_rows<vec16, kRows, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+    if (cols - c0 >= 16) {
+        gemm_rows<vec16, kRows, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+        c0 += 16;
     }
-    constexpr int64_t kYmmVecs = 1;  // at most 8 columns are left
 #else
-    constexpr int64_t kYmmVecs = 2;
+    for (; cols - c0 >= 16; c0 += 16)
+        gemm_rows<vec8, kRows, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
 #endif
-    while (c0 < cols) {
-        const int64_t vecs = std::min<int64_t>(kYmmVecs, (cols - c0) / 8);
-        if (vecs == 2)
-            gemm_block<vec8, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
-        else
-            gemm_block<vec8, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
-        c0 += 8 * vecs;
-    }
+    if (c0 < cols) gemm_rows<vec8, kRows, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
 }
 
 int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
