@@ -42,10 +42,10 @@ constexpr int64_t kBlockN = 32;
 // products and exps (at seqlen 128, 15% of all of them).
 constexpr int64_t kStrip = 8;
 
-// fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, 8 (one ymm) always, for column
-// counts that are a multiple of 8 but not of 16 (head dims are multiples of 8, so no lane is ever
-// masked). Zen 4 runs a 512-bit FMA as two 256-bit halves, but one zmm instruction still replaces
-// two loads, two broadcasts' worth of uses and two FMAs: fewer instructions for the same work.
+// fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, and 8 (vec8, one ymm) for the last
+// 8 columns of a count that is not a multiple of 16 (head dims are multiples of 8, so no lane is
+// ever masked). Zen 4 runs a 512-bit FMA as two 256-bit halves, but one zmm load, broadcast use
+// and FMA still replace two of each: fewer instructions for the same work.
 #if defined(__AVX512F__)
 typedef float vec16 __attribute__((vector_size(64)));
 #endif
@@ -107,9 +107,11 @@ template <class Vec, int R, int V, bool Accumulate>
 void gemm_rows(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
                int64_t rows, int64_t T) {
     int64_t r0 = 0;
-    for (; r0 + R <= rows; r0 += R) gemm_tile<Vec, R, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, T);
+    for (; r0 + R <= rows; r0 += R)
+        gemm_tile<Vec, R, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, T);
     if constexpr (R > 1) {
-        if (r0 < rows) gemm_rows<Vec, R - 1, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, rows - r0, T);
+        if (r0 < rows)
+            gemm_rows<Vec, R - 1, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, rows - r0, T);
     }
 }
 
@@ -357,7 +359,8 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
                 const float alpha = exp_nonpositive(w.row_max[r] - new_max);
                 vec8 vsum = {};
                 for (int64_t j = c_lo; j < c_hi; j += 8) {
-                    const vec8 e = in_band(j, rlo, rhi) ? exp_nonpositive(load_vec<vec8>(p + j) * scale - new_max) : vec8{};
+                    const vec8 x = load_vec<vec8>(p + j) * scale - new_max;
+                    const vec8 e = in_band(j, rlo, rhi) ? exp_nonpositive(x) : vec8{};
                     store_vec(p + j, e);
                     vsum += e;
                 }
