@@ -7,100 +7,143 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 // Flash attention, one (sequence, head) pair at a time, tiled along both axes so no
 // seqlen_q x seqlen_k matrix is ever formed. Every product is the one small GEMM below,
-// C[r][:] += sum_t A(r, t) * B[t][:], register-blocked: S = Q K^T and dP = dO V^T read keys and
+// C[r][:] (+)= sum_t A(r, t) * B[t][:], register-blocked: S = Q K^T and dP = dO V^T read keys and
 // values transposed, P V / dS K / P^T dO / dS^T Q read contiguous copies of the rows (both packed
-// once per work item), P^T and dS^T through their strides. The backward starts from the forward's
-// log-sum-exp, so training runs the forward once (the torch backend's SDPA path reruns it inside
-// its backward).
+// once per work item), P^T and dS^T through their strides. Tiles are computed in strips of 8 rows
+// (8 keys for dK/dV), each over only the keys (queries) its band can see, so a causal diagonal
+// costs little more than its visible half. The backward starts from the forward's log-sum-exp, so
+// training runs the forward once (the torch backend's SDPA path reruns it inside its backward).
 
 namespace {
 
 using fastlm_cpu::exp_nonpositive;
+using fastlm_cpu::i32x8;
+using fastlm_cpu::lane_max;
+using fastlm_cpu::lane_sum;
+using vec8 = fastlm_cpu::f32x8;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// Queries and keys per tile. Causal tiles on the diagonal are computed whole and masked: at
-// seqlen 128, 32 x 32 tiles compute 62.5% of the score matrix where 64 x 64 ones compute 75%; the
-// 32 x 32 tiles measured ~10% faster there (fwd + bwd, one thread; indicative) and the same at 512
-// and 1024, where the GEMMs' accumulator loads are still amortized over 32 steps.
+// Queries and keys per tile. With diagonal tiles cut into strips (kStrip), 64 x 64 tiles measured
+// no faster than 32 x 32 at seqlen 128 and 512 (fwd + bwd, one thread; indicative).
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 32;
 
-// Eight fp32 lanes: head dims are multiples of 8, so no lane is ever masked. GCC lowers it to
-// one ymm register (AVX2) or half a zmm; Zen 4 runs 512-bit FMAs as two 256-bit halves anyway.
-// aligned(4): rows of the (seq, heads, dim) tensors are only float-aligned.
-typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+// Score tiles are computed in strips of kStrip rows, each over only the key columns (whole vectors
+// of 8) that some row of the strip sees, and the dK/dV products in strips of kStrip keys over only
+// the queries that see them: on the diagonal of a causal mask that skips 37.5% of a 32 x 32 tile's
+// products and exps (at seqlen 128, 15% of all of them).
+constexpr int64_t kStrip = 8;
 
-// The GEMM's register tile: kRows rows of C x kColVecs vectors of 8 columns, that many
-// accumulators plus kColVecs loads of B and one broadcast live at once. AVX-512 has 32 vector
-// registers (4 x 4 = 16 accumulators fit); AVX2 has 16 (4 x 2).
-constexpr int kRows = 4;
+// fp32 vectors: 16 lanes (one zmm) where AVX-512 is compiled in, and 8 (vec8, one ymm) for the last
+// 8 columns of a count that is not a multiple of 16 (head dims are multiples of 8, so no lane is
+// ever masked). Zen 4 runs a 512-bit FMA as two 256-bit halves, but one zmm load, broadcast use
+// and FMA still replace two of each: fewer instructions for the same work.
 #if defined(__AVX512F__)
-constexpr int kColVecs = 4;
-#else
-constexpr int kColVecs = 2;
+typedef float vec16 __attribute__((vector_size(64)));
 #endif
 
-// C[r][c] += sum_{t < T} a[r * sar + t * sat] * b[t * ldb + c] for r < R, c < 8 * V.
-template <int R, int V>
+// Vector loads and stores through memcpy, which compiles to one unaligned move: rows of the
+// (seq, heads, dim) tensors and of the scratch tiles are only float-aligned.
+template <class Vec>
+FASTLM_ALWAYS_INLINE Vec load_vec(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+}
+template <class Vec>
+FASTLM_ALWAYS_INLINE void store_vec(float* p, const Vec& v) {
+    std::memcpy(p, &v, sizeof(Vec));
+}
+
+constexpr vec8 kMinusInf = {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf, -kInf, -kInf};
+
+// Lanes j..j+7 of a row whose band is [lo, hi): all ones where lo <= lane < hi, zeros elsewhere.
+FASTLM_ALWAYS_INLINE i32x8 in_band(int64_t j, int64_t lo, int64_t hi) {
+    const i32x8 idx = i32x8{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<int32_t>(j);
+    return (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(hi));
+}
+
+// C[r][c] (+)= sum_{t < T} a[r * sar + t * sat] * b[t * ldb + c] for r < R, c < lanes * V: a
+// register tile of R x V accumulators, V loads of B and a broadcast of A per step. Accumulate
+// false stores the product without reading C: score tiles start from nothing, so they need
+// neither a zero fill nor the loads of it.
+template <class Vec, int R, int V, bool Accumulate>
 void gemm_tile(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
                int64_t T) {
-    vec8 acc[R][V];
-#pragma GCC unroll 4
+    constexpr int kLanes = sizeof(Vec) / sizeof(float);
+    Vec acc[R][V];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[r][v] = *reinterpret_cast<const vec8*>(c + r * ldc + 8 * v);
+        for (int v = 0; v < V; ++v)
+            acc[r][v] = Accumulate ? load_vec<Vec>(c + r * ldc + kLanes * v) : Vec{};
     for (int64_t t = 0; t < T; ++t) {
-        vec8 bv[V];
+        Vec bv[V];
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const vec8*>(b + t * ldb + 8 * v);
-#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) bv[v] = load_vec<Vec>(b + t * ldb + kLanes * v);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const float s = a[r * sar + t * sat];
 #pragma GCC unroll 4
             for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) *reinterpret_cast<vec8*>(c + r * ldc + 8 * v) = acc[r][v];
+        for (int v = 0; v < V; ++v) store_vec(c + r * ldc + kLanes * v, acc[r][v]);
 }
 
-template <int R>
-void gemm_rows(int vecs, float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b,
-               int64_t ldb, int64_t T) {
-    switch (vecs) {
-        case 1: return gemm_tile<R, 1>(c, ldc, a, sar, sat, b, ldb, T);
-        case 2: return gemm_tile<R, 2>(c, ldc, a, sar, sat, b, ldb, T);
-        case 3: return gemm_tile<R, 3>(c, ldc, a, sar, sat, b, ldb, T);
-        default: return gemm_tile<R, 4>(c, ldc, a, sar, sat, b, ldb, T);
+// Every row of one column block, R at a time, then the last rows - 1 < R ones.
+template <class Vec, int R, int V, bool Accumulate>
+void gemm_rows(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
+               int64_t rows, int64_t T) {
+    int64_t r0 = 0;
+    for (; r0 + R <= rows; r0 += R)
+        gemm_tile<Vec, R, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, T);
+    if constexpr (R > 1) {
+        if (r0 < rows)
+            gemm_rows<Vec, R - 1, V, Accumulate>(c + r0 * ldc, ldc, a + r0 * sar, sar, sat, b, ldb, rows - r0, T);
     }
 }
 
-// C (rows x cols, row stride ldc) += A (rows x T, element (r, t) at a[r * sar + t * sat]) times
-// B (T x cols, row stride ldb). cols is a multiple of 8.
-void gemm_acc(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
-              int64_t rows, int64_t cols, int64_t T) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 8 * kColVecs) {
-        const int vecs = static_cast<int>(std::min<int64_t>(kColVecs, (cols - c0) / 8));
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-            float* ct = c + r0 * ldc + c0;
-            const float* at = a + r0 * sar;
-            switch (std::min<int64_t>(kRows, rows - r0)) {
-                case 1: gemm_rows<1>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                case 2: gemm_rows<2>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                case 3: gemm_rows<3>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-                default: gemm_rows<4>(vecs, ct, ldc, at, sar, sat, b + c0, ldb, T); break;
-            }
-        }
+// Rows of the register tile. AVX-512 (32 registers): 8 rows x 2 zmm (32 columns), 16
+// accumulators, 2 loads of B and a broadcast per step. 4 rows x 4 zmm read B twice as often, and B
+// is the operand that streams from L2 at large head dims (the 32 x 128 V or dO tile of P V and
+// P^T dO): 8 x 2 measured ~1.3x faster fwd + bwd at head dim 128 and ~1.25x at 64 (one thread,
+// indicative). 8 rows are also a strip. AVX2 (16 registers): 4 rows x 2 ymm.
+#if defined(__AVX512F__)
+constexpr int kRows = 8;
+#else
+constexpr int kRows = 4;
+#endif
+
+// C (rows x cols, row stride ldc) (+)= A (rows x T, element (r, t) at a[r * sar + t * sat]) times
+// B (T x cols, row stride ldb). cols is a multiple of 8: blocks of 2 vectors, then one for the rest.
+template <bool Accumulate>
+void gemm(float* c, int64_t ldc, const float* a, int64_t sar, int64_t sat, const float* b, int64_t ldb,
+          int64_t rows, int64_t cols, int64_t T) {
+    int64_t c0 = 0;
+#if defined(__AVX512F__)
+    for (; cols - c0 >= 32; c0 += 32)
+        gemm_rows<vec16, kRows, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+    if (cols - c0 >= 16) {
+        gemm_rows<vec16, kRows, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+        c0 += 16;
     }
+#else
+    for (; cols - c0 >= 16; c0 += 16)
+        gemm_rows<vec8, kRows, 2, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
+#endif
+    if (c0 < cols) gemm_rows<vec8, kRows, 1, Accumulate>(c + c0, ldc, a, sar, sat, b + c0, ldb, rows, T);
 }
 
 int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
@@ -175,6 +218,16 @@ struct Layout {
     // Offset of the LSE of (sequence b, head h, query 0); queries follow with stride 1.
     int64_t lse_offset(int64_t b, const Seq& s, int64_t h) const {
         return packed ? h * total_q + s.q0 : (b * heads + h) * s.sq;
+    }
+};
+
+// The keys [lo[r], hi[r]) (relative to j0) that each row r of one tile sees (empty when lo >= hi).
+// Both bounds are nondecreasing in r (the band moves right with the query), so the rows [a, b) of a
+// strip see no key outside [lo[a], hi[b - 1]).
+struct TileBands {
+    int64_t lo[kBlockM], hi[kBlockM];
+    TileBands(const Layout& L, const Seq& s, int64_t i0, int64_t m, int64_t j0, int64_t n) {
+        for (int64_t r = 0; r < m; ++r) L.visible(s, i0 + r, j0, n, lo[r], hi[r]);
     }
 };
 
@@ -279,43 +332,50 @@ void fwd_tile(const Layout& L, const Seq& s, const float* q, const float* kt, in
     const int64_t k_end = L.right >= 0 ? std::min<int64_t>(s.sk, i0 + m - 1 + diag + L.right + 1) : s.sk;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, k_end - j0), nc = round_up8(n);
+        const TileBands band(L, s, i0, m, j0, n);
         float* st = w.s.data();
-        std::fill(st, st + m * nc, 0.f);
-        gemm_acc(st, nc, q, ldq, 1, kt + (j0 - key0), ldt, m, nc, dim);  // S = Q K^T
-        for (int64_t r = 0; r < m; ++r) {
-            float* p = st + r * nc;
-            int64_t lo, hi;
-            L.visible(s, i0 + r, j0, n, lo, hi);
-            if (lo >= hi) {
-                std::fill(p, p + nc, 0.f);
-                continue;
-            }
-            // Whole rows (nc is a multiple of 8) with the band as a select: loops over [lo, hi) left
-            // a scalar remainder that cost more than the vector part at 64 keys per tile.
-            float block_max = -kInf;
-#pragma omp simd simdlen(8) reduction(max : block_max)
-            for (int64_t j = 0; j < nc; ++j) {
-                const float x = j >= lo && j < hi ? p[j] : -kInf;
-                block_max = x > block_max ? x : block_max;
-            }
-            const float new_max = std::max(w.row_max[r], block_max * scale);
-            const float alpha = exp_nonpositive(w.row_max[r] - new_max);
-            float sum = 0.f;
-#pragma omp simd simdlen(8) reduction(+ : sum)
-            for (int64_t j = 0; j < nc; ++j) {
-                const float e = exp_nonpositive(p[j] * scale - new_max);
-                p[j] = j >= lo && j < hi ? e : 0.f;
-                sum += p[j];
-            }
-            w.row_sum[r] = w.row_sum[r] * alpha + sum;
-            w.row_max[r] = new_max;
-            if (alpha != 1.f) {
-                float* orow = o + r * dim;
+        for (int64_t a = 0; a < m; a += kStrip) {
+            const int64_t a_end = std::min(m, a + kStrip), lo = band.lo[a], hi = band.hi[a_end - 1];
+            if (lo >= hi) continue;  // no row of the strip sees a key of this tile: O, max and sum stay
+            const int64_t c_lo = lo / 8 * 8, c_hi = std::min(nc, round_up8(hi));
+            gemm<false>(st + a * nc + c_lo, nc, q + a * ldq, ldq, 1, kt + (j0 - key0) + c_lo, ldt, a_end - a,
+                        c_hi - c_lo, dim);  // S = Q K^T
+            for (int64_t r = a; r < a_end; ++r) {
+                float* p = st + r * nc;
+                const int64_t rlo = band.lo[r], rhi = band.hi[r];
+                if (rlo >= rhi) {
+                    std::fill(p + c_lo, p + c_hi, 0.f);
+                    continue;
+                }
+                // The strip's whole vectors with the row's band as a select (c_lo and c_hi are
+                // multiples of 8): loops over [rlo, rhi) left a scalar remainder that cost more than
+                // the vector part.
+                vec8 vmax = kMinusInf;
+                for (int64_t j = c_lo; j < c_hi; j += 8) {
+                    const vec8 x = in_band(j, rlo, rhi) ? load_vec<vec8>(p + j) : kMinusInf;
+                    vmax = x > vmax ? x : vmax;
+                }
+                const float new_max = std::max(w.row_max[r], lane_max(vmax) * scale);
+                const float alpha = exp_nonpositive(w.row_max[r] - new_max);
+                vec8 vsum = {};
+                for (int64_t j = c_lo; j < c_hi; j += 8) {
+                    const vec8 x = load_vec<vec8>(p + j) * scale - new_max;
+                    const vec8 e = in_band(j, rlo, rhi) ? exp_nonpositive(x) : vec8{};
+                    store_vec(p + j, e);
+                    vsum += e;
+                }
+                const float sum = lane_sum(vsum);
+                w.row_sum[r] = w.row_sum[r] * alpha + sum;
+                w.row_max[r] = new_max;
+                if (alpha != 1.f) {
+                    float* orow = o + r * dim;
 #pragma omp simd
-                for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha;
+                    for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha;
+                }
             }
+            gemm<true>(o + a * dim, dim, st + a * nc + lo, nc, 1, v + (j0 - key0 + lo) * dim, dim, a_end - a, dim,
+                       hi - lo);  // O += P V over the strip's keys
         }
-        gemm_acc(o, dim, st, nc, 1, v + (j0 - key0) * dim, dim, m, dim, n);  // O += P V
     }
     for (int64_t r = 0; r < m; ++r) {
         float* dst = out + r * ldq;
@@ -372,10 +432,9 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
         for (int64_t i = 0; i < s.sq; ++i) {
             const float* o_row = x.out + base + i * ldq;
             const float* do_row = x.dout + base + i * ldq;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += o_row[d] * do_row[d];
-            w.delta[hh * s.sq + i] = dot;
+            vec8 dot = {};
+            for (int64_t d = 0; d < dim; d += 8) dot += load_vec<vec8>(o_row + d) * load_vec<vec8>(do_row + d);
+            w.delta[hh * s.sq + i] = lane_sum(dot);
             w.lse[hh * s.sq + i] = lse_h[i] * kLn2;  // +inf stays +inf: that row's P is 0
         }
     }
@@ -394,26 +453,49 @@ void bwd_item(const Layout& L, int64_t b, const Seq& s, int64_t g, const BwdOper
                 const float* q_tile = qr + row0 + i0 * dim;
                 const float* do_tile = dor + row0 + i0 * dim;
                 float *p = w.p.data(), *ds = w.ds.data();
-                std::fill(p, p + m * nc, 0.f);
-                std::fill(ds, ds + m * nc, 0.f);
-                gemm_acc(p, nc, q_tile, dim, 1, kt + j0, ldt, m, nc, dim);    // S = Q K^T
-                gemm_acc(ds, nc, do_tile, dim, 1, vt + j0, ldt, m, nc, dim);  // dP = dO V^T
-                for (int64_t r = 0; r < m; ++r) {
-                    float *pr = p + r * nc, *dsr = ds + r * nc;
-                    int64_t lo, hi;
-                    L.visible(s, i0 + r, j0, n, lo, hi);
-                    const float row_lse = w.lse[hh * s.sq + i0 + r], delta = w.delta[hh * s.sq + i0 + r];
-                    // Whole rows with the band as a select, as in the forward.
-#pragma omp simd simdlen(8)
-                    for (int64_t j = 0; j < nc; ++j) {
-                        const float e = exp_nonpositive(pr[j] * scale - row_lse);
-                        pr[j] = j >= lo && j < hi ? e : 0.f;
-                        dsr[j] = pr[j] * (dsr[j] - delta) * scale;  // dS, with the softmax scale of dQ and dK
+                const TileBands band(L, s, i0, m, j0, n);
+                const float* lse_t = w.lse.data() + hh * s.sq + i0;
+                const float* delta_t = w.delta.data() + hh * s.sq + i0;
+                for (int64_t a = 0; a < m; a += kStrip) {
+                    const int64_t a_end = std::min(m, a + kStrip), lo = band.lo[a], hi = band.hi[a_end - 1];
+                    if (lo >= hi) continue;  // P and dS stay unread: no row of the strip sees these keys
+                    const int64_t c_lo = lo / 8 * 8, c_hi = std::min(nc, round_up8(hi)), rows = a_end - a;
+                    gemm<false>(p + a * nc + c_lo, nc, q_tile + a * dim, dim, 1, kt + j0 + c_lo, ldt, rows,
+                                c_hi - c_lo, dim);  // S = Q K^T
+                    gemm<false>(ds + a * nc + c_lo, nc, do_tile + a * dim, dim, 1, vt + j0 + c_lo, ldt, rows,
+                                c_hi - c_lo, dim);  // dP = dO V^T
+                    for (int64_t r = a; r < a_end; ++r) {
+                        float *pr = p + r * nc, *dsr = ds + r * nc;
+                        const int64_t rlo = band.lo[r], rhi = band.hi[r];
+                        const float row_lse = lse_t[r], delta = delta_t[r];
+                        // The strip's whole vectors with the band as a select, as in the forward
+                        // (a select for dS too: outside the band dP may be anything, even NaN).
+                        for (int64_t j = c_lo; j < c_hi; j += 8) {
+                            const i32x8 in = in_band(j, rlo, rhi);
+                            const vec8 e = in ? exp_nonpositive(load_vec<vec8>(pr + j) * scale - row_lse) : vec8{};
+                            store_vec(pr + j, e);
+                            // dS, with the softmax scale of dQ and dK
+                            store_vec(dsr + j, in ? e * (load_vec<vec8>(dsr + j) - delta) * scale : vec8{});
+                        }
                     }
+                    gemm<true>(dqr + row0 + (i0 + a) * dim, dim, ds + a * nc + lo, nc, 1, kr + (j0 + lo) * dim, dim,
+                               rows, dim, hi - lo);  // dQ += dS K over the strip's keys
                 }
-                gemm_acc(w.dv.data(), dim, p, 1, nc, do_tile, dim, n, dim, m);              // dV += P^T dO
-                gemm_acc(w.dk.data(), dim, ds, 1, nc, q_tile, dim, n, dim, m);              // dK += dS^T Q
-                gemm_acc(dqr + row0 + i0 * dim, dim, ds, nc, 1, kr + j0 * dim, dim, m, dim, n);  // dQ += dS K
+                // dV += P^T dO and dK += dS^T Q, kStrip keys at a time over the queries that see them:
+                // rows [first whose hi passes the strip's first key, first whose lo reaches its end).
+                int64_t r_begin = 0, r_end = 0;
+                for (int64_t ka = 0; ka < n; ka += kStrip) {
+                    const int64_t kb = std::min(n, ka + kStrip);
+                    while (r_begin < m && band.hi[r_begin] <= ka) ++r_begin;
+                    r_end = std::max(r_end, r_begin);
+                    while (r_end < m && band.lo[r_end] < kb) ++r_end;
+                    if (r_begin >= r_end) continue;
+                    const int64_t t = r_end - r_begin;
+                    gemm<true>(w.dv.data() + ka * dim, dim, p + r_begin * nc + ka, 1, nc, do_tile + r_begin * dim, dim,
+                               kb - ka, dim, t);  // dV += P^T dO
+                    gemm<true>(w.dk.data() + ka * dim, dim, ds + r_begin * nc + ka, 1, nc, q_tile + r_begin * dim, dim,
+                               kb - ka, dim, t);  // dK += dS^T Q
+                }
             }
         }
         for (int64_t j = 0; j < n; ++j) {

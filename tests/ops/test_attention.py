@@ -186,7 +186,8 @@ def test_torch_forward_skips_the_lse_and_any_backward_still_works():
 
 
 # Shapes for the C++ kernel only (it is cheap to run; the interpreter is not): lengths across its
-# 32-row/32-key tiles, head dims 8 to 128, GQA 4:1 and MQA, rows that see no key.
+# 32-row/32-key tiles and 8-row strips, head dims 8 to 128 (every column-block mix of its GEMM:
+# 8, 16, 16 + 8, 32, 32 + 8, 64 + 16, 128), GQA 4:1 and MQA, rows that see no key.
 # (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs)
 CPP_DENSE_CASES = {
     "len7-d8-gqa4-causal": (3, 7, 7, 8, 2, 8, {"causal": True}),
@@ -197,6 +198,11 @@ CPP_DENSE_CASES = {
     "len123-d128-gqa4-full": (1, 123, 123, 8, 2, 128, {}),
     "len1-d128": (2, 1, 1, 2, 1, 128, {}),
     "q7-k123-d64-window-left": (2, 7, 123, 2, 2, 64, {"window": (30, -1)}),
+    # A band a few keys wide: every 8-row strip and 8-key dK/dV strip sees only part of its tile,
+    # some strips none of it. Head dim 16: one 16-lane column block, nothing else.
+    "len45-d16-window-narrow": (2, 45, 45, 2, 1, 16, {"window": (2, 1)}),
+    # Head dim 24: a 16-lane block then an 8-lane one; 25 queries see no key (whole empty strips).
+    "q70-k45-d24-causal": (1, 70, 45, 4, 2, 24, {"causal": True}),
 }
 
 
