@@ -1,22 +1,28 @@
-"""Training-step A/B in a plain process: fastlm against transformers, alternating steps, glibc's
-default allocator (fastlm-bench fixes the mmap threshold for its CPU peak-memory figures, which
-charges page faults to every large allocation; this script shows the step times a training run sees).
+"""Training-step A/B in plain processes (default allocator): fastlm against transformers.
 
-    python benchmarks/plain_process_ab.py train [STEPS]       # tiny preset 16x128: fastlm model vs LlamaForCausalLM
-    python benchmarks/plain_process_ab.py hf-full [STEPS]     # 4x512 Llama: fastlm.patch_hf vs unpatched (SDPA)
-    python benchmarks/plain_process_ab.py hf-quick [STEPS]    # 2x128 Llama: the same at the quick suite's size
+    python benchmarks/plain_process_ab.py train [--steps N]              # alternating steps in one process
+    python benchmarks/plain_process_ab.py train --solo PAIRS [--steps N] # PAIRS x (one process per model)
+    python benchmarks/plain_process_ab.py hf-full ...                    # 4x512 Llama: patch_hf vs unpatched (SDPA)
+    python benchmarks/plain_process_ab.py hf-quick ...                   # 2x128 Llama: the same at the quick size
 
-Prints the median step time of each over STEPS alternating steps (after two warm-up steps each) and the ratio.
+``train``: the tiny preset at 16x128, fastlm's model vs LlamaForCausalLM of the same dims, fused AdamW.
+Alternating steps in one process cancel the machine's drift, but each step then starts on the caches
+and heap the other model left (transformers' step measured ~10% slower so than alone). ``--solo``
+runs each model alone in its own process, N steps after warm-up, alternating processes PAIRS times: a
+training run's conditions; it prints each process's median and the median of those per model.
 """
 
+import argparse
 import copy
+import json
+import subprocess
 import sys
 import time
 
 import torch
 
 
-def train_steps() -> dict:
+def train_steps(only: str | None = None) -> dict:
     from fastlm.bench.train import SIZES, step_fn, transformers_model
     from fastlm.models import Transformer
     from fastlm.train.config import resolve
@@ -25,13 +31,18 @@ def train_steps() -> dict:
     cfg = resolve(preset, None, []).model.replace(vocab_size=vocab)
     inputs = torch.randint(0, vocab, (batch, seq))
     targets = torch.roll(inputs, -1, dims=1)
-    model, hf = Transformer(cfg), transformers_model(cfg)
     cpu = torch.device("cpu")
-    return {"fastlm": step_fn(model, lambda: model(inputs, targets), cpu),
-            "transformers": step_fn(hf, lambda: hf(input_ids=inputs, labels=inputs).loss, cpu)}
+    steps = {}
+    if only in (None, "fastlm"):
+        model = Transformer(cfg)
+        steps["fastlm"] = step_fn(model, lambda: model(inputs, targets), cpu)
+    if only in (None, "transformers"):
+        hf = transformers_model(cfg)
+        steps["transformers"] = step_fn(hf, lambda: hf(input_ids=inputs, labels=inputs).loss, cpu)
+    return steps
 
 
-def hf_steps(suite: str) -> dict:
+def hf_steps(suite: str, only: str | None = None) -> dict:
     import fastlm.hf
     from fastlm.bench.hf import SIZES, _model
 
@@ -48,28 +59,59 @@ def hf_steps(suite: str) -> dict:
                 p.grad = None
         return step
 
-    return {"fastlm-patched": step_of(patched), "transformers": step_of(base)}
+    steps = {"fastlm-patched": step_of(patched), "transformers": step_of(base)}
+    return {name: step for name, step in steps.items() if only in (None, name)}
 
 
-def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else "train"
-    reps = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+def median_ms(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def run_steps(which: str, n: int, only: str | None = None) -> dict:
+    """{model: median ms} over n steps (alternating when both models run) after two warm-up steps each."""
     torch.manual_seed(0)
-    steps = train_steps() if which == "train" else hf_steps(which.removeprefix("hf-"))
+    steps = train_steps(only) if which == "train" else hf_steps(which.removeprefix("hf-"), only)
     for step in steps.values():
         step()
         step()
     times = {name: [] for name in steps}
-    for _ in range(reps):
+    for _ in range(n):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    median = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    return {name: median_ms(t) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["train", "hf-full", "hf-quick"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--solo", type=int, default=0, help="pairs of single-model processes (0: one process, alternating)")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # a --solo child: this model alone
+    args = p.parse_args()
+    if args.only:
+        print(json.dumps(run_steps(args.which, args.steps, args.only)))
+        return
+    if not args.solo:
+        median = run_steps(args.which, args.steps)
+        how = f"{args.steps} alternating steps"
+    else:
+        names = ["fastlm" if args.which == "train" else "fastlm-patched", "transformers"]
+        runs = {name: [] for name in names}
+        for _ in range(args.solo):
+            for name in names:
+                out = subprocess.run([sys.executable, __file__, args.which, "--steps", str(args.steps), "--only", name],
+                                     capture_output=True, text=True, check=True).stdout
+                runs[name].append(json.loads(out.splitlines()[-1])[name])
+        for name, ms in runs.items():
+            print(f"{args.which} {name}: per-process medians " + ", ".join(f"{m:.1f}" for m in ms) + " ms")
+        median = {name: sorted(ms)[len(ms) // 2] for name, ms in runs.items()}
+        how = f"{args.solo} processes of {args.steps} steps each"
     for name, ms in median.items():
-        print(f"{which} {name}: median {ms:.1f} ms over {reps} alternating steps")
+        print(f"{args.which} {name}: median {ms:.1f} ms ({how})")
     ours = next(name for name in median if name.startswith("fastlm"))
-    print(f"{which}: fastlm is {median['transformers'] / median[ours]:.3f}x transformers' speed")
+    print(f"{args.which}: fastlm is {median['transformers'] / median[ours]:.3f}x transformers' speed")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ and ``fastlm-demo``.
 
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) with
 its 20/50/80% quantiles; on CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` and the
-quantiles of its blocks. Peak memory: on CUDA, the allocator's peak above the memory in
-use before the call; on CPU, the peak resident set size above the one before the call.
+quantiles of its blocks, under the default allocator. Peak memory: the peak of tensor
+allocations above what was held before the call (CUDA: the caching allocator's statistics; CPU:
+the profiler's allocation events).
 
 Each op's module builds ``Case``s; ``measure`` turns one into a row of figures.
 """
 
+import contextlib
 import datetime
+import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,38 +50,55 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float 
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up: first-use compilation and allocator growth stay out of the figure
-    measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # num_threads: Timer runs on ONE thread unless told otherwise; the figures are for the whole machine.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times = [t * 1e3 for t in measurement.times]
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
 
 
-def _fix_malloc_mmap_threshold() -> None:
-    """Make glibc serve every allocation >= 128 KiB with mmap, returned to the OS on free.
-
-    Otherwise glibc raises the threshold after the first large free, later tensors come
-    from the heap and stay resident after they are freed, and resident memory stops
-    tracking what the op really holds.
-    """
-    import ctypes
-
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: Kineto prints two lines to it per profiled call. Only around a
+    call made once before, so a warning it prints has already been seen."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
+def _cpu_peak_tensor_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak of the CPU tensor bytes ``fn()`` holds above what was held before it, from the allocation
+    events the PyTorch profiler records (every allocation and free of the CPU allocator, any thread);
+    None when this torch's profiler does not expose them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        cpu = torch._C._autograd.DeviceType.CPU
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+    except AttributeError:
+        return None
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Bytes held at the peak of ``fn()`` above what was held before it.
 
-    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, reset
-    through /proc/self/clear_refs before the call; None where that is not available.
+    CUDA: the caching allocator's peak. CPU: the peak of tensor allocations, from the profiler's
+    allocation events (the same quantity as on CUDA; the resident set would depend on when glibc
+    returns freed memory, and forcing it to return every large block charged page faults to the
+    timings). Memory outside tensors (a C++ kernel's scratch) is not counted.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,15 +107,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    try:
-        _fix_malloc_mmap_threshold()
-        fn()  # first call outside the window: one-time allocations and lazy builds
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-        before = _rss_kib("VmRSS")
-        fn()
-        return (_rss_kib("VmHWM") - before) * 1024
-    except OSError:
-        return None
+    fn()  # first call outside the window: one-time allocations and lazy builds
+    return _cpu_peak_tensor_bytes(fn)
 
 
 def environment() -> dict:
@@ -175,15 +189,7 @@ def autograd_modes(fn: Callable, inputs: list[torch.Tensor], grad_out, train_for
 
 
 def measure(case: Case, device: torch.device, min_run_time: float, roofline: dict | None = None) -> dict:
-    """Time one case and its peak memory; one JSON-able row.
-
-    On CPU the allocator policy that the peak-memory measurement needs (every allocation of
-    128 KiB or more is fresh mmapped pages, returned on free) is set before the timing, so every
-    case and provider is timed under the same policy whatever its place in the run: set only
-    after the first case's timing, it slowed every later case and favoured the first provider.
-    """
-    if device.type == "cpu":
-        _fix_malloc_mmap_threshold()
+    """Time one case and its peak memory; one JSON-able row."""
     timing = time_fn(case.fn, device, min_run_time)
     gbps = case.bytes_moved / timing.median_ms / 1e6 if case.bytes_moved else None
     tflops = case.flops / timing.median_ms / 1e9 if case.flops else None

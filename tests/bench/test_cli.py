@@ -84,3 +84,19 @@ def test_every_op_has_gpu_tests_that_exist():
     gpu_tests = Path(__file__).resolve().parents[1] / "gpu"
     assert all((gpu_tests / name).is_file() for names in GPU_TESTS.values() for name in names)
     assert {p.name for p in gpu_tests.glob("test_*.py")} == {n for names in GPU_TESTS.values() for n in names}
+
+
+def test_cpu_peak_memory_is_the_peak_of_tensor_bytes_held():
+    from fastlm.bench.harness import peak_memory_bytes
+
+    kept = torch.randn(256, 256)  # held before the call: not counted
+
+    def fn():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(500, 1000)  # 2 MB: 6 MB held
+        del a
+        c = torch.empty(1000, 1000)  # 2 + 4 MB held
+        return b, c  # 6 MB returned, freed by the caller
+
+    assert kept.numel() > 0
+    assert peak_memory_bytes(fn, torch.device("cpu")) == 6_000_000
