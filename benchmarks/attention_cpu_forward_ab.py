@@ -9,12 +9,12 @@ Prints the median milliseconds of each over CALLS alternating calls (default 60)
 """
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastlm
+from fastlm.bench.harness import alternating_medians
 
 SHAPES = [(2, 128, 2, 64), (4, 256, 4, 64), (16, 128, 4, 32)]  # (batch, seqlen, heads, head dim)
 
@@ -31,16 +31,9 @@ def main() -> None:
                 "c++ forward": lambda: fastlm.attention(q, k, v, causal=causal, return_lse=True),
                 "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
             }
-            times = {name: [] for name in runs}
             with torch.no_grad():
-                for fn in runs.values():
-                    fn()
-                for _ in range(calls):
-                    for name, fn in runs.items():
-                        start = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - start)
-            medians = "  ".join(f"{name} {sorted(t)[len(t) // 2] * 1e3:.3f} ms" for name, t in times.items())
+                ms = alternating_medians(runs, calls)
+            medians = "  ".join(f"{name} {m:.3f} ms" for name, m in ms.items())
             print(f"{batch}x{seqlen} h{heads} d{head_dim} {'causal' if causal else 'full'}: {medians}")
 
 

@@ -10,25 +10,17 @@ at least 5, for the two large shapes): "fwd" is the forward a training step runs
 """
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastlm
 from fastlm.bench.attention import CPU_TRAIN_SHAPES
+from fastlm.bench.harness import alternating_medians
 
 
 def medians(runs: dict, calls: int) -> str:
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(calls):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return "  ".join(f"{name} {sorted(t)[len(t) // 2] * 1e3:.3f} ms" for name, t in times.items())
+    return "  ".join(f"{name} {ms:.3f} ms" for name, ms in alternating_medians(runs, calls).items())
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -63,24 +62,13 @@ def hf_steps(suite: str, only: str | None = None) -> dict:
     return {name: step for name, step in steps.items() if only in (None, name)}
 
 
-def median_ms(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def run_steps(which: str, n: int, only: str | None = None) -> dict:
     """{model: median ms} over n steps (alternating when both models run) after two warm-up steps each."""
+    from fastlm.bench.harness import alternating_medians
+
     torch.manual_seed(0)
     steps = train_steps(only) if which == "train" else hf_steps(which.removeprefix("hf-"), only)
-    for step in steps.values():
-        step()
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(n):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: median_ms(t) for name, t in times.items()}
+    return alternating_medians(steps, n, warmup=2)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,21 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float 
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times = [t * 1e3 for t in measurement.times]
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds of each callable over ``rounds`` rounds that call each once in turn (after
+    ``warmup`` calls each), so that the machine's drift hits every one alike: the A/B scripts' timer."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
 
 
 @contextlib.contextmanager

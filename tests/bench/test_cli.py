@@ -100,3 +100,12 @@ def test_cpu_peak_memory_is_the_peak_of_tensor_bytes_held():
 
     assert kept.numel() > 0
     assert peak_memory_bytes(fn, torch.device("cpu")) == 6_000_000
+
+
+def test_alternating_medians_calls_each_in_turn():
+    from fastlm.bench.harness import alternating_medians
+
+    calls = []
+    result = alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert set(result) == {"a", "b"} and all(ms >= 0 for ms in result.values())
