@@ -84,8 +84,9 @@ def cases(suite: str, device: torch.device) -> Iterator[Case]:
     targets = torch.roll(inputs, -1, dims=1)
     shape = f"{preset} {batch}x{seq}"
     extra = {"tokens": batch * seq}
-    if peak_bf16_flops(device):  # MFU against the datasheet peak (issue #6's GPU target: >= 50%)
-        extra["peak_flops"] = peak_bf16_flops(device)
+    peak = peak_bf16_flops(device)
+    if peak:  # MFU against the datasheet peak (issue #6's GPU target: >= 50%)
+        extra["peak_flops"] = peak
     flops = None
     for provider, backend in (("fastlm", None), ("torch", "torch")):
         model = Transformer(cfg).to(device)
