@@ -39,6 +39,7 @@ SUITES = {
     "optim": "fastlm.bench.optim",
     "train": "fastlm.bench.train",
     "generate": "fastlm.bench.generate",
+    "gemm": "fastlm.bench.gemm",
 }
 MIN_RUN_TIME = {"quick": 0.1, "full": 1.0, "gpu": 0.2}
 
@@ -57,6 +58,7 @@ GPU_TESTS = {
     "optim": ("test_optim_cuda.py",),
     "train": MODEL_KERNELS,
     "generate": ("test_attention_cuda.py", "test_generate_gpu.py"),
+    "gemm": (),
 }
 
 

@@ -1,7 +1,8 @@
 """Patch ``transformers`` models with fastlm's kernels.
 
 ``patch_hf(model)`` works on one instantiated model: it sets ``forward`` on the matching module
-*instances* (norms, MLPs, rotary attention, the causal-LM head) and switches that model's config to
+*instances* (norms, MLPs, rotary attention, the causal-LM head, and every ``torch.nn.Linear`` and GPT-2
+``Conv1D``, whose matmuls then run fastlm's gemm: oneDNN on CPU) and switches that model's config to
 ``attn_implementation="fastlm"``. Classes, parameters and buffers are untouched, so ``state_dict`` and
 ``save_pretrained`` write exactly what unpatched transformers writes and loads. ``patch_hf_class`` does the
 same on the classes (for models loaded later with ``from_pretrained``); ``unpatch_hf_class`` undoes it.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from fastlm.hf import attention as hf_attention
 from fastlm.hf.table import ACTIVATIONS, ARCHITECTURES, Arch, supported
 from fastlm.ops.activation import geglu, gelu, swiglu
+from fastlm.ops.gemm import linear, mm
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norm import layer_norm, rms_norm
 from fastlm.ops.rope import rope
@@ -57,6 +59,25 @@ def _post_norm_forward(self, hidden_states, input_tensor):
     h = self.dropout(self.dense(hidden_states))
     ln = self.LayerNorm
     return layer_norm(h, ln.weight, ln.bias, ln.eps, residual=input_tensor)[0]
+
+
+def _linear_forward(self, input):
+    return linear(input, self.weight, self.bias)
+
+
+def _conv1d_forward(self, x):
+    """transformers' ``Conv1D`` (GPT-2's projections): ``x @ weight + bias`` with weight stored (in, out)."""
+    return mm(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], self.nf)
+
+
+# The projections: exact classes only (a subclass, e.g. a quantized or LoRA layer, computes something else).
+_LINEAR_FORWARDS = {("torch.nn.modules.linear", "Linear"): _linear_forward,
+                    ("transformers.pytorch_utils", "Conv1D"): _conv1d_forward}
+
+
+def _linear_target(module):
+    cls = type(module)
+    return _LINEAR_FORWARDS.get((cls.__module__, cls.__name__))
 
 
 def _activation(config, arch: Arch) -> tuple[str, str | None]:
@@ -213,8 +234,11 @@ def _skipped(arch: Arch, flags: dict, counts: dict, model_cls: str) -> dict[str,
     return why
 
 
-def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -> PatchReport:
+def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True, linear=True) -> PatchReport:
     """Patch an instantiated ``transformers`` model in place (on its module instances); returns a PatchReport.
+
+    ``linear``: every ``torch.nn.Linear`` and ``Conv1D`` (exact classes) runs fastlm's gemm (oneDNN for
+    float32 on CPU, ~2x MKL on AVX-512 AMD processors; ``F.linear`` itself on CUDA).
 
     ``attention`` switches this model to ``attn_implementation="fastlm"`` (see fastlm.hf.attention for when it
     falls back to SDPA). ``loss``: a causal LM called with ``labels`` computes its loss with
@@ -224,7 +248,7 @@ def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -
     Raises ValueError for a model type outside the table (listing the supported ones), for a selected kind
     that finds no module to patch, and for an activation fastlm does not implement. Patching twice is a no-op.
     """
-    flags = dict(norm=norm, attention=attention, mlp=mlp, rope=rope, loss=loss)
+    flags = dict(norm=norm, attention=attention, mlp=mlp, rope=rope, loss=loss, linear=linear)
     _check_flags("patch_hf", flags)
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None or not hasattr(config, "model_type"):
@@ -237,6 +261,8 @@ def patch_hf(model, norm=True, attention=True, mlp=True, rope=True, loss=True) -
     targets = []
     for module in model.modules():
         entry = by_class.get(type(module).__name__)
+        if flags["linear"] and _linear_target(module) is not None:
+            entry = ("linear", _linear_target(module))
         if entry is None or (flags["norm"] and id(module) in inside_post_norm):
             continue
         if entry[0] == "norm" and isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1:
@@ -294,8 +320,10 @@ def patch_hf_class(model_type: str, norm=True, attention=True, mlp=True, rope=Tr
     """Patch the transformers classes of ``model_type`` (affects every model of that type in the process,
     including ones already built) until ``unpatch_hf_class(model_type)``; returns a PatchReport counting
     classes. Attention is not a class patch: this registers "fastlm", and you pass
-    ``attn_implementation="fastlm"`` to ``from_pretrained``. ``config`` (a config instance) selects the MLP
-    activation; by default the model type's config class defaults are used."""
+    ``attn_implementation="fastlm"`` to ``from_pretrained``. Neither are the projections: ``torch.nn.Linear``
+    and ``Conv1D`` are classes every model shares, so only ``patch_hf`` (on instances) switches them to
+    fastlm's gemm. ``config`` (a config instance) selects the MLP activation; by default the model type's
+    config class defaults are used."""
     flags = dict(norm=norm, attention=attention, mlp=mlp, rope=rope, loss=loss)
     _check_flags("patch_hf_class", flags)
     if not isinstance(model_type, str):

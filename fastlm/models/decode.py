@@ -13,7 +13,7 @@ Two implementations compute the same logits:
 The rule (``decode_step``): the C++ step runs when the op ``decode_step`` resolves to ``cpp`` (it is
 registered with ``fastlm.backend``, so ``backend_info()`` lists it: CPU tensors under ``auto`` or a
 forced ``cpp``) and ``cpp_unsupported(model)`` finds nothing: the model is a plain fastlm
-``Transformer`` (its own Block/Attention/MLP, ``nn.Linear`` and fastlm norm modules, no forward
+``Transformer`` (its own Block/Attention/MLP, fastlm ``Linear`` and norm modules, no forward
 hooks: anything else could compute something the C++ step does not know about), on CPU, fp32 or
 bf16, causal, in eval mode, under no_grad and without CPU autocast. Otherwise the Python path runs:
 ``fastlm.use_backend("torch")`` keeps it plain PyTorch, and a forced ``triton`` or ``cuda`` runs the
@@ -28,7 +28,7 @@ from torch import nn
 from fastlm import backend
 from fastlm.extension import cpu_extension
 from fastlm.models.transformer import MLP, Attention, Block, KVCache, Transformer
-from fastlm.nn import LayerNorm, RMSNorm
+from fastlm.nn import LayerNorm, Linear, RMSNorm
 
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
 """(tokens (B,) int64, cache) -> logits (B, V); appends the tokens' keys/values and advances the cache.
@@ -77,15 +77,15 @@ def cpp_unsupported(model) -> str | None:
         if module._forward_hooks or module._forward_pre_hooks:
             return f"a {type(module).__name__} has forward hooks"
     for block in model.blocks:
-        parts = {block: Block, block.attn: Attention, block.mlp: MLP, block.attn.qkv: nn.Linear,
-                 block.attn.proj: nn.Linear, block.mlp.fc1: nn.Linear, block.mlp.fc2: nn.Linear,
+        parts = {block: Block, block.attn: Attention, block.mlp: MLP, block.attn.qkv: Linear,
+                 block.attn.proj: Linear, block.mlp.fc1: Linear, block.mlp.fc2: Linear,
                  block.norm1: norm_type, block.norm2: norm_type}
         for module, expected in parts.items():
             if type(module) is not expected:
                 return f"a block holds a {type(module).__name__} where the model builds a {expected.__name__}"
         if _eps(block.norm1, weight.dtype) != eps or _eps(block.norm2, weight.dtype) != eps:
             return "the norms do not share one eps"
-    if type(model.norm_f) is not norm_type or (model.head is not None and type(model.head) is not nn.Linear):
+    if type(model.norm_f) is not norm_type or (model.head is not None and type(model.head) is not Linear):
         return "the final norm or the head is not the module the model builds"
     return None
 

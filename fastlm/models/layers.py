@@ -17,11 +17,12 @@ import torch
 
 from fastlm.ops.activation import gelu as _gelu
 from fastlm.ops.attention import attention, attention_with_kvcache
+from fastlm.ops.gemm import linear
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.rope import rope
 from fastlm.nn.mlp import fused_mlp
 
-__all__ = ["attention", "attention_with_kvcache", "fused_mlp", "gelu", "linear_cross_entropy", "rope", "rope_cache"]
+__all__ = ["attention", "attention_with_kvcache", "fused_mlp", "gelu", "linear", "linear_cross_entropy", "rope", "rope_cache"]
 
 
 def gelu(x):

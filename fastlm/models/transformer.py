@@ -32,13 +32,12 @@ so the residual variance stays O(1) with depth (GPT-2); biases 0; norm weights 1
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm.models import layers
 from fastlm.models.config import ModelConfig
-from fastlm.nn import LayerNorm, RMSNorm
+from fastlm.nn import LayerNorm, Linear, RMSNorm
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -92,11 +91,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+        self.qkv = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
                              bias=cfg.bias or cfg.qkv_bias)
         # Sliding window: a query sees itself and window - 1 keys before it.
         self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_projection = True
 
     def forward(self, x, rope_cache, position_ids, cu_seqlens, max_seqlen, kv_cache=None):
@@ -130,8 +129,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
         # SwiGLU: one matmul computes gate and up together: (C) -> (2F).
-        self.fc1 = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.fc1 = Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.fc2.residual_projection = True
 
     def forward(self, x):
@@ -175,9 +174,9 @@ class Transformer(nn.Module):
             self.mlm_dense = self.mlm_norm = None
         else:
             # BERT's MLM head: dense + GELU + norm before the (tied) decoder, which has a bias.
-            self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+            self.mlm_dense = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
             self.mlm_norm = _norm(cfg)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_bias = None if cfg.causal else nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.position == "rope":
             cos, sin = layers.rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling)
@@ -253,7 +252,7 @@ class Transformer(nn.Module):
 
     def logits(self, h):
         """Hidden states (..., C) -> logits (..., V) through the LM / MLM head."""
-        return F.linear(self._head_input(h), self.output_weight, self.head_bias)
+        return layers.linear(self._head_input(h), self.output_weight, self.head_bias)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty ``KVCache`` for ``batch`` rows of up to ``max_len`` tokens, in the weights' dtype and device."""

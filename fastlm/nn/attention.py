@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fastlm.nn.linear import Linear
 from fastlm.ops.attention import attention
 
 
@@ -29,8 +30,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal, self.dropout_p, self.rope = causal, dropout_p, rope
         # One matmul for q, k and v: a single read of x.
-        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias, device=device, dtype=dtype)
-        self.out = nn.Linear(n_heads * head_dim, dim, bias=bias, device=device, dtype=dtype)
+        self.qkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias, device=device, dtype=dtype)
+        self.out = Linear(n_heads * head_dim, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
         lead = x.shape[:-1]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.ops.activation import APPROXIMATE, _act_bwd_packed_op, _act_fwd_op
+from fastlm.ops.gemm import mm
 
 
 class _MLPFunction(torch.autograd.Function):
@@ -29,11 +30,12 @@ class _MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, act, gated):
-        # Under autocast F.linear computes in the autocast dtype, so ``pre`` carries the compute
+        # Under autocast the matmuls compute in the autocast dtype, so ``pre`` carries the compute
         # dtype; the backward (which runs outside autocast) casts to it and back explicitly.
-        pre = F.linear(x, w_in, b_in)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+        pre = mm(x2, w_in.t(), b_in)  # (N, 2F) or (N, F)
         gate, up = pre.chunk(2, dim=-1) if gated else (pre, None)
-        out = F.linear(_act_fwd_op(gate, up, act), w_out, b_out)
+        out = mm(_act_fwd_op(gate, up, act), w_out.t(), b_out).view(*x.shape[:-1], w_out.shape[0])  # (..., C)
         ctx.save_for_backward(x, w_in, w_out, pre)
         ctx.act, ctx.gated = act, gated
         ctx.has_b_in, ctx.has_b_out = b_in is not None, b_out is not None
@@ -46,15 +48,14 @@ class _MLPFunction(torch.autograd.Function):
         dt = pre.dtype  # the forward's compute dtype (the autocast dtype under autocast)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         dout2 = dout.reshape(-1, dout.shape[-1]).to(dt)
-        pre2 = pre.reshape(-1, pre.shape[-1])  # contiguous: F.linear's output
         w_in_c, w_out_c = w_in.to(dt), w_out.to(dt)
         # One pass: the gradient of the packed pre-activation ([dgate | dup] when gated) and the
         # recomputed activation output; each gradient through w_in is then ONE matmul.
-        dpre, act_out = _act_bwd_packed_op(dout2 @ w_out_c, pre2, ctx.act, ctx.gated, need_w_out)
-        dw_out = (dout2.t() @ act_out).to(w_out.dtype) if need_w_out else None
+        dpre, act_out = _act_bwd_packed_op(mm(dout2, w_out_c), pre, ctx.act, ctx.gated, need_w_out)
+        dw_out = mm(dout2.t(), act_out).to(w_out.dtype) if need_w_out else None
         db_out = dout2.sum(0, dtype=w_out.dtype) if need_b_out and ctx.has_b_out else None
-        dx = (dpre @ w_in_c).view(x.shape).to(x.dtype) if need_x else None
-        dw_in = (dpre.t() @ x2).to(w_in.dtype) if need_w_in else None
+        dx = mm(dpre, w_in_c).view(x.shape).to(x.dtype) if need_x else None
+        dw_in = mm(dpre.t(), x2).to(w_in.dtype) if need_w_in else None
         db_in = dpre.sum(0, dtype=w_in.dtype) if need_b_in and ctx.has_b_in else None
         return dx, dw_in, db_in, dw_out, db_out, None, None
 

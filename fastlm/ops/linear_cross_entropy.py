@@ -21,7 +21,7 @@ chunks cost less time and more memory.
 backward. Then the forward computes the losses only, and the backward recomputes the chunks
 with each row's gradient scaled by its ``grad_output`` (the matmuls run twice).
 
-The matmuls are PyTorch's (cuBLAS / oneDNN); the cross-entropy part dispatches to the
+The matmuls are ``fastlm.ops.gemm``'s (cuBLAS on CUDA, oneDNN on CPU); the cross-entropy part dispatches to the
 backend chosen for ``cross_entropy_fwd`` (Triton, C++ or PyTorch).
 """
 
@@ -40,6 +40,7 @@ from fastlm.ops.cross_entropy import (
     reduce_loss,
     split_num_items,
 )
+from fastlm.ops.gemm import addmm_, mm
 
 MIN_CHUNK = 256
 
@@ -58,13 +59,13 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     one vocab slice at a time, each slice no larger than the chunk of logits.
     """
     if grad_logits.dtype == torch.float32:
-        grad_weight.addmm_(grad_logits.t(), hidden)
+        addmm_(grad_weight, grad_logits.t(), hidden)
         return
     rows, vocab = grad_logits.shape
     step = max(1, min(vocab, rows * vocab // hidden.shape[1]))
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
-        grad_weight[start:stop] += torch.mm(grad_logits[:, start:stop].t(), hidden)
+        grad_weight[start:stop] += mm(grad_logits[:, start:stop].t(), hidden)
 
 
 def _chunked_pass(hidden, weight, bias, target, scale, row_scale, row_losses, grad_hidden, grad_weight, grad_bias,
@@ -79,14 +80,14 @@ def _chunked_pass(hidden, weight, bias, target, scale, row_scale, row_losses, gr
     for start in range(0, tokens, chunk_size):
         stop = min(start + chunk_size, tokens)
         h = hidden[start:stop]
-        logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        logits = mm(h, weight.t(), bias)
         # The logits are ours alone: their gradient overwrites them (no second buffer).
         ce(
             logits, target[start:stop], scale[start:stop] if row_scale else scale, row_losses[start:stop],
             logits if need_grad else None, ignore_index, label_smoothing, z_loss, row_scale,
         )
         if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:stop])
+            mm(logits, weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
             _accumulate_weight_grad(grad_weight, logits, h)
         if grad_bias is not None:

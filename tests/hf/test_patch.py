@@ -132,6 +132,9 @@ def test_patched_matches_unpatched(arch, backend):
     norms = {"qwen3": 4 * LAYERS + 1, "bert": 2 * LAYERS + 1, "roberta": 2 * LAYERS + 1}.get(arch, 2 * LAYERS + 1)
     assert report.counts["norm"] == norms and report.counts["mlp"] == LAYERS and report.attention == "fastlm"
     assert report.counts["attention"] == LAYERS
+    projections = [m for m in patched.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    assert report.counts["linear"] == len(projections) > 0
+    assert all(m._fastlm_patched == "linear" for m in projections)
     if arch in CAUSAL:
         assert report.counts["loss"] == 1
     else:
@@ -350,11 +353,27 @@ def test_kinds_can_be_switched_off_and_eager_is_kept():
     """attention=False leaves the model's own (here eager) attention under the patched rope forward."""
     model = _model("qwen3", attn="eager")
     patched = copy.deepcopy(model)
-    report = fastlm.patch_hf(patched, attention=False, loss=False)
+    report = fastlm.patch_hf(patched, attention=False, loss=False, linear=False)
     _UNPATCHED[id(patched)] = model
     assert patched.config._attn_implementation == "eager" and report.attention is None
     assert set(report.counts) == {"norm", "mlp", "rope"}
+    assert not any(getattr(m, "_fastlm_patched", None) == "linear" for m in patched.modules())
     _compare("qwen3", patched, _inputs("qwen3"), labels=False)
+
+
+def test_linear_patch_skips_subclasses_of_linear():
+    """A subclass of nn.Linear (a quantized or LoRA layer in real models) may compute something else: kept."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _model("llama")
+    model.lm_head = Scaled(HIDDEN, VOCAB, bias=False)
+    report = fastlm.patch_hf(model)
+    assert getattr(model.lm_head, "_fastlm_patched", None) is None
+    assert model.model.layers[0].self_attn.q_proj._fastlm_patched == "linear"
+    assert report.counts["linear"] == sum(type(m) is torch.nn.Linear for m in model.modules())
 
 
 def test_patch_twice_is_idempotent():

@@ -1,0 +1,179 @@
+"""Dense matmuls, ``a @ b (+ bias)``, and the differentiable ``linear`` built on them.
+
+Why an op for a matmul: on CPU tensors torch runs float32 matmuls through MKL, and MKL takes its
+AVX2 code path on AMD processors, whatever they support. oneDNN (bundled with torch, which uses it
+for bf16) picks its kernels from the ISA the processor reports, so on an AVX-512 machine it runs
+512-bit kernels: on the project's 2-core Zen machine it reaches ~400 GFLOP/s where MKL reaches
+~180 (``python benchmarks/bench_gemm.py``). The math is the same IEEE float32 (no reduced-precision
+mode); only the summation order differs.
+
+Backends: ``cpp`` is oneDNN, reached through torch's own ``mkldnn::_linear_pointwise`` op (what
+Inductor's CPU backend calls), registered only where torch was built with it; ``torch`` is
+``torch.mm`` / ``torch.addmm``, and so are ``triton`` and ``cuda`` (the fused GPU ops' matmuls are
+cuBLAS's through torch), so that forcing one of those for a fused op also covers its matmuls. The oneDNN path takes float32 products of at least ``ONEDNN_MIN_MACS``
+multiply-adds with at least ``ONEDNN_MIN_ROWS`` rows and columns; smaller ones (where oneDNN's ~13 us
+call overhead shows, e.g. decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always
+run ``torch.mm`` (cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fastlm import backend, eager
+
+ONEDNN_MIN_MACS = 1 << 21
+ONEDNN_MIN_ROWS = 32
+# Output width up to which a product whose left operand is a transposed view (a weight gradient,
+# x.T @ dy) runs faster computed transposed, as (dy.T @ x).T, by oneDNN: measured on Zen, see
+# _gemm_onednn.
+_NARROW = 256
+
+
+def onednn_available() -> bool:
+    """torch was built with oneDNN and exposes the op the ``cpp`` backend calls."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _linear_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's ``x @ w.T + bias`` (x (m, k), w (n, k)) into a new contiguous (m, n) tensor."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def _gemm_torch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def _gemm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    (m, k), n = a.shape, b.shape[1]
+    if (a.dtype != torch.float32 or min(m, n) < ONEDNN_MIN_ROWS or m * k * n < ONEDNN_MIN_MACS
+            or not torch._C._get_mkldnn_enabled()):
+        return _gemm_torch(a, b, bias)
+    # Operands oneDNN cannot describe as row- or column-major (a strided slice of both) are copied.
+    a = a if 1 in a.stride() else a.contiguous()
+    b = b if 1 in b.stride() else b.contiguous()
+    if a.stride(1) != 1 and n <= _NARROW and n < m:
+        # x.T @ dy with a narrow output (a weight gradient of a layer with few input features): oneDNN
+        # runs (dy.T @ x) 1.3-1.7x faster; the transpose back copies only the (small) result.
+        out = _linear_pointwise(b.t(), a, None).t().contiguous()
+        return out if bias is None else out.add_(bias)
+    return _linear_pointwise(a, b.t(), bias)
+
+
+# The GPU backends' matmuls are cuBLAS's, through torch: so are gemm's when one of them is forced.
+_GPU = {"triton": _gemm_torch, "cuda": _gemm_torch}
+if onednn_available():
+    backend.register("gemm", cpp=_gemm_onednn, torch=_gemm_torch, **_GPU)
+else:
+    backend.register("gemm", torch=_gemm_torch, **_GPU)
+
+
+# ----------------------------------------------------------------------------- torch.library op
+
+
+@eager.custom_op("fastlm::gemm", mutates_args=())
+def _gemm_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a (m, k) @ b (k, n) + bias (n,) into a new contiguous (m, n) tensor, on a CPU backend."""
+    return backend.select("gemm", a.device)(a, b, bias)
+
+
+@_gemm_op.register_fake
+def _(a, b, bias):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, bias = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    need_a, need_b, need_bias = ctx.needs_input_grad
+    grad_a = _gemm_op(grad, b.t(), None) if need_a else None
+    grad_b = _gemm_op(a.t(), grad, None) if need_b else None
+    grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+    return grad_a, grad_b, grad_bias
+
+
+_gemm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check(fn: str, a, b, bias) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{fn}: a's columns ({a.shape[1]}) must equal b's rows ({b.shape[0]}); "
+                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if a.dtype != b.dtype or not a.dtype.is_floating_point:
+        raise TypeError(f"{fn}: a and b must share one floating dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{fn}: a is on {a.device} but b is on {b.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (b.shape[1],):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{fn}: bias must be a tensor of shape ({b.shape[1]},), got {got}")
+        if bias.dtype != a.dtype or bias.device != a.device:
+            raise TypeError(f"{fn}: bias must be {a.dtype} on {a.device}, got {bias.dtype} on {bias.device}")
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b + bias`` for a (m, k), b (k, n), bias (n,) or None: a new contiguous (m, n) tensor.
+
+    Any strides (a transposed view costs nothing). Differentiable. CPU: oneDNN for float32 (see
+    the module doc); CUDA: ``torch.mm`` / ``torch.addmm``, autocast-aware.
+    """
+    _check("gemm", a, b, bias)
+    return mm(a, b, bias)
+
+
+def _runs_torch(a: torch.Tensor) -> bool:
+    # CUDA tensors and CPU autocast run torch.mm / torch.addmm, which autocast casts as it casts F.linear.
+    return a.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """``gemm`` without its argument checks, for fastlm's fused ops (whose inputs are checked already);
+    ``out``: write the product there (e.g. rows of a larger buffer) and return it."""
+    if _runs_torch(a):
+        if out is None:
+            return _gemm_torch(a, b, bias)
+        return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+    product = _gemm_op(a, b, bias)
+    return product if out is None else out.copy_(product)
+
+
+def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``c += a @ b`` in place (an accumulated weight gradient), through ``mm``'s kernel choice."""
+    return c.addmm_(a, b) if _runs_torch(a) else c.add_(_gemm_op(a, b, None))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in)) whose CPU matmuls run ``gemm``.
+
+    On CUDA, and inside CPU autocast (which casts F.linear's inputs), it is ``F.linear`` itself.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"linear: x and weight must be torch.Tensors, got {type(x).__name__}, {type(weight).__name__}")
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x (..., in) and weight (out, in) must agree on in, got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    _check("linear", x2, weight.t(), bias)
+    return _gemm_op(x2, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])  # (..., out)
+
+
+def gemm_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch reference: ``a @ b + bias`` (differentiable, any dtype)."""
+    return a @ b if bias is None else a @ b + bias

@@ -1,0 +1,178 @@
+"""gemm / linear against float64 references, on every CPU backend; oneDNN really runs where chosen."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import backend
+from fastlm.ops.gemm import ONEDNN_MIN_MACS, addmm_, gemm, gemm_ref, linear, mm, onednn_available
+from fastlm.testing import assert_matches_reference, random_tensor
+from tests.backends import cpu_backend_params
+
+CPU = torch.device("cpu")
+ONEDNN = pytest.mark.skipif(not onednn_available(), reason="torch was built without oneDNN")
+
+# (m, k, n): odd sizes below and above the oneDNN thresholds, long reductions, and a narrow output
+# (n <= 256 < m) that the transposed-operand rule computes the other way round.
+SHAPES = [(1, 7, 1), (7, 40, 123), (123, 96, 1151), (1151, 80, 40), (300, 1151, 257), (96, 2048, 128),
+          (768, 512, 128)]
+
+
+def _operand(rows, cols, layout, dtype, generator):
+    """A (rows, cols) operand stored row-major, transposed (a .t() view) or as a strided column slice."""
+    if layout == "transposed":
+        return random_tensor(cols, rows, dtype=dtype, generator=generator).t()
+    if layout == "strided":
+        return random_tensor(rows, 2 * cols + 3, dtype=dtype, generator=generator)[:, 1 : 2 * cols + 1 : 2]
+    return random_tensor(rows, cols, dtype=dtype, generator=generator)
+
+
+def _dot_scale(terms: int, *factors: torch.Tensor) -> float:
+    """The floor's scale for results that are sums of ``terms`` products of the factors' elements.
+
+    oneDNN accumulates a dot product in one float32 chain where MKL (torch's CPU matmul) sums blocks,
+    so on long reductions its error is a few times MKL's, and the 2x rule alone fails on correct
+    results. The floor therefore scales with sqrt(terms) * prod(max|factor|), the size of a sum of
+    that many random terms: with 4 ulps of it the floor stays ~100x below float32's worst-case
+    bound for such a sum (terms * ulp * sum|products|), and a wrong element still misses by O(1).
+    """
+    scale = terms**0.5
+    for f in factors:
+        scale *= f.abs().max().item()
+    return scale
+
+
+def _forward_backward(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "m{}k{}n{}".format(*s))
+@pytest.mark.parametrize("layout_a,layout_b", [("rows", "rows"), ("rows", "transposed"), ("transposed", "rows"),
+                                               ("strided", "transposed")], ids=lambda v: v)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_matches_float64_reference(backend, dtype, shape, layout_a, layout_b, with_bias):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
+    a, b = _operand(m, k, layout_a, dtype, g), _operand(k, n, layout_b, dtype, g)
+    bias = random_tensor(n, dtype=dtype, generator=g) if with_bias else None
+    grad_out = random_tensor(m, n, generator=g)
+    with fastlm.use_backend(backend):
+        out, grads = _forward_backward(gemm, [a, b, bias], grad_out)
+    assert out.shape == (m, n) and out.is_contiguous()
+    ref, ref_grads = _forward_backward(gemm_ref, [t.double() if t is not None else None for t in (a, b, bias)],
+                                       grad_out.double())
+    plain, plain_grads = _forward_backward(gemm_ref, [a, b, bias], grad_out)
+    assert_matches_reference("gemm", out, ref, plain, dtype, scale=_dot_scale(k, a, b))
+    scales = (_dot_scale(n, grad_out, b), _dot_scale(m, a, grad_out), _dot_scale(m, grad_out))
+    for name, got, want, base, scale in zip(("grad_a", "grad_b", "grad_bias"), grads, ref_grads, plain_grads, scales):
+        if want is not None:
+            assert_matches_reference(f"gemm {name}", got, want, base, dtype, grad=True, scale=scale)
+
+
+@ONEDNN
+def test_cpp_backend_runs_onednn_above_the_threshold_and_torch_below():
+    def kernels(a, b):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gemm(a, b)
+        return {e.name for e in prof.events()}
+
+    big_a, big_b = random_tensor(256, 128), random_tensor(128, 256)
+    assert 256 * 128 * 256 >= ONEDNN_MIN_MACS
+    assert backend.chosen("gemm", CPU) == "cpp"
+    assert "mkldnn::_linear_pointwise" in kernels(big_a, big_b)
+    assert "mkldnn::_linear_pointwise" in kernels(big_b.t(), big_a.t())  # the transposed-operand rule
+    assert "mkldnn::_linear_pointwise" not in kernels(random_tensor(8, 128), big_b)  # 8 rows: torch.mm
+    assert "mkldnn::_linear_pointwise" not in kernels(big_a.bfloat16(), big_b.bfloat16())  # not float32
+    with fastlm.use_backend("torch"):
+        assert "mkldnn::_linear_pointwise" not in kernels(big_a, big_b)
+
+
+@pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])
+def test_linear_matches_f_linear_on_3d_input(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    x, w, bias = random_tensor(3, 123, 96, generator=g), random_tensor(200, 96, generator=g), random_tensor(200)
+    grad_out = random_tensor(3, 123, 200, generator=g)
+    with fastlm.use_backend(backend):
+        out, grads = _forward_backward(linear, [x, w, bias], grad_out)
+    ref, ref_grads = _forward_backward(F.linear, [x.double(), w.double(), bias.double()], grad_out.double())
+    plain, plain_grads = _forward_backward(F.linear, [x, w, bias], grad_out)
+    assert_matches_reference("linear", out, ref, plain, dtype, scale=_dot_scale(96, x, w))
+    scales = (_dot_scale(200, grad_out, w), _dot_scale(3 * 123, grad_out, x), _dot_scale(3 * 123, grad_out))
+    for name, got, want, base, scale in zip(("grad_x", "grad_weight", "grad_bias"), grads, ref_grads, plain_grads,
+                                            scales):
+        assert_matches_reference(f"linear {name}", got, want, base, dtype, grad=True, scale=scale)
+    assert grads[1].is_contiguous(), "a weight gradient must keep the weight's layout (fused AdamW reads it flat)"
+
+
+def test_linear_module_is_a_drop_in_nn_linear():
+    torch.manual_seed(0)
+    ours = fastlm.nn.Linear(48, 300)
+    theirs = torch.nn.Linear(48, 300)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    x = random_tensor(5, 64, 48)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mm_out_and_addmm_accumulate_through_the_chosen_kernel():
+    a, b = random_tensor(300, 128), random_tensor(128, 257)
+    buffer = torch.full((400, 257), float("nan"))
+    mm(a, b, out=buffer[50:350])
+    ref = a.double() @ b.double()
+    torch.testing.assert_close(buffer[50:350].double(), ref, rtol=1e-5, atol=1e-4)
+    assert buffer[:50].isnan().all() and buffer[350:].isnan().all(), "rows outside out were written"
+    c, d = random_tensor(257, 96), random_tensor(128, 96)
+    expected = c.double() + b.double().t() @ d.double()
+    addmm_(c, b.t(), d)
+    torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_autocast_keeps_f_linear_semantics():
+    x, w = random_tensor(64, 96), random_tensor(80, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w)
+        assert out.dtype == F.linear(x, w).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: gemm(random_tensor(3, 4), random_tensor(5, 2)), ValueError, r"a's columns \(4\) must equal b's rows"),
+        (lambda: gemm(random_tensor(3, 4, 1), random_tensor(4, 2)), ValueError, "a must be 2-D"),
+        (lambda: gemm(random_tensor(3, 4), random_tensor(4, 2, dtype=torch.float64)), TypeError, "share one"),
+        (lambda: gemm(random_tensor(3, 4), [[1.0]]), TypeError, "b must be a torch.Tensor"),
+        (lambda: gemm(random_tensor(3, 4), random_tensor(4, 2), random_tensor(3)), ValueError, r"bias .* \(2,\)"),
+        (lambda: gemm(torch.ones(3, 4, dtype=torch.int64), torch.ones(4, 2, dtype=torch.int64)), TypeError,
+         "floating dtype"),
+        (lambda: linear(random_tensor(3, 5), random_tensor(2, 4)), ValueError, "must agree on in"),
+    ],
+    ids=["inner-dims", "not-2d", "dtypes", "not-a-tensor", "bias-shape", "integer", "linear-in-features"],
+)
+def test_bad_input_raises_before_launch(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_opcheck(backend, dtype, with_bias):
+    a = random_tensor(64, 96).requires_grad_()
+    b = random_tensor(257, 96).t().requires_grad_()
+    bias = random_tensor(257).requires_grad_() if with_bias else None
+    with fastlm.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastlm.gemm.default, (a, b, bias))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    layer = fastlm.nn.Linear(96, 300)
+    x = random_tensor(2, 64, 96)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    assert layer.weight.grad is not None
