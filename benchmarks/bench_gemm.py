@@ -1,4 +1,4 @@
-"""fastlm.nn.Linear (oneDNN on CPU) vs torch.nn.Linear; the same as ``fastlm-bench --ops gemm [--suite ...]``.
+"""fastlm.ops.linear (oneDNN on CPU) vs F.linear; the same as ``fastlm-bench --ops gemm [--suite ...]``.
 
 The cases live in fastlm/bench/gemm.py, so fastlm-bench and this script share them.
 """

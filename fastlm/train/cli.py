@@ -62,10 +62,35 @@ def parse(argv: list[str]):
     return resolve(args.preset, args.config, overrides)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc keep freed host memory for reuse instead of returning it to the OS; True if set.
+
+    A CPU training step frees and reallocates the same activation buffers every step. Under glibc's
+    defaults much of that memory goes back to the OS (trimmed, or unmapped when above the mmap
+    threshold) and every page of it is faulted in and zeroed again on the next step: ~9k page faults
+    per step of the tiny preset, ~15% of its time. The process keeps its peak heap instead, as
+    under jemalloc or tcmalloc. Allocations over 32 MiB (glibc's ceiling for the mmap threshold)
+    are still mapped per use. A no-op off glibc.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, (1 << 31) - 1), (_M_TOP_PAD, 64 << 20))
+    return all(libc.mallopt(option, value) == 1 for option, value in settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastlm.train import distributed
     from fastlm.train.trainer import train
 
+    keep_freed_host_memory()
     try:
         cfg = parse(sys.argv[1:] if argv is None else argv)
         summary = train(cfg)

@@ -253,3 +253,13 @@ def test_sigterm_saves_a_checkpoint_and_exits(corpus, cache, tmp_path):
     (saved,) = checkpoint.checkpoint_dirs(out)
     state = json.loads((saved / "trainer_state.json").read_text())
     assert state["reason"] == "SIGTERM" and state["step"] >= 2 and "Traceback" not in err
+
+
+def test_keep_freed_host_memory_sets_glibc_options():
+    """In a child process: the setting is process-wide and permanent."""
+    import platform
+
+    code = "from fastlm.train.cli import keep_freed_host_memory; print(keep_freed_host_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == str(expected)
