@@ -8,13 +8,17 @@ for bf16) picks its kernels from the ISA the processor reports, so on an AVX-512
 mode); only the summation order differs.
 
 Backends: ``cpp`` is oneDNN, reached through torch's own ``mkldnn::_linear_pointwise`` op (what
-Inductor's CPU backend calls), registered only where torch was built with it; ``torch`` is
+Inductor's CPU backend calls), registered only on x86-64 where torch was built with it; ``torch`` is
 ``torch.mm`` / ``torch.addmm``, and so are ``triton`` and ``cuda`` (the fused GPU ops' matmuls are
-cuBLAS's through torch), so that forcing one of those for a fused op also covers its matmuls. The oneDNN path takes float32 products of at least ``ONEDNN_MIN_MACS``
-multiply-adds with at least ``ONEDNN_MIN_ROWS`` rows and columns; smaller ones (where oneDNN's ~13 us
-call overhead shows, e.g. decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always
-run ``torch.mm`` (cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
+cuBLAS's through torch), so that forcing one of those for a fused op also covers its matmuls.
+
+The oneDNN path takes float32 products of at least ``ONEDNN_MIN_MACS`` multiply-adds with at least
+``ONEDNN_MIN_ROWS`` rows and columns; smaller ones (where oneDNN's ~13 us call overhead shows, e.g.
+decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always run ``torch.mm``
+(cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
 """
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +28,16 @@ from fastlm import backend, eager
 ONEDNN_MIN_MACS = 1 << 21
 ONEDNN_MIN_ROWS = 32
 # Output width up to which a product whose left operand is a transposed view (a weight gradient,
-# x.T @ dy) runs faster computed transposed, as (dy.T @ x).T, by oneDNN: measured on Zen, see
-# _gemm_onednn.
+# x.T @ dy) runs faster computed transposed, as (dy.T @ x).T, by oneDNN (measured on Zen; see
+# _onednn_product).
 _NARROW = 256
 
 
 def onednn_available() -> bool:
-    """torch was built with oneDNN and exposes the op the ``cpp`` backend calls."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """An x86-64 machine whose torch was built with oneDNN and exposes the op the ``cpp`` backend calls
+    (elsewhere, e.g. on ARM, oneDNN's float32 kernels were never compared with torch's here)."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 # ----------------------------------------------------------------------------- implementations
