@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from fastlm.hf import attention as hf_attention
 from fastlm.hf.table import ACTIVATIONS, ARCHITECTURES, Arch, supported
 from fastlm.ops.activation import geglu, gelu, swiglu
-from fastlm.ops.gemm import linear, mm
+from fastlm.ops.gemm import linear as fastlm_linear
+from fastlm.ops.gemm import mm
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norm import layer_norm, rms_norm
 from fastlm.ops.rope import rope
@@ -62,7 +63,7 @@ def _post_norm_forward(self, hidden_states, input_tensor):
 
 
 def _linear_forward(self, input):
-    return linear(input, self.weight, self.bias)
+    return fastlm_linear(input, self.weight, self.bias)
 
 
 def _conv1d_forward(self, x):

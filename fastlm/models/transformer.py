@@ -92,7 +92,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.qkv = Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
-                             bias=cfg.bias or cfg.qkv_bias)
+                          bias=cfg.bias or cfg.qkv_bias)
         # Sliding window: a query sees itself and window - 1 keys before it.
         self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
         self.proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)

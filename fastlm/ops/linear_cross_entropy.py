@@ -21,8 +21,8 @@ chunks cost less time and more memory.
 backward. Then the forward computes the losses only, and the backward recomputes the chunks
 with each row's gradient scaled by its ``grad_output`` (the matmuls run twice).
 
-The matmuls are ``fastlm.ops.gemm``'s (cuBLAS on CUDA, oneDNN on CPU); the cross-entropy part dispatches to the
-backend chosen for ``cross_entropy_fwd`` (Triton, C++ or PyTorch).
+The matmuls are ``fastlm.ops.gemm``'s (cuBLAS on CUDA, oneDNN on CPU); the cross-entropy part
+dispatches to the backend chosen for ``cross_entropy_fwd`` (Triton, C++ or PyTorch).
 """
 
 import torch
