@@ -72,6 +72,25 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
                                  grad=True)
 
 
+def test_model_matches_torch_reference_ops_where_its_matmuls_run_onednn(monkeypatch):
+    """The same comparison at a size where the CPU matmuls run oneDNN (fastlm.ops.gemm), forward and backward."""
+    from fastlm.ops.gemm import onednn_available
+
+    model = Transformer(FAMILIES["llama-gqa"](vocab_size=1151, d_model=128, n_layers=2, max_seq_len=64))
+    inputs, targets = torch.randint(0, 1151, (4, 64)), torch.randint(0, 1151, (4, 64))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, grads = _loss_and_grads(model, inputs, targets, None, None)
+    if onednn_available():
+        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+    with fastlm.use_backend("torch"):
+        base_loss, base_grads = _loss_and_grads(model, inputs, targets, None, None)
+    ref_loss, ref_grads = _loss_and_grads(_float64_model(model, monkeypatch), inputs, targets, None, None)
+    assert_matches_reference("loss", loss, ref_loss, base_loss, torch.float32)
+    for name in grads:
+        assert_matches_reference(f"grad {name}", grads[name], ref_grads[name], base_grads[name], torch.float32,
+                                 grad=True)
+
+
 def test_packed_positions_restart_at_each_document():
     """A document packed after another gives the same hidden states as the document alone."""
     for family in FAMILIES:
