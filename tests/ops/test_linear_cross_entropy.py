@@ -15,7 +15,7 @@ from tests.ops.test_cross_entropy import IGNORE, option_id, plain_torch
 # PyTorch's CPU matmul sums a 50257-long dot product less accurately for 1-3 rows than for
 # more (a different kernel), which is not ours to test.
 # The last, (300, 64, 1151), is large enough for the CPU matmuls to run oneDNN (fastlm.ops.gemm),
-# including the weight-gradient accumulation from its transposed result.
+# including its weight-gradient accumulation (the narrow-output rule).
 SHAPES = [(1, 16, 5003, None), (37, 24, 1000, 10), (1023, 8, 2, 100), (5, 32, 50257, None), (300, 64, 1151, 128)]
 # (reduction, label_smoothing, z_loss, bias): every reduction, each option alone and together;
 # the bias on the pre-scaled (mean) and the recomputing (none) backward paths.
