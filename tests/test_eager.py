@@ -81,6 +81,17 @@ CASES = {
         lambda: (_leaf(9, 16), _leaf(41, 16, scale=0.3), _targets((9,), 41)),
         lambda h, w, target: fastlm.linear_cross_entropy(h, w, target, reduction="none", chunk_size=4),
     ),
+    # Large enough for the cpp backend's oneDNN path (fastlm.ops.gemm's thresholds).
+    "gemm-bias": Case(
+        "gemm",
+        lambda: (_leaf(64, 96), _leaf(400, 96, scale=0.1), _leaf(400)),
+        lambda a, w, b: fastlm.ops.gemm(a, w.t(), b),
+    ),
+    "linear-3d": Case(
+        "gemm",
+        lambda: (_leaf(2, 37, 96), _leaf(300, 96, scale=0.1)),
+        lambda x, w: fastlm.ops.linear(x, w),
+    ),
     "attention-causal-gqa": Case(
         "attention_fwd",
         lambda: (_leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)),
