@@ -111,19 +111,20 @@ _gemm_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public functions
 
 
-def _check(fn: str, a, b, bias) -> None:
-    for name, t in (("a", a), ("b", b)):
+def _check(fn: str, a, b, bias, names: tuple[str, str] = ("a", "b")) -> None:
+    for name, t in zip(names, (a, b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    na, nb = names
     if a.shape[1] != b.shape[0]:
-        raise ValueError(f"{fn}: a's columns ({a.shape[1]}) must equal b's rows ({b.shape[0]}); "
-                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
+        raise ValueError(f"{fn}: {na}'s columns ({a.shape[1]}) must equal {nb}'s rows ({b.shape[0]}); "
+                         f"got {na} {tuple(a.shape)}, {nb} {tuple(b.shape)}")
     if a.dtype != b.dtype or not a.dtype.is_floating_point:
-        raise TypeError(f"{fn}: a and b must share one floating dtype, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"{fn}: {na} and {nb} must share one floating dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
-        raise ValueError(f"{fn}: a is on {a.device} but b is on {b.device}")
+        raise ValueError(f"{fn}: {na} is on {a.device} but {nb} is on {b.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (b.shape[1],):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -135,7 +136,7 @@ def _check(fn: str, a, b, bias) -> None:
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b + bias`` for a (m, k), b (k, n), bias (n,) or None: a new contiguous (m, n) tensor.
 
-    Any strides (a transposed view costs nothing). Differentiable. CPU: oneDNN for float32 (see
+    Any strides (pass views: what a kernel needs copied, it copies). Differentiable. CPU: oneDNN for float32 (see
     the module doc); CUDA: ``torch.mm`` / ``torch.addmm``, autocast-aware.
     """
     _check("gemm", a, b, bias)
@@ -178,7 +179,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: x (..., in) and weight (out, in) must agree on in, got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    _check("linear", x2, weight.t(), bias)
+    _check("linear", x2, weight.t(), bias, names=("x", "weight.T"))
     return _gemm_op(x2, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])  # (..., out)
 
 

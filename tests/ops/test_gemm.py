@@ -150,8 +150,11 @@ def test_autocast_keeps_f_linear_semantics():
         (lambda: gemm(torch.ones(3, 4, dtype=torch.int64), torch.ones(4, 2, dtype=torch.int64)), TypeError,
          "floating dtype"),
         (lambda: linear(random_tensor(3, 5), random_tensor(2, 4)), ValueError, "must agree on in"),
+        (lambda: linear(random_tensor(3, 4), random_tensor(2, 4, dtype=torch.float64)), TypeError,
+         "x and weight.T must share one floating dtype"),
     ],
-    ids=["inner-dims", "not-2d", "dtypes", "not-a-tensor", "bias-shape", "integer", "linear-in-features"],
+    ids=["inner-dims", "not-2d", "dtypes", "not-a-tensor", "bias-shape", "integer", "linear-in-features",
+         "linear-dtypes"],
 )
 def test_bad_input_raises_before_launch(call, error, match):
     with pytest.raises(error, match=match):
