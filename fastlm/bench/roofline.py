@@ -2,8 +2,7 @@
 
 Bandwidth: a large device-to-device copy (bytes read + written / time). Compute: a large
 matmul in the dtype the GPU benchmarks use (bf16 on CUDA, fp32 on CPU; there the faster of torch's
-and fastlm's gemm). Percentages of
-these, not of a datasheet, are what the reports give.
+and fastlm's gemm). Percentages of these, not of a datasheet, are what the reports give.
 """
 
 import torch
