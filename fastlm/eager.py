@@ -60,6 +60,12 @@ def _needs_dispatcher() -> bool:
     )
 
 
+def is_concrete(t: torch.Tensor) -> bool:
+    """True when ``t`` is a plain tensor holding values that may be read now: not a fake, functional or
+    traced tensor (torch.compile, export, opcheck's fake passes), nor a tensor subclass."""
+    return type(t) in _PLAIN_TENSORS and not torch.compiler.is_compiling() and not _needs_dispatcher()
+
+
 class EagerOp:
     """A registered custom op (``self.op``, the ``CustomOpDef``) whose calls take the eager fast path.
 

@@ -222,6 +222,35 @@ def loss_scale(target, ignore_index, reduction, num_items, num_items_int) -> tor
     return 1.0 / count.clamp_min(1.0)
 
 
+def _graph_retained() -> bool:
+    """Whether the running backward keeps its graph (``retain_graph``/``create_graph``); True where this
+    torch does not say (a private function, AOTAutograd's own source of the same fact)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
+def scaled_gradient(stored: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient a forward stored, times the scalar ``grad_loss``, in ``dtype``.
+
+    ``stored`` is never modified while the graph holds it: a retained graph may run the backward again.
+    An fp32 accumulator of a bf16/fp16 weight is cast first and the cast scaled in place, so no fp32
+    temporary the size of the weight is made. When ``grad_loss`` is exactly 1 (``loss.backward()`` on the
+    loss itself) on the CPU in eager mode and the graph is not retained (so this backward is the last
+    user of ``stored``), the product would only copy ``stored``: it is returned as it is (or its cast).
+    On a GPU reading that value would synchronize the device, so the product is always taken there.
+    """
+    one = (
+        grad_loss.device.type == "cpu"
+        and eager.is_concrete(grad_loss)
+        and not _graph_retained()
+        and bool(grad_loss == 1)
+    )
+    if stored.dtype == dtype:
+        return stored if one else stored * grad_loss.to(dtype)
+    cast = stored.to(dtype)
+    return cast if one else cast.mul_(grad_loss.to(dtype))
+
+
 def reduce_loss(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
     """Per-row fp32 losses -> the op's loss; summed in a fixed order (deterministic)."""
     if reduction == "none":
@@ -277,8 +306,9 @@ def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("cross_entropy: the forward ran without compute_grad; call it through fastlm.cross_entropy")
-    g = grad_loss.to(grad.dtype)
-    return (grad * (g[:, None] if ctx.reduction == "none" else g),) + (None,) * 8
+    if ctx.reduction == "none":
+        return (grad * grad_loss.to(grad.dtype)[:, None],) + (None,) * 8
+    return (scaled_gradient(grad, grad_loss, grad.dtype),) + (None,) * 8
 
 
 _cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -38,6 +38,7 @@ from fastlm.ops.cross_entropy import (
     loss_fake,
     loss_scale,
     reduce_loss,
+    scaled_gradient,
     split_num_items,
 )
 from fastlm.ops.gemm import addmm_, mm
@@ -218,23 +219,14 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
         )
     else:
         stored_hidden, stored_weight, stored_bias = ctx.saved_tensors
-        grad_hidden = _scaled(stored_hidden, grad_loss, stored_hidden.dtype) if need_hidden else None
-        grad_weight = _scaled(stored_weight, grad_loss, ctx.weight_dtype) if need_weight else None
-        grad_bias = _scaled(stored_bias, grad_loss, ctx.bias_dtype) if need_bias else None
+        grad_hidden = scaled_gradient(stored_hidden, grad_loss, stored_hidden.dtype) if need_hidden else None
+        grad_weight = scaled_gradient(stored_weight, grad_loss, ctx.weight_dtype) if need_weight else None
+        grad_bias = scaled_gradient(stored_bias, grad_loss, ctx.bias_dtype) if need_bias else None
     return (
         grad_hidden if need_hidden else None,
         grad_weight.to(ctx.weight_dtype) if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
     ) + (None,) * 11
-
-
-def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """stored * grad_loss in ``dtype``, never modifying ``stored`` (a retained graph may run
-    the backward again) and, for an fp32 accumulator of a bf16/fp16 weight, without an fp32
-    temporary the size of the weight: cast first, then scale the cast in place."""
-    if stored.dtype == dtype:
-        return stored * grad_loss.to(dtype)
-    return stored.to(dtype).mul_(grad_loss.to(dtype))
 
 
 _linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)

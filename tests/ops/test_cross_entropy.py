@@ -243,12 +243,44 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_twice_with_retained_graph(backend, dtype, reduction):
-    # The backward scales the stored gradient out of place, so a second one gives the same.
+@pytest.mark.parametrize("factor", [0.5, 1.0], ids=["grad0.5", "grad1"])
+def test_backward_twice_with_retained_graph(backend, dtype, reduction, factor):
+    # The backward never modifies the stored gradient (a product is out of place; a unit grad_loss
+    # returns it as is), so a second backward gives the same, and .backward() twice accumulates twice.
     logits, target = make_inputs(6, 50, dtype)
     leaf = logits.clone().requires_grad_()
     with fastlm.use_backend(backend):
-        loss = cross_entropy(leaf, target, reduction=reduction).sum() * 0.5
+        loss = cross_entropy(leaf, target, reduction=reduction).sum() * factor
         first = torch.autograd.grad(loss, leaf, retain_graph=True)[0]
-        second = torch.autograd.grad(loss, leaf)[0]
+        second = torch.autograd.grad(loss, leaf, retain_graph=True)[0]
+        loss.backward(retain_graph=True)
+        loss.backward()
     assert torch.equal(first, second)
+    torch.testing.assert_close(leaf.grad, 2 * first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unit_grad_loss_returns_the_stored_gradient(backend, dtype, reduction):
+    # loss.backward() on the loss itself (grad_loss exactly 1): on the CPU the backward returns the
+    # gradient the forward stored, without a product by 1 (a copy the size of the logits).
+    logits, target = make_inputs(37, 1000, dtype)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    ref, ref_grad = forward_backward(cross_entropy_ref, logits.double(), target, one, reduction=reduction)
+    base, base_grad = forward_backward(plain_torch, logits, target, one, reduction=reduction)
+    leaf = logits.clone().requires_grad_()
+    with fastlm.use_backend(backend), poison_outputs():
+        loss = cross_entropy(leaf, target, reduction=reduction)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            loss.backward()
+    assert_matches_reference("dlogits", leaf.grad, ref_grad, base_grad, dtype, grad=True)
+    logits_sized = [e.name for e in prof.events() if e.name == "aten::mul" and list(logits.shape) in e.input_shapes]
+    assert logits_sized == []
+    # A second graph's gradient accumulates into the first (which is now the stored buffer itself).
+    with fastlm.use_backend(backend):
+        leaf = logits.clone().requires_grad_()
+        cross_entropy(leaf, target, reduction=reduction).backward()
+        first = leaf.grad.clone()
+        cross_entropy(leaf * 0.5, target, reduction=reduction).backward()
+        second = torch.autograd.grad(cross_entropy(leaf * 0.5, target, reduction=reduction), leaf)[0]
+    torch.testing.assert_close(leaf.grad, first + second, rtol=0, atol=0)

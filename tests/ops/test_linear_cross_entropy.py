@@ -218,16 +218,44 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_twice_with_retained_graph(backend, dtype, reduction):
-    # The backward scales the stored gradients out of place, so a second one gives the same.
+@pytest.mark.parametrize("factor", [0.5, 1.0], ids=["grad0.5", "grad1"])
+def test_backward_twice_with_retained_graph(backend, dtype, reduction, factor):
+    # The backward never modifies the stored gradients (a product is out of place; a unit grad_loss
+    # returns them as they are), so a second backward gives the same, and .backward() twice accumulates twice.
     leaves = [t.requires_grad_() for t in make_inputs(6, 8, 40, dtype)[:3]]
     target = torch.randint(0, 40, (6,))
     with fastlm.use_backend(backend):
-        loss = linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], reduction=reduction).sum() * 0.5
+        loss = linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], reduction=reduction).sum() * factor
         first = torch.autograd.grad(loss, leaves, retain_graph=True)
-        second = torch.autograd.grad(loss, leaves)
-    for a, b in zip(first, second):
+        second = torch.autograd.grad(loss, leaves, retain_graph=True)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for a, b, leaf in zip(first, second, leaves):
         assert torch.equal(a, b)
+        torch.testing.assert_close(leaf.grad, 2 * a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,dtype", cpu_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unit_grad_loss_returns_the_stored_gradients(backend, dtype, reduction):
+    # loss.backward() on the loss itself (grad_loss exactly 1): on the CPU the backward returns the
+    # gradients the forward stored, without a product by 1 (a copy of the weight's size).
+    hidden, weight, bias, target = make_inputs(37, 24, 101, dtype, True)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    as64 = [t.double() for t in (hidden, weight, bias)]
+    ref, ref_grads = forward_backward(linear_cross_entropy_ref, *as64, target, one, reduction=reduction)
+    base, base_grads = forward_backward(plain_torch_linear, hidden, weight, bias, target, one, reduction=reduction)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with fastlm.use_backend(backend), poison_outputs():
+        loss = linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], reduction=reduction)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            loss.backward()
+    for name, leaf, r, b in zip(["dhidden", "dweight", "dbias"], leaves, ref_grads, base_grads):
+        assert_matches_reference(name, leaf.grad, r, b, dtype, grad=True)
+    shapes = [list(t.shape) for t in (hidden, weight, bias)]
+    products = [e.input_shapes for e in prof.events()
+                if e.name in ("aten::mul", "aten::mul_") and any(s in e.input_shapes for s in shapes)]
+    assert products == []
 
 
 class _Outputs(torch.utils._python_dispatch.TorchDispatchMode):
