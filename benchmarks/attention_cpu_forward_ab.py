@@ -1,7 +1,7 @@
 """Forward-only attention on the CPU (inference, evaluation: no gradient), alternating calls in one process:
-fastlm.attention as it runs there (SDPA: a forward that keeps no LSE), the C++ kernel's forward (what
-``return_lse=True`` runs), and SDPA called directly. The evidence for the cpp backend's rule that a
-forward without an LSE runs SDPA (fastlm/ops/attention.py).
+fastlm.attention as it runs there (the C++ forward, which then writes no LSE), the same with
+``return_lse=True``, and SDPA called directly. The evidence for the cpp backend's rule that every fp32
+forward without dropout runs the C++ kernel (fastlm/ops/attention.py).
 
     python benchmarks/attention_cpu_forward_ab.py [CALLS]
 
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import fastlm
 from fastlm.bench.harness import alternating_medians
 
-SHAPES = [(2, 128, 2, 64), (4, 256, 4, 64), (16, 128, 4, 32)]  # (batch, seqlen, heads, head dim)
+# (batch, seqlen, heads, head dim): small training shapes, and the suite's full-size one.
+SHAPES = [(2, 128, 2, 64), (4, 256, 4, 64), (16, 128, 4, 32), (8, 512, 32, 64)]
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             runs = {
                 "fastlm": lambda: fastlm.attention(q, k, v, causal=causal),
-                "c++ forward": lambda: fastlm.attention(q, k, v, causal=causal, return_lse=True),
+                "fastlm + lse": lambda: fastlm.attention(q, k, v, causal=causal, return_lse=True),
                 "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
             }
             with torch.no_grad():

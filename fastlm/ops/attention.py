@@ -26,10 +26,9 @@ CPU (``cpp`` backend, the default there): a C++ flash kernel (csrc/cpu/attention
 without dropout, forward (online softmax over key tiles, writing the LSE) and backward from the
 saved LSE (no forward recompute; dK/dV summed over each GQA group without atomics, so
 deterministic). Other calls on the cpp backend (fp16/bf16, dropout) run the torch launchers,
-decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then. So does a
-forward of full (unmasked) attention that keeps no LSE (no gradient, ``return_lse=False``: an encoder's
-inference): there SDPA measured 1.3-1.6x faster than the C++ forward, which is faster than that path
-with a causal mask (``benchmarks/attention_cpu_forward_ab.py``).
+decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then. An fp32
+forward that keeps no LSE (inference) runs the C++ kernel too, full or masked: it measured 1.2-1.4x
+faster than SDPA on full attention and 1.7-2.4x on causal (``benchmarks/attention_cpu_forward_ab.py``).
 
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
@@ -961,10 +960,7 @@ def _cpp_takes(dtype: torch.dtype, dropout_p: float) -> bool:
 
 
 def _fwd_cpp(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
-    # Full (unmasked) attention that keeps no LSE (inference, evaluation of an encoder: no backward will
-    # read it) runs SDPA, whose forward measured 1.3-1.6x faster there; with a causal or window mask the
-    # C++ forward measured faster than that path, and in training its LSE spares the backward a rerun.
-    if (lse is None and left < 0 and right < 0) or not _cpp_takes(q.dtype, dropout_p):
+    if not _cpp_takes(q.dtype, dropout_p):
         _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
         return
     cpu_extension().attention_fwd(q, k, v, out, lse, cu_q, cu_k, max_q, scale, left, right)
