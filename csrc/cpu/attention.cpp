@@ -1,6 +1,7 @@
 #include "cpu/attention.h"
 
 #include "cpu/fast_math.h"
+#include "cpu/huge_pages.h"
 
 #include <ATen/Parallel.h>
 
@@ -520,6 +521,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     check_like(out, q, "out");
     if (lse.has_value()) check_lse(*lse, L, q);
     const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    advise_huge_pages(out);
     float* op = out.data_ptr<float>();
     float* lp = lse.has_value() ? lse->data_ptr<float>() : nullptr;
     const int64_t n_seqs = static_cast<int64_t>(L.seqs.size()), group = L.heads / L.kv_heads;
@@ -574,6 +576,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     check_like(dk, k, "dk");
     check_like(dv, k, "dv");
     check_lse(lse, L, q);
+    for (const at::Tensor* grad : {&dq, &dk, &dv}) advise_huge_pages(*grad);
     const BwdOperands x{dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                         out.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
                         dv.data_ptr<float>()};

@@ -1,5 +1,7 @@
 #include "cpu/rope.h"
 
+#include "cpu/huge_pages.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -112,6 +114,8 @@ void rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, c
         TORCH_CHECK(q.size(1) <= cos.size(0), "seqlen ", q.size(1), " exceeds the ", cos.size(0),
                     " positions of the cos/sin table");
     }
+    advise_huge_pages(q_out);
+    advise_huge_pages(k_out);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_cpu", [&] {
         rope_kernel<scalar_t>(q, k, cos.data_ptr<float>(), sin.data_ptr<float>(), pos, spb, sps,
                               q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(), r2, interleaved, conj);
