@@ -27,8 +27,9 @@ without dropout, forward (online softmax over key tiles, writing the LSE) and ba
 saved LSE (no forward recompute; dK/dV summed over each GQA group without atomics, so
 deterministic). Other calls on the cpp backend (fp16/bf16, dropout) run the torch launchers,
 decided per call by ``_cpp_takes``; the kernel also needs no LSE from the forward then. An fp32
-forward that keeps no LSE (inference) runs the C++ kernel too, full or masked: it measured 1.2-1.4x
-faster than SDPA on full attention and 1.7-2.4x on causal (``benchmarks/attention_cpu_forward_ab.py``).
+forward that keeps no LSE (inference) runs the C++ kernel too, full or masked: it measured 1.26-1.63x
+faster than SDPA on full attention and 1.95-2.9x on causal (``benchmarks/attention_cpu_forward_ab.py``,
+``benchmarks/results/cpu-2026-12-02-ops/``).
 
 CPU (``torch`` backend): ``torch.nn.functional.scaled_dot_product_attention`` (a fused
 flash kernel on CPU) with a boolean mask and ``enable_gqa``; packed sequences run one
