@@ -17,6 +17,7 @@ CPU_SOURCES = ("cpu/fastlm_cpu.cpp", "cpu/norm.cpp", "cpu/optim8bit.cpp", "cpu/a
 CPU_SOURCES += ("cpu/cross_entropy.cpp",)
 CPU_SOURCES += ("cpu/decode.cpp",)
 CPU_SOURCES += ("cpu/attention.cpp",)
+CPU_SOURCES += ("cpu/transpose.cpp",)
 # -fno-math-errno: sqrt never sets errno, so loops that take square roots vectorize.
 CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17", "-fno-math-errno")
 CPU_LDFLAGS = ("-fopenmp",)

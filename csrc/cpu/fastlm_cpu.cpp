@@ -8,6 +8,7 @@
 #include "cpu/norm.h"
 #include "cpu/optim8bit.h"
 #include "cpu/rope.h"
+#include "cpu/transpose.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fastlm C++ CPU kernels";
@@ -41,6 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
           py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("scale"),
           py::arg("left"), py::arg("right"), py::call_guard<py::gil_scoped_release>());
+    m.def("transpose", &transpose_cpu, "dst (cols, rows) = src (rows, cols) transposed, fp32", py::arg("src"),
+          py::arg("dst"));
     py::class_<DecodePlan>(m, "DecodePlan", "One Transformer decode step in C++ (csrc/cpu/decode.h)")
         .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                       std::vector<std::vector<std::optional<at::Tensor>>>, std::optional<at::Tensor>,

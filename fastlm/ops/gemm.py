@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import backend, eager
+from fastlm.extension import cpu_extension
 
 ONEDNN_MIN_MACS = 1 << 21
 ONEDNN_MIN_ROWS = 32
@@ -44,8 +45,22 @@ def onednn_available() -> bool:
 
 
 def _linear_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's ``x @ w.T + bias`` (x (m, k), w (n, k)) into a new contiguous (m, n) tensor."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    """oneDNN's ``x @ w.T + bias`` (x (m, k), w (n, k)) into a new contiguous (m, n) tensor. oneDNN reads
+    ``w`` row- or column-major as it lies; ``x`` must be row-major (the op would copy it otherwise)."""
+    return torch.ops.mkldnn._linear_pointwise(_row_major(x), w, bias, "none", [], "")
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor. A transposed view (a weight gradient's operand) goes through
+    fastlm's C++ transpose, 5-7x faster than torch's strided copy at the model's sizes
+    (csrc/cpu/transpose.cpp)."""
+    if t.is_contiguous():
+        return t
+    if t.stride(0) == 1 and t.stride(1) >= t.shape[0]:  # the transpose of a matrix with contiguous rows
+        out = torch.empty(t.shape, dtype=t.dtype)
+        cpu_extension().transpose(t.t(), out)
+        return out
+    return t.contiguous()
 
 
 def _gemm_torch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -57,13 +72,10 @@ def _gemm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     if (a.dtype != torch.float32 or min(m, n) < ONEDNN_MIN_ROWS or m * k * n < ONEDNN_MIN_MACS
             or not torch._C._get_mkldnn_enabled()):
         return _gemm_torch(a, b, bias)
-    # Operands oneDNN cannot describe as row- or column-major (a strided slice of both) are copied.
-    a = a if 1 in a.stride() else a.contiguous()
-    b = b if 1 in b.stride() else b.contiguous()
     if a.stride(1) != 1 and n <= _NARROW and n < m:
         # x.T @ dy with a narrow output (a weight gradient of a layer with few input features): oneDNN
         # runs (dy.T @ x) 1.3-1.7x faster; the transpose back copies only the (small) result.
-        out = _linear_pointwise(b.t(), a, None).t().contiguous()
+        out = _row_major(_linear_pointwise(b.t(), a, None).t())
         return out if bias is None else out.add_(bias)
     return _linear_pointwise(a, b.t(), bias)
 

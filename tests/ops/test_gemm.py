@@ -92,6 +92,37 @@ def test_cpp_backend_runs_onednn_above_the_threshold_and_torch_below():
         assert "mkldnn::_linear_pointwise" not in kernels(big_a, big_b)
 
 
+@ONEDNN
+def test_onednn_reads_transposed_operands_without_torch_copies():
+    """A weight gradient's transposed operands reach oneDNN with no torch copy: the left one through
+    fastlm's C++ transpose, the right one as oneDNN reads it (column-major)."""
+    x, dy = random_tensor(2048, 128), random_tensor(2048, 384)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grad_w = gemm(dy.t(), x)
+    names = [e.name for e in prof.events()]
+    assert "mkldnn::_linear_pointwise" in names
+    assert not {"aten::copy_", "aten::clone", "aten::contiguous"} & set(names), names
+    torch.testing.assert_close(grad_w, gemm_ref(dy.t().double(), x.double()).float(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 7), (7, 1), (8, 8), (13, 40), (123, 1151), (1151, 123), (257, 130)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("row_stride", ["contiguous", "padded"])
+def test_cpp_transpose(rows, cols, row_stride):
+    """The C++ transpose behind gemm's oneDNN operands, on whole 8 x 8 blocks, edges and rows longer than
+    the tile, from contiguous rows or rows with a larger stride (a slice of a wider matrix)."""
+    from fastlm.extension import cpu_extension
+
+    src = random_tensor(rows, cols + (5 if row_stride == "padded" else 0))[:, :cols]
+    dst = torch.full((cols, rows), float("nan"))
+    cpu_extension().transpose(src, dst)
+    assert torch.equal(dst, src.t())
+    with pytest.raises(RuntimeError, match="dst must be a contiguous float32"):
+        cpu_extension().transpose(src, torch.empty(rows, cols + 1))
+    with pytest.raises(RuntimeError, match="src must be a 2-D float32"):
+        cpu_extension().transpose(src.double(), dst)
+
+
 @pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])
 def test_linear_matches_f_linear_on_3d_input(backend, dtype):
     g = torch.Generator().manual_seed(3)
