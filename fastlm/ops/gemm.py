@@ -72,6 +72,9 @@ def _gemm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) ->
     if (a.dtype != torch.float32 or min(m, n) < ONEDNN_MIN_ROWS or m * k * n < ONEDNN_MIN_MACS
             or not torch._C._get_mkldnn_enabled()):
         return _gemm_torch(a, b, bias)
+    # Operands oneDNN cannot describe as row- or column-major (a strided slice of both) are copied.
+    a = a if 1 in a.stride() else a.contiguous()
+    b = b if 1 in b.stride() else b.contiguous()
     if a.stride(1) != 1 and n <= _NARROW and n < m:
         # x.T @ dy with a narrow output (a weight gradient of a layer with few input features): oneDNN
         # runs (dy.T @ x) 1.3-1.7x faster; the transpose back copies only the (small) result.
