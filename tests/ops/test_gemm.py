@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend
+from fastlm.extension import cpu_extension
 from fastlm.ops.gemm import ONEDNN_MIN_MACS, addmm_, gemm, gemm_ref, linear, mm, onednn_available
 from fastlm.testing import assert_matches_reference, random_tensor
 from tests.backends import cpu_backend_params
@@ -112,8 +113,6 @@ def test_onednn_reads_transposed_operands_without_torch_copies():
 def test_cpp_transpose(rows, cols, row_stride):
     """The C++ transpose behind gemm's oneDNN operands, on whole 8 x 8 blocks, edges and rows longer than
     the tile, from contiguous rows or rows with a larger stride (a slice of a wider matrix)."""
-    from fastlm.extension import cpu_extension
-
     src = random_tensor(rows, cols + (5 if row_stride == "padded" else 0))[:, :cols]
     dst = torch.full((cols, rows), float("nan"))
     cpu_extension().transpose(src, dst)
