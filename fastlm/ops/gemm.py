@@ -188,7 +188,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"linear: x and weight must be torch.Tensors, got {type(x).__name__}, {type(weight).__name__}")
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if _runs_torch(x):
         return F.linear(x, weight, bias)
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x (..., in) and weight (out, in) must agree on in, got x {tuple(x.shape)}, "
