@@ -1,11 +1,11 @@
 """Tile sweep for the Hopper attention kernels (forward, dQ, dK/dV), in two steps so that the
 GPU minutes go to timing only:
 
-    python benchmarks/attention_tile_sweep.py compile OUT.jsonl   # no GPU: compile every candidate for sm_90a
+    python benchmarks/attention_tile_sweep.py compile OUT.jsonl [KINDS]   # no GPU: compile every candidate for sm_90a
     python benchmarks/attention_tile_sweep.py time OUT.jsonl [COMPILED.jsonl [KINDS]]   # on the GPU: time, check
 
-``KINDS`` (e.g. ``bwd_dkdv`` or ``bwd_dkdv,bwd_dq``) limits the timing to those kernels, for a
-device window too short for every candidate.
+``KINDS`` (e.g. ``bwd_dkdv`` or ``bwd_dkdv,bwd_dq``) limits either step to those kernels: the timing
+for a device window too short for every candidate, the compile to a kind added since the last run.
 
 ``compile`` builds each candidate tile (BLOCK_M, BLOCK_N, warps, stages) of each kernel, bf16,
 causal, at head dims 64 and 128, and records registers, spill bytes, shared memory and HGMMA
@@ -34,7 +34,9 @@ attn = importlib.import_module("fastlm.ops.attention")
 HEAD_DIMS = (128, 64)  # 128 first: the size users compare, timed first if the device window ends early
 # dK/dV first: the backward is the slow part (0.30-0.34x SDPA on the H200, benchmarks/results/h200-2026-11-28),
 # and dK/dV (4 of its 7 matmuls) the larger share of it: timed first if the device window ends early.
-KERNELS = {"bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel", "fwd": "_attn_fwd_kernel"}
+# bwd_dkdv_dq is the dK/dV kernel of the deterministic=False backward, which also adds dQ atomically.
+KERNELS = {"bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dkdv_dq": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel",
+           "fwd": "_attn_fwd_kernel"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). HGMMA needs 64 rows on the M side of a dot: the
 # query block for the forward and dQ, the key block (BLOCK_N) for dK/dV.
 CANDIDATES = {
@@ -42,9 +44,15 @@ CANDIDATES = {
     "bwd_dq": [(m, n, w, s) for m in (64, 128) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)],
     "bwd_dkdv": [(m, n, w, s) for m in (16, 32, 64) for n in (64, 128) for w in (4, 8) for s in (1, 2, 3)],
 }
+CANDIDATES["bwd_dkdv_dq"] = CANDIDATES["bwd_dkdv"]
+# The variant label (fastlm.ops.attention._train_variants) of each kind's bf16 causal build.
+LABEL_TAG = {"bwd_dkdv_dq": " atomic dQ"}
+# Kernels counted in a kind's time besides the one whose tiles change: the atomic backward's delta pass
+# (its last step, dQ's fp32 -> bf16 scale and cast, is one elementwise torch op and is not counted).
+ALSO_TIMED = {"bwd_dkdv_dq": ("_attn_bwd_delta_kernel",)}
 # Matmuls per score tile: the forward's QK^T and PV; dQ recomputes QK^T and forms dO V^T and dS K;
 # dK/dV recomputes QK^T and forms dO V^T, P^T dO and dS^T Q.
-MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}
+MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_dq": 5}
 # A larger tile may win despite a few more spilled registers; beyond this it is not worth a
 # device compile (several seconds each, the sweep's main cost). 256 admits the dK/dV tiles with
 # 32-query steps at head dim 128 (150-230 bytes against the default 16-query step's 0): whether
@@ -76,15 +84,17 @@ def default_tile(kind: str, head_dim: int) -> tuple[int, int, int, int]:
     return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
 
 
-def compile_sweep(out) -> None:
+def compile_sweep(out, kinds: tuple[str, ...] = tuple(KERNELS)) -> None:
     from fastlm.kernel_registry import REGISTRY
     from fastlm.tools.gpu_compile_check import compile_variant
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     for kind, name in KERNELS.items():
+        if kind not in kinds:
+            continue
         spec = REGISTRY[f"fastlm.ops.attention.{name}"]
         for head_dim in HEAD_DIMS:
-            label = f"bf16 d={head_dim} causal"
+            label = f"bf16 d={head_dim} causal{LABEL_TAG.get(kind, '')}"
             for tile in CANDIDATES[kind]:
                 with tiles(kind, tile):
                     (variant,) = [v for v in spec.variants() if v.label == label]
@@ -131,9 +141,6 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    unknown = set(kinds) - set(KERNELS)
-    if unknown:
-        raise SystemExit(f"unknown kernel kinds {sorted(unknown)}; expected some of {list(KERNELS)}")
     keep = admitted(compiled_path) if compiled_path else None
     b, s, h = SHAPE["batch"], SHAPE["seqlen"], SHAPE["heads"]
     for head_dim in HEAD_DIMS:
@@ -146,12 +153,12 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
         ref = (ref_out.transpose(1, 2),) + torch.autograd.grad(ref_out, (q, k, v), dout.transpose(1, 2))
         flops = 4 * b * h * s * s * head_dim / 2  # the forward's two matmuls, causal half
 
-        def run():
-            o = attn.attention(q, k, v, causal=True)
+        def run(deterministic=True):
+            o = attn.attention(q, k, v, causal=True, deterministic=deterministic)
             return (o,) + torch.autograd.grad(o, (q, k, v), dout)
 
-        def errors():
-            return [(x.float() - r.float()).abs().max().item() for x, r in zip(run(), ref)]
+        def errors(deterministic=True):
+            return [(x.float() - r.float()).abs().max().item() for x, r in zip(run(deterministic), ref)]
 
         base = errors()
         for kind, name in KERNELS.items():
@@ -162,14 +169,16 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
                     continue
                 rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
                        **SHAPE}
+                deterministic = kind != "bwd_dkdv_dq"
                 with tiles(kind, tile):
                     try:
-                        err = errors()
+                        err = errors(deterministic)
                         bad = [i for i, (e, e0) in enumerate(zip(err, base)) if e > 2 * e0 + 1e-3]
                         if bad:
                             rec["problem"] = f"error {err} vs default {base}"
                         else:
-                            ms = _kernel_ms(run, [name])[name]
+                            names = [name, *ALSO_TIMED.get(kind, ())]
+                            ms = sum(_kernel_ms(lambda: run(deterministic), names).values())
                             rec.update(ms=ms, tflops=flops * MATMULS[kind] / 2 / ms / 1e9)
                     except Exception as exc:  # a tile the device refuses (shared memory): recorded, not fatal
                         rec["problem"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -178,14 +187,23 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
                 out.write(json.dumps(rec) + "\n")
 
 
+def _kinds(arg: str | None) -> tuple[str, ...]:
+    """The comma-separated kinds of a command line (all when absent), checked."""
+    kinds = tuple(arg.split(",")) if arg else tuple(KERNELS)
+    unknown = set(kinds) - set(KERNELS)
+    if unknown:
+        raise SystemExit(f"unknown kernel kinds {sorted(unknown)}; expected some of {list(KERNELS)}")
+    return kinds
+
+
 def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
     with open(path, "a") as out:
         if mode == "compile":
-            compile_sweep(out)
+            compile_sweep(out, _kinds(sys.argv[3] if len(sys.argv) > 3 else None))
         else:
-            kinds = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else tuple(KERNELS)
-            time_sweep(out, sys.argv[3] if len(sys.argv) > 3 else None, kinds)
+            compiled = sys.argv[3] if len(sys.argv) > 3 else None
+            time_sweep(out, compiled, _kinds(sys.argv[4] if len(sys.argv) > 4 else None))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Short H200 check of fastlm.attention against SDPA (bf16, causal, head dim 128), for a device
 window too small for the full gpu suite: medians by triton.testing.do_bench, TFLOP/s counting
-the causal half, written as JSON lines to the path given."""
+the causal half, written as JSON lines to the path given. ``fastlm-atomic-dq`` is the backward
+with ``deterministic=False`` (dQ summed with float atomics), timed to decide the default."""
 
 import json
 import sys
@@ -24,11 +25,15 @@ for seqlen, batch in ((2048, 8), (8192, 2)):
     def ours_fwd():
         return fastlm.attention(q, k, v, causal=True)
 
+    def ours_atomic_fwd():
+        return fastlm.attention(q, k, v, causal=True, deterministic=False)
+
     def sdpa_fwd():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
     for name, fwd, grad_in, grad_out in (("fastlm", ours_fwd, (q, k, v), dout),
+                                         ("fastlm-atomic-dq", ours_atomic_fwd, (q, k, v), dout),
                                          ("sdpa-flash", sdpa_fwd, (qt, kt, vt), dout.transpose(1, 2))):
         with torch.no_grad():
             t_fwd = do_bench(fwd, warmup=25, rep=200)

@@ -43,16 +43,17 @@ step install 120 python3 -m pip install -q --no-deps --no-build-isolation -e .
 # 1. Correctness of every GPU kernel, all failures listed (the CUDA optimizer extension builds here).
 step tests_gpu 240 python3 -m pytest tests/gpu -q -rf
 # 2. Attention against SDPA (bf16, causal, head dim 128): issue #3's forward and backward targets.
-step attention 60 python3 benchmarks/gpu_attention_quick.py "$WORK/attention.jsonl"
+step attention 90 python3 benchmarks/gpu_attention_quick.py "$WORK/attention.jsonl"
 # 3. The suite's attention, end-to-end and optimizer cases (issues #3, #5, #6, #8). When step 1 failed,
 #    the suite's own correctness pass of these ops decides (and stops it if one of theirs fails).
 tests_passed=()
 grep -q "^tests_gpu: exit 0 " "$SUMMARY" && tests_passed=(--gpu-tests-passed)
 step bench 300 python3 -m fastlm.bench.cli --suite gpu --ops attention,train,hf,optim --out "$WORK/bench" \
     "${tests_passed[@]}"
-# 4. With what is left: the dK/dV tile candidates (head dim 128 first), each checked against SDPA.
+# 4. With what is left: the dK/dV tile candidates (head dim 128 first), deterministic and with atomic dQ,
+#    each checked against SDPA.
 step tiles 600 python3 benchmarks/attention_tile_sweep.py time "$WORK/tiles.jsonl" \
-    benchmarks/results/attention-tiles-sm90.jsonl bwd_dkdv
+    benchmarks/results/attention-tiles-sm90.jsonl bwd_dkdv,bwd_dkdv_dq
 
 tar -czf "$OUT/session.tar.gz" -C "$WORK" .
 echo "packed: $(du -h "$OUT/session.tar.gz" | cut -f1)" >> "$SUMMARY"

@@ -97,6 +97,11 @@ CASES = {
         lambda: (_leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)),
         lambda q, k, v: fastlm.attention(q, k, v, causal=True),
     ),
+    "attention-atomic-dq": Case(
+        "attention_fwd",
+        lambda: (_leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)),
+        lambda q, k, v: fastlm.attention(q, k, v, causal=True, deterministic=False),
+    ),
     "attention-varlen-dropout": Case(
         "attention_fwd",
         lambda: (_leaf(12, 2, 16), _leaf(12, 2, 16), _leaf(12, 2, 16), torch.tensor([0, 5, 12], dtype=torch.int32)),

@@ -63,6 +63,11 @@ def providers(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[s
     from torch.nn.attention import SDPBackend
 
     candidates = {"fastlm": ("bshd", lambda q, k, v, causal: fastlm.attention(q, k, v, causal=causal))}
+    if device.type == "cuda":
+        # The Triton backward that sums dQ with float atomics (on the CPU backends the flag changes nothing).
+        candidates["fastlm-atomic-dq"] = (
+            "bshd", lambda q, k, v, causal: fastlm.attention(q, k, v, causal=causal, deterministic=False)
+        )
     for name, backend in (("sdpa-math", SDPBackend.MATH), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                           ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                           ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -99,6 +104,8 @@ def _case(name, layout, fn, batch, seqlen, heads, head_dim, causal, dtype, devic
     fwd_flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     calls = autograd_modes(lambda q, k, v: fn(q, k, v, causal), [q, k, v], dout, train_forward=False)
     for mode, call in calls.items():
+        if name == "fastlm-atomic-dq" and mode == "fwd":
+            continue  # the same forward as fastlm's
         yield Case("attention", name, mode, label, call, size=seqlen, flops=int(fwd_flops * FLOP_FACTOR[mode]),
                    extra={"causal": causal, "head_dim": head_dim,
                           "series": f"d{head_dim}{' causal' if causal else ''}"})

@@ -9,6 +9,11 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def is_fastlm(provider: str) -> bool:
+    """fastlm itself, or one of its options measured beside it (e.g. ``fastlm-atomic-dq``): never a peer."""
+    return provider == "fastlm" or provider.startswith("fastlm-")
+
+
 def best_peer_ratio(rows: list[dict]) -> dict[int, float]:
     """For each fastlm row (by index): the best other provider's median / fastlm's median."""
     groups = defaultdict(list)
@@ -16,9 +21,9 @@ def best_peer_ratio(rows: list[dict]) -> dict[int, float]:
         groups[(r["op"], r["mode"], r["shape"])].append(i)
     ratios = {}
     for members in groups.values():
-        peers = [rows[i]["median_ms"] for i in members if rows[i]["provider"] != "fastlm"]
+        peers = [rows[i]["median_ms"] for i in members if not is_fastlm(rows[i]["provider"])]
         for i in members:
-            if rows[i]["provider"] == "fastlm" and peers:
+            if is_fastlm(rows[i]["provider"]) and peers:
                 ratios[i] = min(peers) / rows[i]["median_ms"]
     return ratios
 

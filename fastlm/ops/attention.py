@@ -16,11 +16,15 @@ FlashAttention: the backward's ``exp(s - lse)`` is then 0, never NaN).
 Triton: the forward keeps a running max and sum per query row (online softmax, fp32
 accumulators) and visits only the key blocks a query block can see, masking only the
 blocks on the edges of the visible band. The backward recomputes the probabilities from
-the saved log-sum-exp in two passes with no atomics, so it is deterministic: one over
-query blocks for dQ (which also forms ``delta = rowsum(dO * O)``), then one over key
+the saved log-sum-exp. By default (``deterministic=True``) in two passes with no atomics: one
+over query blocks for dQ (which also forms ``delta = rowsum(dO * O)``), then one over key
 blocks for dK/dV, each program looping over every query head of its key/value head.
-``deterministic=False`` therefore selects the same kernels. Dropout draws Philox numbers
-in the kernel from a seed taken from the torch RNG; the backward regenerates them.
+``deterministic=False`` runs FlashAttention-2's scheme instead: a small kernel forms delta,
+then the dK/dV kernel also adds each step's dQ share into an fp32 buffer with float atomics,
+so the scores and dP are formed once (5 matmuls per score tile instead of 7) at the price of
+an order of summation that varies from run to run. It is opt-in until a GPU run measures it
+faster (``benchmarks/gpu_attention_quick.py`` and the tile sweep time both). Dropout draws
+Philox numbers in the kernel from a seed taken from the torch RNG; the backward regenerates them.
 
 CPU (``cpp`` backend, the default there): a C++ flash kernel (csrc/cpu/attention.cpp) for fp32
 without dropout, forward (online softmax over key tiles, writing the LSE) and backward from the
@@ -98,24 +102,28 @@ def _variant(kernel, kind, dtype, head_dim, pointers, floats=(), nones=(), label
                    tensor_cores=None if dtype != torch.float32 else False)
 
 
-def _train_variants(kernel, kind, pointers, floats):
-    """Dense full/causal over dtypes and head dims, then a window, a packed and a dropout variant."""
+def _train_variants(kernel, kind, pointers, floats, nones=(), tag="", **constexprs):
+    """Dense full/causal over dtypes and head dims, then a window, a packed and a dropout variant.
+    ``nones`` are pointer args passed as None; ``tag`` ends every label; ``constexprs`` are fixed."""
     def flags(causal=False, left=False, varlen=False, dropout=False):
-        return dict(MASK_LEFT=left, MASK_RIGHT=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen)
+        return dict(MASK_LEFT=left, MASK_RIGHT=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen, **constexprs)
 
-    dense = dict(nones=("CU_Q", "CU_K", "K_LENS"))
+    def label(text):
+        return f"{text} {tag}".strip()
+
+    dense = dict(nones=("CU_Q", "CU_K", "K_LENS", *nones))
     extra = {"HAS_K_LENS": False} if kind == "fwd" else {}
     for dtype in _VARIANT_DTYPES:
         for head_dim in _VARIANT_HEAD_DIMS:
             for causal in (False, True):
-                yield _variant(kernel, kind, dtype, head_dim, pointers, floats, label="causal" if causal else "full",
-                               **dense, **flags(causal), **extra)
+                yield _variant(kernel, kind, dtype, head_dim, pointers, floats,
+                               label=label("causal" if causal else "full"), **dense, **flags(causal), **extra)
     for head_dim in (64, 128):
-        yield _variant(kernel, kind, torch.bfloat16, head_dim, pointers, floats, label="window",
+        yield _variant(kernel, kind, torch.bfloat16, head_dim, pointers, floats, label=label("window"),
                        **dense, **flags(True, left=True), **extra)
         yield _variant(kernel, kind, torch.bfloat16, head_dim, {**pointers, "CU_Q": "i32", "CU_K": "i32"}, floats,
-                       nones=("K_LENS",), label="varlen causal", **flags(True, varlen=True), **extra)
-    yield _variant(kernel, kind, torch.bfloat16, 128, pointers, floats, label="dropout causal",
+                       nones=("K_LENS", *nones), label=label("varlen causal"), **flags(True, varlen=True), **extra)
+    yield _variant(kernel, kind, torch.bfloat16, 128, pointers, floats, label=label("dropout causal"),
                    **dense, **flags(True, dropout=True), **extra)
 
 
@@ -408,6 +416,50 @@ register_kernel(
 )
 
 
+_DELTA_ROWS = 64  # query rows per program of the delta kernel, a row reduction bound by reading O and dO
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, seqlen_q_dense, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta = rowsum(dO * O) per query row, for the backward that runs no dQ kernel (which forms it otherwise).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, seqlen_q, _, _ = _sequence_bounds(CU_Q, CU_Q, b, seqlen_q_dense, seqlen_q_dense, IS_VARLEN)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    off = b.to(tl.int64) * stride_ob + h * stride_oh + (q_start + rows)[:, None].to(tl.int64) * stride_os
+    o = tl.load(O + off + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off + offs_d[None, :], mask=mask, other=0.0)
+    lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    tl.store(DELTA + lse_off, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=row_ok)
+
+
+def _delta_variants():
+    for dtype, dt in _VARIANT_DTYPES.items():
+        for head_dim in _VARIANT_HEAD_DIMS:
+            for varlen in (False, True):
+                signature = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", "CU_Q": "*i32"}
+                signature.update((name, "i32") for name in (
+                    "stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "seqlen_q_dense", "n_heads"))
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), IS_VARLEN=varlen, BLOCK_M=_DELTA_ROWS)
+                if not varlen:
+                    del signature["CU_Q"]
+                    constexprs["CU_Q"] = None
+                yield Variant(signature, constexprs, num_warps=4, num_stages=1,
+                              label=f"{dt} d={head_dim}{' varlen' if varlen else ''}",
+                              divisible_by_16=("stride_ob", "stride_os", "stride_oh"))
+
+
+register_kernel(_attn_bwd_delta_kernel, variants=_delta_variants)
+
+
 @triton.jit
 def _load_rows(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """A (rows x BLOCK_D) tile: masks only what may lie outside (rows past ``n_rows``, the head dim's padding),
@@ -435,11 +487,27 @@ def _load_row_vector(ptr, rows, n_rows, other, CHECK_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _add_rows_transposed(ptrs, tile_t, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Atomically adds a (BLOCK_D x rows) tile into rows of an fp32 buffer, masking as ``_load_rows`` does."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tl.atomic_add(ptrs, tile_t, mask=(rows < n_rows)[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, tile_t, mask=(rows < n_rows)[None, :] & (offs_d < HEAD_DIM)[:, None], sem="relaxed")
+    elif HEAD_DIM == BLOCK_D:
+        tl.atomic_add(ptrs, tile_t, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, tile_t, mask=(offs_d < HEAD_DIM)[:, None], sem="relaxed")
+
+
+@triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qs, cols, offs_m, offs_d,
+    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr, stride_qs, cols, offs_m, offs_d,
     lo, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
     MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUM_DQ: tl.constexpr,
 ):
     # Scores are formed transposed (keys x queries), so that dK and dV accumulate as keys x headdim.
     # q and dO are loaded as stored (queries x headdim, contiguous rows) and transposed inside the dots,
@@ -449,6 +517,10 @@ def _bwd_dkdv_inner(
     step = BLOCK_M * stride_qs
     Q_ptr += tl.cast(lo, tl.int64) * stride_qs  # tl.cast: lo may be the literal 0
     DO_ptr += tl.cast(lo, tl.int64) * stride_qs
+    if ACCUM_DQ:
+        # dQ's fp32 buffer shares q's strides; its tile is added transposed (head dim x queries).
+        dq_off = offs_m[None, :] * stride_qs + offs_d[:, None]
+        DQ_ptr += tl.cast(lo, tl.int64) * stride_qs
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q = _load_rows(Q_ptr + tile_off, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
@@ -484,6 +556,11 @@ def _bwd_dkdv_inner(
             delta = _load_row_vector(DELTA_ptr, rows, seqlen_q, 0.0, MASKED)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if ACCUM_DQ:
+            # dQ^T = K^T dS^T: the head dim (not the short query step) is the dot's M side, as HGMMA needs.
+            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=DOT_PRECISION)
+            _add_rows_transposed(DQ_ptr + dq_off, dq_t, rows, seqlen_q, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+            DQ_ptr += step
         Q_ptr += step
         DO_ptr += step
     return dk, dv
@@ -491,18 +568,20 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_lb, stride_lh,
     seqlen_q_dense, seqlen_k_dense, n_kv_heads, group, sm_scale, qk_scale, win_left, win_right,
     dropout_p, seed, rng_cols,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ACCUM_DQ: tl.constexpr,
 ):
     # One program per (key block, key/value head): it sums over every query head of its
     # group itself, so no two programs write the same dK/dV rows (no atomics).
-    # DO shares q's strides; DK and DV share k's and v's.
+    # DO (and DQ, an fp32 buffer) share q's strides; DK and DV share k's and v's. With ACCUM_DQ the
+    # program also adds its share of dQ = dS K into DQ with float atomics (deterministic=False):
+    # the scores are formed once instead of again in the dQ kernel.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -547,21 +626,22 @@ def _attn_bwd_dkdv_kernel(
         q_base = b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
         lse_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         rng_base = lse_base * rng_cols
+        dq_h = DQ + q_base if ACCUM_DQ else DQ
+        q_h, do_h, lse_h, delta_h = Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, lo, full_lo, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
-            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+            dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, stride_qs, cols, offs_m, offs_d, lo, full_lo, seqlen_q,
+            diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+            True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, ACCUM_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, full_lo, full_hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p,
-            seed, rng_base, rng_cols, False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
-            DOT_PRECISION,
+            dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, stride_qs, cols, offs_m, offs_d, full_lo, full_hi, seqlen_q,
+            diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+            False, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, ACCUM_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q + q_base, DO + q_base, LSE + lse_base, DELTA + lse_base, stride_qs, cols, offs_m,
-            offs_d, full_hi, hi, seqlen_q, diag, win_left, win_right, qk_scale, dropout_p, seed,
-            rng_base, rng_cols, True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+            dk, dv, k, v, q_h, do_h, lse_h, delta_h, dq_h, stride_qs, cols, offs_m, offs_d, full_hi, hi, seqlen_q,
+            diag, win_left, win_right, qk_scale, dropout_p, seed, rng_base, rng_cols,
+            True, MASK_LEFT, MASK_RIGHT, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, ACCUM_DQ,
         )
     tl.store(DK + k_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + v_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -569,7 +649,10 @@ def _attn_bwd_dkdv_kernel(
 
 def _bwd_dkdv_variants():
     pointers = {"Q": None, "K": None, "V": None, "DO": None, "DK": None, "DV": None, "LSE": "fp32", "DELTA": "fp32"}
-    yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv", pointers, _FLOAT_ARGS)
+    yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv", pointers, _FLOAT_ARGS, nones=("DQ",),
+                               ACCUM_DQ=False)
+    yield from _train_variants(_attn_bwd_dkdv_kernel, "bwd_dkdv_dq", {**pointers, "DQ": "fp32"}, _FLOAT_ARGS,
+                               tag="atomic dQ", ACCUM_DQ=True)
 
 
 register_kernel(
@@ -577,7 +660,9 @@ register_kernel(
     spills_allowed="the fp32 dK and dV accumulators take 128 registers a thread at head dims 128 (128 keys) and "
     "256 (64 keys): head dim 256 spills 288-376 bytes, and at head dim 128 the window (8), packed-sequence (64) "
     "and dropout (176) variants' index and mask math does; fp32's IEEE dots spill up to 32 bytes. Dense "
-    "fp16/bf16 at head dims 64 and 128 do not spill",
+    "fp16/bf16 at head dims 64 and 128 do not spill. The atomic-dQ build (deterministic=False) holds a dQ^T "
+    "tile more: at head dim 128 it spills 96 bytes dense (104-296 windowed, packed or with dropout), 440-504 "
+    "at 256; which tile is fastest for it is for the GPU sweep to say (benchmarks/attention_tile_sweep.py)",
 )
 
 
@@ -647,13 +732,15 @@ register_kernel(_dropout_mask_kernel, variants=lambda: [Variant(
 def _config(kind: str, head_dim: int, dtype: torch.dtype, device_type: str) -> dict:
     """Tiles for one kernel launch: the one place that decides them (the registry derives its variants here).
 
-    ``kind`` is ``fwd``, ``decode``, ``bwd_dq`` or ``bwd_dkdv`` (for dK/dV, ``BLOCK_N`` is the key block a
-    program owns and ``BLOCK_M`` the query block it loops over).
+    ``kind`` is ``fwd``, ``decode``, ``bwd_dq``, ``bwd_dkdv`` or ``bwd_dkdv_dq`` (the dK/dV kernel that also adds
+    dQ atomically, ``deterministic=False``; for both dK/dV kinds ``BLOCK_N`` is the key block a program owns and
+    ``BLOCK_M`` the query block it loops over).
     """
     if device_type != "cuda":
         # The interpreter: small tiles so that tests with seqlen <= 130 cross several block edges,
         # and different M and N so that the bounds arithmetic of each axis is exercised on its own.
-        block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32)}[kind]
+        block_m, block_n = {"fwd": (32, 16), "decode": (16, 16), "bwd_dq": (32, 16), "bwd_dkdv": (16, 32),
+                            "bwd_dkdv_dq": (16, 32)}[kind]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     # Chosen by compiling for sm_90a without a GPU (none to time them yet): HGMMA needs 64 rows per
     # warpgroup on the M side of every dot (queries forward and for dQ, keys for dK/dV), and under 8
@@ -735,29 +822,41 @@ def _fwd_triton(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
     )
 
 
-def _bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+def _bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed,
+                deterministic):
     varlen = cu_q is not None
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
     delta = torch.empty_like(lse)
     flags = _flags(q, left, right, dropout_p)
     common = (max_q, max_k)
-    cfg = _config("bwd_dq", q.shape[-1], q.dtype, q.device.type)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * n_heads)](
-        q, k, v, out, dout, lse, delta, dq, cu_q, cu_k,
-        *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen), *_qkv_strides(out, varlen),
-        *_lse_strides(lse, varlen),
-        *common, n_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
-        IS_VARLEN=varlen, **flags, **cfg,
-    )
-    cfg = _config("bwd_dkdv", q.shape[-1], q.dtype, q.device.type)
+    if deterministic:
+        cfg = _config("bwd_dq", q.shape[-1], q.dtype, q.device.type)
+        _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * n_heads)](
+            q, k, v, out, dout, lse, delta, dq, cu_q, cu_k,
+            *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen),
+            *_qkv_strides(out, varlen), *_lse_strides(lse, varlen),
+            *common, n_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
+            IS_VARLEN=varlen, **flags, **cfg,
+        )
+        dq_sum = None
+    else:
+        _attn_bwd_delta_kernel[(triton.cdiv(max_q, _DELTA_ROWS), batch * n_heads)](
+            out, dout, delta, cu_q, *_qkv_strides(out, varlen), *_lse_strides(lse, varlen), max_q, n_heads,
+            HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=_DELTA_ROWS,
+            num_warps=4, num_stages=1,
+        )
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's strides: q is contiguous
+    cfg = _config("bwd_dkdv" if deterministic else "bwd_dkdv_dq", q.shape[-1], q.dtype, q.device.type)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * n_kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dk, dv, dq_sum, cu_q, cu_k,
         *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen),
         *_lse_strides(lse, varlen),
         *common, n_kv_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
-        IS_VARLEN=varlen, **flags, **cfg,
+        IS_VARLEN=varlen, ACCUM_DQ=not deterministic, **flags, **cfg,
     )
+    if dq_sum is not None:
+        torch.mul(dq_sum, scale, out=dq)
 
 
 def _decode_splits(max_len: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -886,7 +985,8 @@ def _fwd_torch(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, 
             li.copy_(l * LOG2E)  # the ops' LSE is in base 2, as the Triton kernels keep it
 
 
-def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+def _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed,
+               deterministic):
     varlen = cu_q is not None
     for qs, ks, index in _sequences(q, k, cu_q, cu_k):
         qi, ki, vi = (q[qs][None], k[ks][None], v[ks][None]) if varlen else (q, k, v)
@@ -967,9 +1067,11 @@ def _fwd_cpp(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, dr
     cpu_extension().attention_fwd(q, k, v, out, lse, cu_q, cu_k, max_q, scale, left, right)
 
 
-def _bwd_cpp(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed):
+def _bwd_cpp(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed,
+             deterministic):
     if not _cpp_takes(q.dtype, dropout_p):
-        _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
+        _bwd_torch(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed,
+                   deterministic)
         return
     cpu_extension().attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, scale, left, right)
 
@@ -987,10 +1089,11 @@ backend.register("attention_dropout_mask", triton=_dropout_mask_triton, torch=_d
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-    dropout_p: float, seed: int, need_lse: bool,
+    dropout_p: float, seed: int, need_lse: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e), empty
-    unless ``need_lse`` (the Triton backward and ``return_lse`` need it; the torch backend pays for it)."""
+    unless ``need_lse`` (the Triton backward and ``return_lse`` need it; the torch backend pays for it).
+    ``deterministic`` is for the backward (the autograd context keeps it)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
     lse = None
@@ -1006,7 +1109,7 @@ def _attention_fwd_op(
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p, seed,
-      need_lse):
+      need_lse, deterministic):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None) if need_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
@@ -1015,7 +1118,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
 def _attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    scale: float, left: int, right: int, dropout_p: float, seed: int,
+    scale: float, left: int, right: int, dropout_p: float, seed: int, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv). ``lse`` may be empty when the forward ran on the torch backend (whose
     backward needs none); a backward on another backend then recomputes it with its own forward."""
@@ -1030,7 +1133,7 @@ def _attention_bwd_op(
             )
         backend.select("attention_bwd", q.device)(
             dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            left, right, dropout_p, seed,
+            left, right, dropout_p, seed, deterministic,
         )
     else:
         for g in (dq, dk, dv):
@@ -1040,15 +1143,15 @@ def _attention_bwd_op(
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-      dropout_p, seed):
+      dropout_p, seed, deterministic):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, _need_lse = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, _need_lse, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed)
+    ctx.params = (max_q, max_k, scale, left, right, dropout_p, seed, deterministic)
     # The LSE is an output for inspection (as in FlashAttention); no gradient flows through it.
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # the LSE never gets a gradient: no zeros tensor for it
@@ -1056,10 +1159,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     if dout is None:  # only the LSE was used, and it carries no gradient
-        return (None,) * 13
+        return (None,) * 14
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 11
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1193,8 +1296,10 @@ def attention(
     (heads, total_q) packed; +inf for rows that see no key), which carries no gradient.
     ``max_seqlen_q/k`` may be omitted: the lengths are read from ``cu_seqlens`` (one device sync,
     which their validation needs anyway); given values must not be below the true maxima.
-    The backward never uses float atomics, so it is deterministic either way: ``deterministic=False``
-    is accepted for FlashAttention compatibility and runs the same kernels.
+    ``deterministic=True`` (the default) keeps the backward free of float atomics, so it is bitwise
+    reproducible. ``deterministic=False`` lets the Triton backward sum dQ with float atomics from the
+    dK/dV kernel (no separate dQ pass); the C++ and torch backends have no such choice and run the
+    same code either way.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     head_dim = _check_qkv("attention", q, k, v, 3 if varlen else 4)
@@ -1230,7 +1335,7 @@ def attention(
     need_lse = return_lse or (needs_grad and not runs_torch_backend(q.device, q.dtype, float(dropout_p)))
     out, lse = _attention_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, float(dropout_p),
-        _draw_seed(dropout_p), need_lse,
+        _draw_seed(dropout_p), need_lse, deterministic,
     )
     return (out, lse / LOG2E) if return_lse else out
 

@@ -43,8 +43,10 @@ def test_best_peer_ratio_compares_within_one_shape_and_mode():
         {"op": "x", "mode": "fwd", "shape": "a", "provider": "torch", "median_ms": 3.0},
         {"op": "x", "mode": "fwd", "shape": "a", "provider": "torch.compile", "median_ms": 2.0},
         {"op": "x", "mode": "fwd", "shape": "b", "provider": "torch", "median_ms": 0.1},
+        # An option of fastlm's is compared with the peers, never counted as one.
+        {"op": "x", "mode": "fwd", "shape": "a", "provider": "fastlm-atomic-dq", "median_ms": 0.5},
     ]
-    assert best_peer_ratio(rows) == {0: 2.0}
+    assert best_peer_ratio(rows) == {0: 2.0, 4: 4.0}
 
 
 def test_suite_modules_import_no_peer_library():

@@ -33,11 +33,11 @@ def _forward_backward(fn, inputs, dout):
     return out, [t.grad for t in leaves]
 
 
-def _check(inputs, dout, dtype, **kwargs):
+def _check(inputs, dout, dtype, deterministic=True, **kwargs):
     ref, ref_grads = _forward_backward(lambda *a: attention_ref(*a, **kwargs), [t.double() for t in inputs], dout)
     base, base_grads = _forward_backward(lambda *a: attention_ref(*a, **kwargs), inputs, dout)
     with fastlm.use_backend("triton"), poison_outputs():
-        out, grads = _forward_backward(lambda *a: attention(*a, **kwargs), inputs, dout)
+        out, grads = _forward_backward(lambda *a: attention(*a, deterministic=deterministic, **kwargs), inputs, dout)
     assert_matches_reference("out", out, ref, base, dtype)
     for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
         assert_matches_reference(name, g, r, b, dtype, grad=True)
@@ -46,11 +46,12 @@ def _check(inputs, dout, dtype, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_dense_large(dtype, head_dim, causal):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
+def test_dense_large(dtype, head_dim, causal, deterministic):
     # Non-multiples of every tile size; GQA 8:2; seqlen_q != seqlen_k for the bottom-right alignment.
     inputs = _inputs((2, 1000, 8, head_dim), (2, 1031, 2, head_dim), dtype)
     dout = random_tensor(2, 1000, 8, head_dim, dtype=torch.float64, device="cuda")
-    _check(inputs, dout, dtype, causal=causal)
+    _check(inputs, dout, dtype, deterministic, causal=causal)
 
 
 def test_float32_uses_ieee_dots():
@@ -60,14 +61,16 @@ def test_float32_uses_ieee_dots():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_varlen_and_window(dtype):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
+def test_varlen_and_window(dtype, deterministic):
     lengths = [1, 700, 33, 1290, 5]
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     inputs = _inputs((sum(lengths), 4, 128), (sum(lengths), 4, 128), dtype)
     dout = random_tensor(sum(lengths), 4, 128, dtype=torch.float64, device="cuda")
-    _check(inputs, dout, dtype, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _check(inputs, dout, dtype, deterministic, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
     dense = _inputs((1, 2000, 4, 64), (1, 2000, 4, 64), dtype)
-    _check(dense, random_tensor(1, 2000, 4, 64, dtype=torch.float64, device="cuda"), dtype, window=(256, 16))
+    _check(dense, random_tensor(1, 2000, 4, 64, dtype=torch.float64, device="cuda"), dtype, deterministic,
+           window=(256, 16))
 
 
 def test_dropout_bf16_is_reproducible_and_keeps_the_right_fraction():

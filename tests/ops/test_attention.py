@@ -22,6 +22,7 @@ from tests.backends import cpu_backend_params
 TRAIN_BACKENDS = cpu_backend_params()
 TRAIN_FP32_BACKENDS = [p for p in TRAIN_BACKENDS if p.values[1] == torch.float32]
 BACKENDS = [p for p in TRAIN_BACKENDS if p.values[0] != "cpp"]
+TRITON_BACKENDS = [p for p in TRAIN_BACKENDS if p.values[0] == "triton"]
 FP32_BACKENDS = [p for p in BACKENDS if p.values[1] == torch.float32]
 
 
@@ -43,14 +44,16 @@ def forward_backward(fn, inputs, dout):
     return outs, [t.grad for t in leaves]
 
 
-def check_against_reference(backend, dtype, inputs, dout, **kwargs):
+def check_against_reference(backend, dtype, inputs, dout, deterministic=True, **kwargs):
     """Output, LSE and dq/dk/dv of fastlm vs the fp64 reference, by the FlashAttention rule."""
     ref_outs, ref_grads = forward_backward(
         lambda *a: attention_ref(*a, return_lse=True, **kwargs), [t.double() for t in inputs], dout
     )
     base_outs, base_grads = forward_backward(lambda *a: attention_ref(*a, return_lse=True, **kwargs), inputs, dout)
     with fastlm.use_backend(backend), poison_outputs():
-        outs, grads = forward_backward(lambda *a: attention(*a, return_lse=True, **kwargs), inputs, dout)
+        outs, grads = forward_backward(
+            lambda *a: attention(*a, return_lse=True, deterministic=deterministic, **kwargs), inputs, dout
+        )
     (out, lse), (ref, ref_lse), (base, base_lse) = outs, ref_outs, base_outs
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_matches_reference("out", out, ref, base, dtype)
@@ -96,15 +99,19 @@ DENSE_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
-@pytest.mark.parametrize("case", list(DENSE_CASES), ids=str)
-def test_dense_matches_float64_reference(backend, dtype, case):
+def check_dense_case(backend, dtype, case, deterministic=True):
     batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, kwargs = DENSE_CASES[case]
     inputs = make_qkv(batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim, dtype)
     dout = random_tensor(batch, seqlen_q, n_heads, head_dim, dtype=torch.float64)
-    out, _ = check_against_reference(backend, dtype, inputs, dout, **kwargs)
+    out, _ = check_against_reference(backend, dtype, inputs, dout, deterministic, **kwargs)
     if case.startswith("q100-k37"):
         assert torch.equal(out[:, :63], torch.zeros_like(out[:, :63]))
+
+
+@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
+@pytest.mark.parametrize("case", list(DENSE_CASES), ids=str)
+def test_dense_matches_float64_reference(backend, dtype, case):
+    check_dense_case(backend, dtype, case)
 
 
 # (query lengths, key lengths, n_heads, n_kv_heads, head_dim, kwargs): very different lengths, including 1.
@@ -116,16 +123,33 @@ VARLEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
-@pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
-def test_varlen_matches_float64_reference(backend, dtype, case):
+def check_varlen_case(backend, dtype, case, deterministic=True):
     lengths_q, lengths_k, n_heads, n_kv_heads, head_dim, kwargs = VARLEN_CASES[case]
     cu_q = torch.tensor([0] + lengths_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lengths_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     inputs = make_qkv(1, sum(lengths_q), sum(lengths_k), n_heads, n_kv_heads, head_dim, dtype, packed=True)
     dout = random_tensor(sum(lengths_q), n_heads, head_dim, dtype=torch.float64)
-    _, lse = check_against_reference(backend, dtype, inputs, dout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kwargs)
+    _, lse = check_against_reference(
+        backend, dtype, inputs, dout, deterministic, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kwargs
+    )
     assert lse.shape == (n_heads, sum(lengths_q))
+
+
+@pytest.mark.parametrize("backend,dtype", TRAIN_BACKENDS)
+@pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
+def test_varlen_matches_float64_reference(backend, dtype, case):
+    check_varlen_case(backend, dtype, case)
+
+
+# deterministic=False: the dK/dV kernel also adds dQ with float atomics (no dQ kernel).
+@pytest.mark.parametrize("backend,dtype", TRITON_BACKENDS)
+@pytest.mark.parametrize("case", [f"dense-{c}" for c in DENSE_CASES] + [f"varlen-{c}" for c in VARLEN_CASES], ids=str)
+def test_atomic_dq_backward_matches_float64_reference(backend, dtype, case, monkeypatch):
+    attn = sys.modules["fastlm.ops.attention"]
+    monkeypatch.setattr(attn, "_attn_bwd_dq_kernel", None)  # it must not run: this backward has no dQ kernel
+    kind, name = case.split("-", 1)
+    check = check_dense_case if kind == "dense" else check_varlen_case
+    check(backend, dtype, name, deterministic=False)
 
 
 @pytest.mark.parametrize("backend,dtype", TRAIN_FP32_BACKENDS)
@@ -149,9 +173,14 @@ def test_backward_is_deterministic(backend, dtype):
     dout = random_tensor(1, 67, 4, 32, dtype=torch.float64)
     with fastlm.use_backend(backend):
         _, first = forward_backward(lambda *a: attention(*a, causal=True), inputs, dout)
-        _, second = forward_backward(lambda *a: attention(*a, causal=True, deterministic=False), inputs, dout)
-    for a, b in zip(first, second):
+        _, again = forward_backward(lambda *a: attention(*a, causal=True), inputs, dout)
+        _, atomic = forward_backward(lambda *a: attention(*a, causal=True, deterministic=False), inputs, dout)
+    for a, b in zip(first, again):
         assert torch.equal(a, b)
+    # deterministic=False changes only how Triton sums dQ; dK and dV come from the same arithmetic.
+    # The other backends have no atomics to choose: they run the same code either way.
+    for name, a, b in zip(("dq", "dk", "dv"), first, atomic):
+        assert torch.equal(a, b) or (backend == "triton" and name == "dq"), name
 
 
 def test_torch_forward_skips_the_lse_and_any_backward_still_works():
@@ -328,7 +357,8 @@ def test_cpp_kernel_checks_its_inputs():
 
 @pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_dropout_matches_reference_given_its_mask(backend, dtype, causal):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
+def test_dropout_matches_reference_given_its_mask(backend, dtype, causal, deterministic):
     p = 0.3
     inputs = make_qkv(1, 45, 64, 4, 2, 32, dtype)
     dout = random_tensor(1, 45, 4, 32, dtype=torch.float64)
@@ -337,7 +367,9 @@ def test_dropout_matches_reference_given_its_mask(backend, dtype, causal):
         keep = attention_dropout_mask(inputs[0], inputs[1], p)
         torch.manual_seed(1234)
         with poison_outputs():
-            (out,), grads = forward_backward(lambda *a: attention(*a, causal=causal, dropout_p=p), inputs, dout)
+            (out,), grads = forward_backward(
+                lambda *a: attention(*a, causal=causal, dropout_p=p, deterministic=deterministic), inputs, dout
+            )
         torch.manual_seed(1234)
         again = attention(*inputs, causal=causal, dropout_p=p)
         other_seed = attention(*inputs, causal=causal, dropout_p=p)
@@ -471,8 +503,11 @@ def test_opcheck(backend, dtype, varlen):
         extra = (None, None, 19, 23)
     for t in (q, k, v):
         t.requires_grad_()
+    deterministic = varlen  # both values of the backward's flag go through the registration
     with fastlm.use_backend(backend):
-        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, *extra, 0.25, 5, 0, 0.0, 0, True))
+        torch.library.opcheck(
+            torch.ops.fastlm.attention_fwd.default, (q, k, v, *extra, 0.25, 5, 0, 0.0, 0, True, deterministic)
+        )
 
 
 @pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)
