@@ -1,0 +1,65 @@
+"""The attention tile sweep and the prepared GPU session, checked without a GPU: a wrong label, a
+kind missing from the committed compile sweep or a kind the session names that does not exist
+would only show in a device window, which is too short and too rare to spend on them."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILED = ROOT / "benchmarks/results/attention-tiles-sm90.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("attention_tile_sweep", ROOT / "benchmarks/attention_tile_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["bwd_dkdv", "bwd_dkdv_dq", "bwd_dq", "fwd"])
+@pytest.mark.parametrize("head_dim", [128, 64], ids=lambda d: f"d{d}")
+def test_compile_step_finds_one_variant_built_with_the_candidate_tile(sweep, kind, head_dim):
+    from fastlm.kernel_registry import REGISTRY
+
+    spec = REGISTRY[f"fastlm.ops.attention.{sweep.KERNELS[kind]}"]
+    label = f"bf16 d={head_dim} causal{sweep.LABEL_TAG.get(kind, '')}"
+    tile = next(t for t in sweep.CANDIDATES[kind] if t != sweep.default_tile(kind, head_dim))
+    with sweep.tiles(kind, tile):
+        (variant,) = [v for v in spec.variants() if v.label == label]
+    assert (variant.constexprs["BLOCK_M"], variant.constexprs["BLOCK_N"], variant.num_warps, variant.num_stages) == tile
+    assert variant.constexprs.get("ACCUM_DQ", False) == (kind == "bwd_dkdv_dq")
+    # Outside the block the launcher's own tiles are back.
+    assert sweep.default_tile(kind, head_dim) != tile
+
+
+def test_committed_compile_sweep_covers_every_kind_and_admits_the_defaults(sweep):
+    admitted = sweep.admitted(str(COMPILED))
+    for kind in sweep.KERNELS:
+        for head_dim in sweep.HEAD_DIMS:
+            assert (kind, head_dim, sweep.default_tile(kind, head_dim)) in admitted, (kind, head_dim)
+
+
+def test_unknown_kind_is_refused(sweep):
+    assert sweep._kinds("bwd_dkdv,bwd_dkdv_dq") == ("bwd_dkdv", "bwd_dkdv_dq")
+    assert sweep._kinds(None) == tuple(sweep.KERNELS)
+    with pytest.raises(SystemExit, match="unknown kernel kinds"):
+        sweep._kinds("bwd_dkdv,dkdv")
+
+
+def test_gpu_session_script_parses_and_names_known_kinds(sweep):
+    script = (ROOT / "benchmarks/gpu_session.sh").read_text()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu_session.sh")], check=True)
+    (kinds,) = re.findall(r"attention-tiles-sm90\.jsonl (\S+)", script)
+    assert set(kinds.split(",")) <= set(sweep.KERNELS)
+    for path in re.findall(r"python3 (benchmarks/\S+\.py)", script):
+        assert (ROOT / path).is_file(), path
+
