@@ -46,12 +46,21 @@ def _check(inputs, dout, dtype, deterministic=True, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
-def test_dense_large(dtype, head_dim, causal, deterministic):
+def test_dense_large(dtype, head_dim, causal):
     # Non-multiples of every tile size; GQA 8:2; seqlen_q != seqlen_k for the bottom-right alignment.
     inputs = _inputs((2, 1000, 8, head_dim), (2, 1031, 2, head_dim), dtype)
     dout = random_tensor(2, 1000, 8, head_dim, dtype=torch.float64, device="cuda")
-    _check(inputs, dout, dtype, deterministic, causal=causal)
+    _check(inputs, dout, dtype, causal=causal)
+
+
+# deterministic=False (dQ summed with float atomics): bf16 only, a padded and the main head dim, so
+# that the extra kernel builds stay within the device window's test step.
+@pytest.mark.parametrize("head_dim", [80, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dense_large_atomic_dq(head_dim, causal):
+    inputs = _inputs((2, 1000, 8, head_dim), (2, 1031, 2, head_dim), torch.bfloat16)
+    dout = random_tensor(2, 1000, 8, head_dim, dtype=torch.float64, device="cuda")
+    _check(inputs, dout, torch.bfloat16, deterministic=False, causal=causal)
 
 
 def test_float32_uses_ieee_dots():
@@ -60,8 +69,11 @@ def test_float32_uses_ieee_dots():
     _check(inputs, random_tensor(1, 515, 4, 64, dtype=torch.float64, device="cuda"), torch.float32, causal=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
+@pytest.mark.parametrize(
+    "dtype,deterministic",
+    [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)],
+    ids=["bfloat16", "float16", "bfloat16-atomic-dq"],
+)
 def test_varlen_and_window(dtype, deterministic):
     lengths = [1, 700, 33, 1290, 5]
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
