@@ -40,8 +40,9 @@ cp "$WORK/provenance.txt" "$OUT/"
 
 # No build isolation: fastlm builds against the device's torch.
 step install 120 python3 -m pip install -q --no-deps --no-build-isolation -e .
-# 1. Correctness of every GPU kernel, all failures listed (the CUDA optimizer extension builds here).
-step tests_gpu 240 python3 -m pytest tests/gpu -q -rf
+# 1. Correctness of every GPU kernel, all failures listed (the CUDA optimizer extension builds here);
+#    -v prints each result as it comes, so a run cut by its limit still says what passed.
+step tests_gpu 240 python3 -m pytest tests/gpu -v -rf
 # 2. Attention against SDPA (bf16, causal, head dim 128): issue #3's forward and backward targets.
 step attention 90 python3 benchmarks/gpu_attention_quick.py "$WORK/attention.jsonl"
 # 3. The suite's attention, end-to-end and optimizer cases (issues #3, #5, #6, #8). When step 1 failed,
