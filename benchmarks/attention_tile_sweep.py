@@ -3,6 +3,7 @@ GPU minutes go to timing only:
 
     python benchmarks/attention_tile_sweep.py compile OUT.jsonl [KINDS]   # no GPU: compile every candidate for sm_90a
     python benchmarks/attention_tile_sweep.py time OUT.jsonl [COMPILED.jsonl [KINDS]]   # on the GPU: time, check
+    python benchmarks/attention_tile_sweep.py best OUT.jsonl   # after: the fastest tiles against the defaults
 
 ``KINDS`` (e.g. ``bwd_dkdv`` or ``bwd_dkdv,bwd_dq``) limits either step to those kernels: the timing
 for a device window too short for every candidate, the compile to a kind added since the last run.
@@ -196,8 +197,31 @@ def _kinds(arg: str | None) -> tuple[str, ...]:
     return kinds
 
 
+def best(timed_path: str) -> list[str]:
+    """Markdown rows, per (kind, head dim) of a ``time`` run: the default tiles' time, the fastest
+    checked candidate and its speedup, for the next change to ``_config``."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for line in open(timed_path):
+        rec = json.loads(line)
+        if "ms" in rec:
+            groups.setdefault((rec["kind"], rec["head_dim"]), []).append(rec)
+    rows = ["| kind | head dim | default tiles | ms | fastest tiles | ms | TFLOP/s | speedup |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (kind, head_dim), recs in sorted(groups.items()):
+        top = min(recs, key=lambda r: r["ms"])
+        default = next((r for r in recs if r["default"]), None)
+        base = f"{tuple(default['tile'])} | {default['ms']:.3f}" if default else "not timed | -"
+        speedup = f"{default['ms'] / top['ms']:.2f}x" if default else "-"
+        rows.append(f"| {kind} | {head_dim} | {base} | {tuple(top['tile'])} | {top['ms']:.3f} | {top['tflops']:.0f} "
+                    f"| {speedup} |")
+    return rows
+
+
 def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
+    if mode == "best":
+        print("\n".join(best(path)))
+        return
     with open(path, "a") as out:
         if mode == "compile":
             compile_sweep(out, _kinds(sys.argv[3] if len(sys.argv) > 3 else None))

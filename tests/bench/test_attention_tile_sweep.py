@@ -3,6 +3,7 @@ kind missing from the committed compile sweep or a kind the session names that d
 would only show in a device window, which is too short and too rare to spend on them."""
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -63,3 +64,19 @@ def test_gpu_session_script_parses_and_names_known_kinds(sweep):
     for path in re.findall(r"python3 (benchmarks/\S+\.py)", script):
         assert (ROOT / path).is_file(), path
 
+
+
+def test_best_reports_the_fastest_checked_tile_against_the_default(sweep, tmp_path):
+    timed = tmp_path / "tiles.jsonl"
+    records = [
+        {"kind": "bwd_dkdv", "head_dim": 128, "tile": [16, 128, 8, 2], "default": True, "ms": 2.0, "tflops": 100.0},
+        {"kind": "bwd_dkdv", "head_dim": 128, "tile": [32, 64, 8, 2], "default": False, "ms": 1.6, "tflops": 125.0},
+        # A failed check is never the fastest, however short its (absent) time.
+        {"kind": "bwd_dkdv", "head_dim": 128, "tile": [64, 64, 8, 2], "default": False, "problem": "error"},
+        {"kind": "fwd", "head_dim": 64, "tile": [128, 64, 8, 3], "default": False, "ms": 0.5, "tflops": 400.0},
+    ]
+    timed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = sweep.best(str(timed))
+    assert rows[2] == "| bwd_dkdv | 128 | (16, 128, 8, 2) | 2.000 | (32, 64, 8, 2) | 1.600 | 125 | 1.25x |"
+    assert rows[3] == "| fwd | 64 | not timed | - | (128, 64, 8, 3) | 0.500 | 400 | - |"
+    assert len(rows) == 4
