@@ -48,9 +48,6 @@ CANDIDATES = {
 CANDIDATES["bwd_dkdv_dq"] = CANDIDATES["bwd_dkdv"]
 # The variant label (fastlm.ops.attention._train_variants) of each kind's bf16 causal build.
 LABEL_TAG = {"bwd_dkdv_dq": " atomic dQ"}
-# Kernels counted in a kind's time besides the one whose tiles change: the atomic backward's delta pass
-# (its last step, dQ's fp32 -> bf16 scale and cast, is one elementwise torch op and is not counted).
-ALSO_TIMED = {"bwd_dkdv_dq": ("_attn_bwd_delta_kernel",)}
 # Matmuls per score tile: the forward's QK^T and PV; dQ recomputes QK^T and forms dO V^T and dS K;
 # dK/dV recomputes QK^T and forms dO V^T, P^T dO and dS^T Q.
 MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_dq": 5}
@@ -178,8 +175,7 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
                         if bad:
                             rec["problem"] = f"error {err} vs default {base}"
                         else:
-                            names = [name, *ALSO_TIMED.get(kind, ())]
-                            ms = sum(_kernel_ms(lambda: run(deterministic), names).values())
+                            ms = _kernel_ms(lambda: run(deterministic), [name])[name]
                             rec.update(ms=ms, tflops=flops * MATMULS[kind] / 2 / ms / 1e9)
                     except Exception as exc:  # a tile the device refuses (shared memory): recorded, not fatal
                         rec["problem"] = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -16,14 +16,14 @@ FlashAttention: the backward's ``exp(s - lse)`` is then 0, never NaN).
 Triton: the forward keeps a running max and sum per query row (online softmax, fp32
 accumulators) and visits only the key blocks a query block can see, masking only the
 blocks on the edges of the visible band. The backward recomputes the probabilities from
-the saved log-sum-exp. By default (``deterministic=True``) in two passes with no atomics: one
-over query blocks for dQ (which also forms ``delta = rowsum(dO * O)``), then one over key
-blocks for dK/dV, each program looping over every query head of its key/value head.
-``deterministic=False`` runs FlashAttention-2's scheme instead: a small kernel forms delta,
-then the dK/dV kernel also adds each step's dQ share into an fp32 buffer with float atomics,
-so the scores and dP are formed once (5 matmuls per score tile instead of 7) at the price of
-an order of summation that varies from run to run. It is opt-in until a GPU run measures it
-faster (``benchmarks/gpu_attention_quick.py`` and the tile sweep time both). Dropout draws
+the saved log-sum-exp, after a small kernel forms ``delta = rowsum(dO * O)`` per query row. By
+default (``deterministic=True``) in two passes with no atomics: one over query blocks for dQ,
+then one over key blocks for dK/dV, each program looping over every query head of its key/value
+head. ``deterministic=False`` runs FlashAttention-2's scheme instead: the dK/dV kernel also adds
+each step's dQ share into an fp32 buffer with float atomics, so the scores and dP are formed
+once (5 matmuls per score tile instead of 7) at the price of an order of summation that varies
+from run to run. It is opt-in until a GPU run measures it faster
+(``benchmarks/gpu_attention_quick.py`` and the tile sweep time both). Dropout draws
 Philox numbers in the kernel from a seed taken from the torch RNG; the backward regenerates them.
 
 CPU (``cpp`` backend, the default there): a C++ flash kernel (csrc/cpu/attention.cpp) for fp32
@@ -332,16 +332,16 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    stride_lb, stride_lh,
     seqlen_q_dense, seqlen_k_dense, n_heads, group, sm_scale, qk_scale, win_left, win_right,
     dropout_p, seed, rng_cols,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # O, DO and DQ share q's strides (the op makes them contiguous alike).
+    # DO and DQ share q's strides (the op makes them contiguous alike).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -361,10 +361,8 @@ def _attn_bwd_dq_kernel(
     row_off = b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
     q = tl.load(Q + row_off + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + row_off + offs_d[None, :], mask=mask, other=0.0)
-    o = tl.load(O + row_off + offs_d[None, :], mask=mask, other=0.0)
     lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + lse_off, delta, mask=row_ok)
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
     # Rows past the end load lse = +inf: their probabilities are 0.
     lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     rng_rows = lse_off * rng_cols
@@ -405,14 +403,14 @@ def _attn_bwd_dq_kernel(
 
 
 def _bwd_dq_variants():
-    pointers = {"Q": None, "K": None, "V": None, "O": None, "DO": None, "DQ": None, "LSE": "fp32", "DELTA": "fp32"}
+    pointers = {"Q": None, "K": None, "V": None, "DO": None, "DQ": None, "LSE": "fp32", "DELTA": "fp32"}
     yield from _train_variants(_attn_bwd_dq_kernel, "bwd_dq", pointers, _FLOAT_ARGS)
 
 
 register_kernel(
     _attn_bwd_dq_kernel, variants=_bwd_dq_variants, tensor_cores=True,
-    spills_allowed="head dim 256 (72-80 bytes in fp16/bf16) and fp32's IEEE dots at head dims 128 (about 280 "
-    "bytes) and 256 (about 2.2 KB) spill; fp16/bf16 at head dims 64 and 128 do not",
+    spills_allowed="head dim 256 spills 56-64 bytes in fp16/bf16, and fp32's IEEE dots at head dim 128 up to 16; "
+    "fp16/bf16 at head dims 64 and 128 do not spill",
 )
 
 
@@ -424,7 +422,7 @@ def _attn_bwd_delta_kernel(
     O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, seqlen_q_dense, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # delta = rowsum(dO * O) per query row, for the backward that runs no dQ kernel (which forms it otherwise).
+    # delta = rowsum(dO * O) per query row, which the dQ and dK/dV kernels read.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -827,25 +825,24 @@ def _bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, s
     varlen = cu_q is not None
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
-    delta = torch.empty_like(lse)
     flags = _flags(q, left, right, dropout_p)
     common = (max_q, max_k)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(max_q, _DELTA_ROWS), batch * n_heads)](
+        out, dout, delta, cu_q, *_qkv_strides(out, varlen), *_lse_strides(lse, varlen), max_q, n_heads,
+        HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=_DELTA_ROWS,
+        num_warps=4, num_stages=1,
+    )
     if deterministic:
         cfg = _config("bwd_dq", q.shape[-1], q.dtype, q.device.type)
         _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * n_heads)](
-            q, k, v, out, dout, lse, delta, dq, cu_q, cu_k,
-            *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen),
-            *_qkv_strides(out, varlen), *_lse_strides(lse, varlen),
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+            *_qkv_strides(q, varlen), *_qkv_strides(k, varlen), *_qkv_strides(v, varlen), *_lse_strides(lse, varlen),
             *common, n_heads, n_heads // n_kv_heads, scale, scale * LOG2E, left, right, dropout_p, seed, max_k,
             IS_VARLEN=varlen, **flags, **cfg,
         )
         dq_sum = None
     else:
-        _attn_bwd_delta_kernel[(triton.cdiv(max_q, _DELTA_ROWS), batch * n_heads)](
-            out, dout, delta, cu_q, *_qkv_strides(out, varlen), *_lse_strides(lse, varlen), max_q, n_heads,
-            HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=_DELTA_ROWS,
-            num_warps=4, num_stages=1,
-        )
         dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's strides: q is contiguous
     cfg = _config("bwd_dkdv" if deterministic else "bwd_dkdv_dq", q.shape[-1], q.dtype, q.device.type)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * n_kv_heads)](
@@ -1298,8 +1295,8 @@ def attention(
     which their validation needs anyway); given values must not be below the true maxima.
     ``deterministic=True`` (the default) keeps the backward free of float atomics, so it is bitwise
     reproducible. ``deterministic=False`` lets the Triton backward sum dQ with float atomics from the
-    dK/dV kernel (no separate dQ pass); the C++ and torch backends have no such choice and run the
-    same code either way.
+    dK/dV kernel (no separate dQ pass; it holds an fp32 dQ buffer, q's size in fp32, during the
+    backward); the C++ and torch backends have no such choice and run the same code either way.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     head_dim = _check_qkv("attention", q, k, v, 3 if varlen else 4)
