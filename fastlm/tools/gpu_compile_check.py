@@ -636,6 +636,19 @@ def render_markdown(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without_jobs(args: list[str]) -> list[str]:
+    """The command-line arguments less ``--jobs N`` / ``--jobs=N``, which change nothing in the report."""
+    kept, skip_value = [], False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg == "--jobs":
+            skip_value = True
+        elif not arg.startswith("--jobs="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastlm.tools.gpu_compile_check", description=__doc__.split("\n")[0]
@@ -655,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = (90, 80) if args.sm80 else (90,)
     report, elapsed = run_gate(archs, tuple(args.module), args.only, not args.no_cuda_sources, max(1, args.jobs))
     command = "python -m fastlm.tools.gpu_compile_check" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--jobs")
+        f" {a}" for a in _without_jobs(argv if argv is not None else sys.argv[1:])
     )
     markdown = render_markdown(report, command)
     if args.json:

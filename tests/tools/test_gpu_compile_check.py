@@ -108,6 +108,13 @@ def test_gate_fails_on_broken_kernels(tmp_path):
     assert not any("_matmul_tile" in f for f in report["failures"])
     markdown = report_md.read_text()
     assert "**FAIL**" in markdown and "`_spilling_kernel`" in markdown
+    # The report's command reproduces it: --jobs and its value (which change nothing there) are left out.
+    assert f"--no-cuda-sources --json {report_json} --markdown" in markdown
+
+
+def test_report_command_leaves_out_jobs_and_its_value():
+    args = ["--jobs", "2", "--json", "r.json", "--jobs=4", "--only", "attention"]
+    assert gate._without_jobs(args) == ["--json", "r.json", "--only", "attention"]
 
 
 @pytest.mark.skipif(not (Path(gate._cuda_home()) / "bin" / "nvcc").is_file(), reason="needs nvcc (set CUDA_HOME)")
