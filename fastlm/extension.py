@@ -19,7 +19,11 @@ CPU_SOURCES += ("cpu/decode.cpp",)
 CPU_SOURCES += ("cpu/attention.cpp",)
 CPU_SOURCES += ("cpu/transpose.cpp",)
 # -fno-math-errno: sqrt never sets errno, so loops that take square roots vectorize.
-CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17", "-fno-math-errno")
+# -fno-trapping-math: no FP exception is ever observed, so a float comparison may run on lanes
+# that did not need it. Without it GCC 12 leaves the activation loops (exp_approx's clamps are
+# `x < lo ? lo : x`) scalar on AVX2 ("control flow in loop"): 4.2 ns/element on Zen 3. Values and
+# rounding are unchanged (no reassociation, no fast-math).
+CPU_CFLAGS = ("-O3", "-fopenmp", "-march=native", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
 CPU_LDFLAGS = ("-fopenmp",)
 # The CUDA extension: built only on a machine with a CUDA device, on first use. No fast-math:
 # the kernels must round like their PyTorch references.

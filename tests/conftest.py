@@ -15,3 +15,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def onednn_gemm(monkeypatch):
+    """The cpp backend's float32 matmuls through oneDNN on every machine that can run it, also where
+    fastlm leaves them to torch (``ONEDNN_FASTER`` is False on AVX2-only and Intel CPUs), so that the
+    oneDNN path is tested whichever CPU CI lands on."""
+    import importlib
+
+    gemm_module = importlib.import_module("fastlm.ops.gemm")  # the module, not the function fastlm.ops exports
+    monkeypatch.setattr(gemm_module, "ONEDNN_FASTER", gemm_module.onednn_available())

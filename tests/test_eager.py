@@ -108,6 +108,8 @@ CASES = {
         lambda q, k, v, cu: fastlm.attention(q, k, v, dropout_p=0.2, cu_seqlens_q=cu, cu_seqlens_k=cu),
     ),
 }
+# The gemm cases need the custom op, which runs only where the matmuls run oneDNN.
+pytestmark = pytest.mark.usefixtures("onednn_gemm")
 # Triton runs under the interpreter here: one dtype is enough to check the routing (bf16 is wrong there).
 BACKENDS = [p for p in cpu_backend_params() if p.values[1] == torch.float32]
 

@@ -12,6 +12,11 @@ Inductor's CPU backend calls), registered only on x86-64 where torch was built w
 ``torch.mm`` / ``torch.addmm``, and so are ``triton`` and ``cuda`` (the fused GPU ops' matmuls are
 cuBLAS's through torch), so that forcing one of those for a fused op also covers its matmuls.
 
+oneDNN runs only where that premise holds: an AMD processor with AVX-512 (``ONEDNN_FASTER``). On an
+AVX2-only one (a Zen 3 host) both libraries run AVX2 kernels, and oneDNN measured 0.68-1.03x torch on
+single linears forward + backward and the same speed on the tiny training step, so there every matmul
+is torch's (as on Intel, where MKL runs AVX-512 itself and oneDNN was never compared).
+
 The oneDNN path takes float32 products of at least ``ONEDNN_MIN_MACS`` multiply-adds with at least
 ``ONEDNN_MIN_ROWS`` rows and columns; smaller ones (where oneDNN's ~13 us call overhead shows, e.g.
 decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always run ``torch.mm``
@@ -19,6 +24,7 @@ decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always run `
 """
 
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,19 @@ def onednn_available() -> bool:
     (elsewhere, e.g. on ARM, oneDNN's float32 kernels were never compared with torch's here)."""
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _amd_with_avx512() -> bool:
+    """An AMD processor on which torch dispatches AVX-512 kernels (so oneDNN will too)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "AuthenticAMD" in cpuinfo and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+ONEDNN_FASTER = onednn_available() and _amd_with_avx512()
+"""Whether the ``cpp`` backend's float32 matmuls run oneDNN; elsewhere they are torch's (module docstring)."""
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -159,8 +178,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> 
 
 
 def _runs_torch(a: torch.Tensor) -> bool:
-    # CUDA tensors and CPU autocast run torch.mm / torch.addmm, which autocast casts as it casts F.linear.
-    return a.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+    # CUDA tensors and CPU autocast run torch.mm / torch.addmm, which autocast casts as it casts F.linear;
+    # so does every CPU matmul where oneDNN is not the faster library.
+    return a.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not ONEDNN_FASTER
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
@@ -184,7 +204,8 @@ def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in)) whose CPU matmuls run ``gemm``.
 
-    On CUDA, and inside CPU autocast (which casts F.linear's inputs), it is ``F.linear`` itself.
+    On CUDA, inside CPU autocast (which casts F.linear's inputs), and on CPUs where oneDNN is not the
+    faster library (``ONEDNN_FASTER``), it is ``F.linear`` itself.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"linear: x and weight must be torch.Tensors, got {type(x).__name__}, {type(weight).__name__}")

@@ -72,7 +72,7 @@ def test_model_matches_torch_reference_ops(family, packed, monkeypatch):
                                  grad=True)
 
 
-def test_model_matches_torch_reference_ops_where_its_matmuls_run_onednn(monkeypatch):
+def test_model_matches_torch_reference_ops_where_its_matmuls_run_onednn(monkeypatch, onednn_gemm):
     """The same comparison at a size where the CPU matmuls run oneDNN (fastlm.ops.gemm), forward and backward."""
     from fastlm.ops.gemm import onednn_available
 

@@ -1,5 +1,7 @@
 """gemm / linear against float64 references, on every CPU backend; oneDNN really runs where chosen."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from tests.backends import cpu_backend_params
 
 CPU = torch.device("cpu")
 ONEDNN = pytest.mark.skipif(not onednn_available(), reason="torch was built without oneDNN")
+gemm_module = sys.modules[gemm.__module__]
+pytestmark = pytest.mark.usefixtures("onednn_gemm")
 
 # (m, k, n): odd sizes below and above the oneDNN thresholds, long reductions, and a narrow output
 # (n <= 256 < m) that the transposed-operand rule computes the other way round.
@@ -91,6 +95,18 @@ def test_cpp_backend_runs_onednn_above_the_threshold_and_torch_below():
     assert "mkldnn::_linear_pointwise" not in kernels(big_a.bfloat16(), big_b.bfloat16())  # not float32
     with fastlm.use_backend("torch"):
         assert "mkldnn::_linear_pointwise" not in kernels(big_a, big_b)
+
+
+def test_where_onednn_is_not_faster_every_matmul_is_torchs(monkeypatch):
+    monkeypatch.setattr(gemm_module, "ONEDNN_FASTER", False)
+    x, w, bias = random_tensor(300, 128).requires_grad_(), random_tensor(256, 128), random_tensor(256)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = linear(x, w, bias)
+        y.sum().backward()
+        product = gemm(x.detach(), w.t())
+    names = {e.name for e in prof.events()}
+    assert not {"mkldnn::_linear_pointwise", "fastlm::gemm"} & names, names
+    assert torch.equal(y, F.linear(x, w, bias)) and torch.equal(product, x.detach() @ w.t())
 
 
 @ONEDNN
