@@ -16,6 +16,7 @@ which one to run for its tensors' device. The choice:
 
 import contextlib
 import contextvars
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -164,6 +165,7 @@ def backend_info() -> dict:
         "cuda_extension": {"available": cuda_extension_error() is None, "error": cuda_extension_error()},
         "ops": {},
     }
+    info["cpu_matmuls"] = importlib.import_module("fastlm.ops.gemm").cpu_matmul_library()
     for op in sorted(_registry):
         info["ops"][op] = {}
         for device_type in devices:

@@ -1,5 +1,6 @@
 """Backend selection, the forced-backend switch, fallbacks and backend_info()."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -90,6 +91,14 @@ def test_backend_info_reports_every_op_and_reason():
     assert info["ops"]["norm_fwd"]["cpu"] == {"backend": "cpp", "reason": "default"}
     assert set(info["ops"]) >= {"norm_fwd", "norm_bwd"}
     assert info["torch"] == torch.__version__
+
+
+def test_backend_info_says_which_library_runs_the_cpu_matmuls(monkeypatch):
+    gemm_module = importlib.import_module("fastlm.ops.gemm")
+    for faster, library in ((True, "oneDNN"), (False, "torch")):
+        monkeypatch.setattr(gemm_module, "ONEDNN_FASTER", faster)
+        matmuls = fastlm.backend_info()["cpu_matmuls"]
+        assert matmuls["library"] == library and matmuls["reason"]
 
 
 def test_register_requires_a_torch_fallback():

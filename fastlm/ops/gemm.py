@@ -60,6 +60,15 @@ ONEDNN_FASTER = onednn_available() and _amd_with_avx512()
 """Whether the ``cpp`` backend's float32 matmuls run oneDNN; elsewhere they are torch's (module docstring)."""
 
 
+def cpu_matmul_library() -> dict:
+    """Which library runs fastlm's float32 CPU matmuls here, and why (``fastlm.backend_info()["cpu_matmuls"]``)."""
+    if ONEDNN_FASTER:
+        return {"library": "oneDNN", "reason": "AMD CPU with AVX-512: oneDNN runs 512-bit kernels, MKL its AVX2 path"}
+    if not onednn_available():
+        return {"library": "torch", "reason": "not x86-64, or torch was built without oneDNN"}
+    return {"library": "torch", "reason": "no AVX-512 or not an AMD CPU: oneDNN measured no faster than torch here"}
+
+
 # ----------------------------------------------------------------------------- implementations
 
 
