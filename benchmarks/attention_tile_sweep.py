@@ -18,6 +18,11 @@ profiler, with TFLOP/s counting the causal half. Given the ``compile`` step's ou
 skips the candidates that did not compile cleanly or spill more than the launcher's default
 tiles do. Candidates that fail on the device or fail the check are recorded with the reason,
 not timed. Lines are JSON.
+
+Register allocation, and so spilling, changes between Triton releases: run ``compile`` with the
+device's Triton (``DEVICE_TRITON``, 3.6 on the H200 image: ``pip install triton==3.6.0`` into a
+separate virtual environment here), whose version each line records. Either step says so when the
+versions differ.
 """
 
 import contextlib
@@ -56,6 +61,8 @@ MATMULS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_dq": 5}
 # 32-query steps at head dim 128 (150-230 bytes against the default 16-query step's 0): whether
 # their fewer, larger steps beat the spill is what only the device can say.
 SPILL_SLACK = 256
+# The H200 image's Triton release (device README): the compiler whose spills the committed sweep records.
+DEVICE_TRITON = "3.6."
 SHAPE = dict(batch=4, seqlen=4096, heads=16)  # 64 programs per query block row: fills 132 SMs
 
 
@@ -83,10 +90,15 @@ def default_tile(kind: str, head_dim: int) -> tuple[int, int, int, int]:
 
 
 def compile_sweep(out, kinds: tuple[str, ...] = tuple(KERNELS)) -> None:
+    import triton
+
     from fastlm.kernel_registry import REGISTRY
     from fastlm.tools.gpu_compile_check import compile_variant
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    if not triton.__version__.startswith(DEVICE_TRITON):
+        print(f"note: this is Triton {triton.__version__}; the device compiles with {DEVICE_TRITON}x, whose "
+              "register allocation (and spills) may differ", file=sys.stderr)
     for kind, name in KERNELS.items():
         if kind not in kinds:
             continue
@@ -99,7 +111,7 @@ def compile_sweep(out, kinds: tuple[str, ...] = tuple(KERNELS)) -> None:
                 r = compile_variant(spec, variant, 90)
                 rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
                        "regs": r.registers, "spill": None if r.error else r.stack + r.local, "smem": r.shared,
-                       "hgmma": r.hgmma, "problems": r.problems}
+                       "hgmma": r.hgmma, "problems": r.problems, "triton": triton.__version__}
                 print(json.dumps(rec), flush=True)
                 out.write(json.dumps(rec) + "\n")
 
@@ -139,7 +151,14 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import triton
+
     keep = admitted(compiled_path) if compiled_path else None
+    if compiled_path:
+        versions = {json.loads(line).get("triton", "unrecorded") for line in open(compiled_path)}
+        if versions != {triton.__version__}:
+            print(f"note: {compiled_path} was compiled with Triton {sorted(versions)}, this is {triton.__version__}: "
+                  "its spill figures may not hold here", file=sys.stderr)
     b, s, h = SHAPE["batch"], SHAPE["seqlen"], SHAPE["heads"]
     for head_dim in HEAD_DIMS:
         torch.manual_seed(0)

@@ -48,6 +48,11 @@ def test_committed_compile_sweep_covers_every_kind_and_admits_the_defaults(sweep
             assert (kind, head_dim, sweep.default_tile(kind, head_dim)) in admitted, (kind, head_dim)
 
 
+def test_committed_compile_sweep_was_built_with_the_devices_triton(sweep):
+    versions = {json.loads(line).get("triton") for line in COMPILED.read_text().splitlines()}
+    assert versions and all(v and v.startswith(sweep.DEVICE_TRITON) for v in versions), versions
+
+
 def test_unknown_kind_is_refused(sweep):
     assert sweep._kinds("bwd_dkdv,bwd_dkdv_dq") == ("bwd_dkdv", "bwd_dkdv_dq")
     assert sweep._kinds(None) == tuple(sweep.KERNELS)
