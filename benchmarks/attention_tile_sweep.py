@@ -109,7 +109,8 @@ def compile_sweep(out, kinds: tuple[str, ...] = tuple(KERNELS)) -> None:
                 with tiles(kind, tile):
                     (variant,) = [v for v in spec.variants() if v.label == label]
                 r = compile_variant(spec, variant, 90)
-                rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
+                rec = {"kind": kind, "head_dim": head_dim, "tile": tile,
+                       "default": tile == default_tile(kind, head_dim),
                        "regs": r.registers, "spill": None if r.error else r.stack + r.local, "smem": r.shared,
                        "hgmma": r.hgmma, "problems": r.problems, "triton": triton.__version__}
                 print(json.dumps(rec), flush=True)
@@ -184,7 +185,8 @@ def time_sweep(out, compiled_path: str | None, kinds: tuple[str, ...] = tuple(KE
             for tile in CANDIDATES[kind]:
                 if keep is not None and (kind, head_dim, tile) not in keep:
                     continue
-                rec = {"kind": kind, "head_dim": head_dim, "tile": tile, "default": tile == default_tile(kind, head_dim),
+                rec = {"kind": kind, "head_dim": head_dim, "tile": tile,
+                       "default": tile == default_tile(kind, head_dim),
                        **SHAPE}
                 deterministic = kind != "bwd_dkdv_dq"
                 with tiles(kind, tile):
