@@ -5,6 +5,7 @@ level, so on a machine without Triton they get these stand-ins: decorating works
 launching raises (the dispatcher never picks the Triton backend there).
 """
 
+import inspect
 import os
 
 try:
@@ -56,4 +57,34 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "TRITON_IMPORT_ERROR", "interpreter_enabled"]
+def _mend_interpreter_loop_bounds() -> str | None:
+    """Make Triton 3.6's interpreter run with NumPy >= 2.4; returns what was changed, or None.
+
+    The interpreter holds a scalar as a 1-element array and turns it into a loop bound (``range(lo, hi)``
+    over computed bounds, as every fastlm kernel has) with ``int(array)``, which NumPy 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"). Triton fixed it upstream by squeezing the
+    array first (triton-lang/triton#9171); Triton 3.6, which torch 2.11 pins, predates the fix. This
+    applies the same fix where the installed interpreter lacks it. fastlm.backend_info() reports it.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    numpy_version = tuple(int(part) for part in np.__version__.split(".")[:2])
+    if numpy_version < (2, 4) or patch is None or "int(self.handle.data))" not in inspect.getsource(patch):
+        return None
+
+    def patch_with_squeezed_index(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_squeezed_index
+    return (f"Triton {triton.__version__}'s interpreter converts loop bounds as NumPy {np.__version__} refuses; "
+            "fastlm squeezes them first, as Triton does from triton-lang/triton#9171 on")
+
+
+INTERPRETER_MENDED = _mend_interpreter_loop_bounds() if HAS_TRITON and interpreter_enabled() else None
+
+__all__ = ["triton", "tl", "HAS_TRITON", "TRITON_IMPORT_ERROR", "INTERPRETER_MENDED", "interpreter_enabled"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm._triton import HAS_TRITON, TRITON_IMPORT_ERROR, interpreter_enabled
+from fastlm._triton import HAS_TRITON, INTERPRETER_MENDED, TRITON_IMPORT_ERROR, interpreter_enabled
 from fastlm.extension import cpu_extension_error, cuda_extension_error
 
 BACKENDS = ("triton", "cpp", "cuda", "torch")
@@ -159,6 +159,7 @@ def backend_info() -> dict:
             "available": HAS_TRITON,
             "version": getattr(__import__("triton"), "__version__", None) if HAS_TRITON else None,
             "interpreter": interpreter_enabled(),
+            "interpreter_mended": INTERPRETER_MENDED,
             "error": TRITON_IMPORT_ERROR,
         },
         "cpp": {"available": cpu_extension_error() is None, "error": cpu_extension_error()},

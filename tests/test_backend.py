@@ -132,3 +132,29 @@ def test_import_and_cpu_ops_work_without_triton():
         "torch.testing.assert_close(fastlm.layer_norm(x), fastlm.ops.layer_norm_ref(x))\n"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_interpreter_loop_bounds_are_mended_only_where_triton_lacks_the_fix(monkeypatch):
+    # Triton 3.6's interpreter (torch 2.11's pin) with NumPy >= 2.4: int() of a 1-element array raises.
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    np = pytest.importorskip("numpy")
+    from types import SimpleNamespace
+
+    from fastlm._triton import _mend_interpreter_loop_bounds
+
+    set_attrs = {}
+    scope = SimpleNamespace(set_attr=lambda obj, name, value: set_attrs.__setitem__(name, value))
+
+    def unfixed(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    scalar = SimpleNamespace(handle=SimpleNamespace(data=np.array([7])))
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", unfixed)
+    monkeypatch.setattr(np, "__version__", "2.3.5")
+    assert _mend_interpreter_loop_bounds() is None and interpreter._patch_lang_tensor is unfixed
+
+    monkeypatch.setattr(np, "__version__", "2.4.0")
+    assert "triton-lang/triton#9171" in _mend_interpreter_loop_bounds()
+    interpreter._patch_lang_tensor(object, scope)
+    assert set_attrs["__index__"](scalar) == 7
+    assert _mend_interpreter_loop_bounds() is None  # mended once: the wrapper is not wrapped again
