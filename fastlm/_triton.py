@@ -73,7 +73,13 @@ def _mend_interpreter_loop_bounds() -> str | None:
         return None
     patch = getattr(interpreter, "_patch_lang_tensor", None)
     numpy_version = tuple(int(part) for part in np.__version__.split(".")[:2])
-    if numpy_version < (2, 4) or patch is None or "int(self.handle.data))" not in inspect.getsource(patch):
+    if numpy_version < (2, 4) or patch is None:
+        return None
+    try:
+        unfixed = "int(self.handle.data))" in inspect.getsource(patch)
+    except (OSError, TypeError):  # no source to read: leave the interpreter as it is
+        return None
+    if not unfixed:
         return None
 
     def patch_with_squeezed_index(tensor, scope):
