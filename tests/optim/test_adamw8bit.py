@@ -155,6 +155,54 @@ def test_cpp_matches_torch_rule_bit_for_bit(kind, dtype, stochastic, n, block_si
         assert mismatches == 0, f"{name}: {mismatches} bytes differ"
 
 
+def octave_sweep_grads(block_size: int) -> torch.Tensor:
+    """Gradients whose new moments, normalized per block, fall in every binary octave of the
+    quantizer's 32-entry table, within a few ulps of each segment boundary, and at zero, in both
+    signs; each block starts with +-1 so its absmax is known."""
+    gen = torch.Generator().manual_seed(11)
+    per_octave = slice(code_tables.TABLE_THRESHOLD, code_tables.TABLE_SEGMENT)
+    boundaries = torch.cat([tables(signed, CPU)[per_octave] for signed in (True, False)])
+    boundaries = boundaries[torch.isfinite(boundaries)].double()
+    mantissas = 1 + torch.rand(32, generator=gen, dtype=torch.float64)
+    octaves = torch.exp2(-torch.arange(0, 32, dtype=torch.float64)) * mantissas
+    near = torch.cat([boundaries * (1 + k * 2.0**-23) for k in (-2, -1, 0, 1, 2)])
+    # m is (1 - beta1) g and v (1 - beta2) g^2: sqrt of the targets sweeps v's octaves too.
+    values = torch.cat([octaves, near, octaves.sqrt(), near.sqrt(), torch.zeros(3, dtype=torch.float64)])
+    values = values * torch.where(torch.rand(values.numel(), generator=gen) < 0.5, -1.0, 1.0).double()
+    rows = -(-values.numel() // (block_size - 1))
+    rest = torch.zeros(rows * (block_size - 1), dtype=torch.float64)
+    rest[:values.numel()] = values
+    first = torch.where(torch.arange(rows) % 2 == 0, 1.0, -1.0).double()
+    return torch.cat([first[:, None], rest.view(rows, block_size - 1)], dim=1).flatten().float()
+
+
+@pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
+def test_cpp_quantizes_every_octave_as_the_rule_does(kind):
+    """The vector quantizers read the octave and segment tables by lane (permutes and blends on the
+    index bits in the AVX2 path): random moments only reach the top octaves, so sweep them all."""
+    block_size = 64
+    grad = octave_sweep_grads(block_size)
+    n = grad.numel()
+    got = []
+    for name in ("torch", "cpp"):
+        param = torch.linspace(-1, 1, n)
+        # All-zero blocks: the new moments are (1 - beta1) g and (1 - beta2) g^2 exactly.
+        states = [torch.full((n,), 127, dtype=torch.uint8), torch.zeros(n // block_size)]
+        if kind != rule.LION:
+            states += [torch.zeros(n, dtype=torch.uint8), torch.zeros(n // block_size)]
+        with fastlm.use_backend(name):
+            impl = backend.select("optim8bit_step", CPU)
+            hyper = rule.make_hyper(kind, 1e-3, 0.9, 0.99, 1e-8, 0.0, 1)
+            impl(kind, param, grad.clone(), *(states + [None, None])[:4], tables(True, CPU),
+                 tables(False, CPU) if kind != rule.LION else None, block_size, hyper, 7, 1, False)
+        got.append([param] + states)
+    for name, out, ref in zip(["param", "state1", "absmax1", "state2", "absmax2"], got[1], got[0]):
+        mismatches = (out.view(torch.uint8) != ref.view(torch.uint8)).sum().item()
+        assert mismatches == 0, f"{name}: {mismatches} bytes differ"
+    # The sweep reaches far: codes on both sides of zero and both ends of the range.
+    assert {0, 127, 255} <= set(got[0][1].tolist())
+
+
 def test_optimizer_gives_the_same_bits_on_every_cpu_backend():
     results = []
     for name in ("torch", "cpp"):
