@@ -29,6 +29,20 @@ constexpr int64_t kGrainBytes = 1 << 16;
 // The largest block step_kernel pipelines (two scratch buffers of both moments: 16 KB).
 constexpr int64_t kPipelinedBlockSize = 1024;
 
+// What a vector path's update of one block reads and writes: the block's slices of the tensors
+// and the task's fp32 scratch for its new moments (requantized once the block's absmax is known).
+template <typename T>
+struct Block {
+    T* param;
+    const T* grad;
+    const uint8_t* q1;
+    const uint8_t* q2;
+    float* m;
+    float* v;
+    float scale1, scale2;
+    int64_t index;  // flat index of the block's first element (keys stochastic rounding)
+};
+
 inline float load(float x) { return x; }
 inline float load(c10::BFloat16 x) { return rule::bf16_to_float(x.x); }
 inline float load(c10::Half x) { return static_cast<float>(x); }
@@ -55,20 +69,6 @@ inline T store(float x, uint32_t key, int64_t index) {
 // planes with byte permutes (64 codes per vpermt2b pair), quantizing evaluates the rule's
 // closed form with 16- and 32-entry permutes.
 namespace simd {
-
-// Everything one block's update reads and writes, and the task's fp32 scratch for the new
-// moments (requantized once the block's absmax is known).
-template <typename T>
-struct Block {
-    T* param;
-    const T* grad;
-    const uint8_t* q1;
-    const uint8_t* q2;
-    float* m;
-    float* v;
-    float scale1, scale2;
-    int64_t index;  // flat index of the block's first element (keys stochastic rounding)
-};
 
 inline __mmask16 lanes16(int64_t count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
@@ -303,24 +303,8 @@ inline void requantize(const Quantizer& quantize, const float* x, float inverse,
 // Before this path the loops ran through the scalar rule here: ~10 ns per parameter.
 namespace avx2 {
 
-template <typename T>
-struct Block {
-    T* param;
-    const T* grad;
-    const uint8_t* q1;
-    const uint8_t* q2;
-    float* m;
-    float* v;
-    float scale1, scale2;
-    int64_t index;  // flat index of the block's first element (keys stochastic rounding)
-};
-
-// table[idx] for a table of 8 * N fp32 values held in N registers (N = 2 or 4), idx < 8 * N:
-// permutes read the index's low 3 bits, blends (on the sign bit) pick by bits 3 and 4.
-inline __m256 lookup16(const __m256 t[2], __m256i idx) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx), _mm256_permutevar8x32_ps(t[1], idx),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
+// table[idx] for a 32-entry table held in four registers, idx < 32: the permutes read the
+// index's low 3 bits, the blends (on the sign bit) pick by bits 3 and 4.
 inline __m256 lookup32(const __m256 t[4], __m256i idx) {
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
     const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx), _mm256_permutevar8x32_ps(t[1], idx), bit3);
@@ -328,20 +312,31 @@ inline __m256 lookup32(const __m256 t[4], __m256i idx) {
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
 }
 
-// rule::quantize on 8 lanes, the tables in 14 registers. index() leaves the signed code's
-// mirror index unclamped (-1 for the largest negative magnitudes): the caller clamps it to 0.
+// rule::quantize on 8 lanes, in fewer table reads than the rule makes (table_of checks the
+// tables allow it):
+// * one 32-entry lookup per octave gives both its bottom segment (bits 24 and up) and its
+//   boundary's mantissa (bits 0-23; 2^23, above every mantissa, where it has none). A boundary
+//   lies in its octave's binade, so |x| > boundary is a compare of the two mantissas;
+// * segments 0-7 take one permute for each of scale, offset and top; segment 8 ("one") has
+//   scale 0, so its index is a constant, set by a blend.
+// index() leaves the signed code's mirror index unclamped (-1 for the largest negative
+// magnitudes): the caller clamps it to 0.
 struct Quantizer {
-    __m256 octave_threshold[4], octave_segment[4], scale[2], offset[2], top[2];
-    explicit Quantizer(const float* table) {
-        for (int j = 0; j < 4; ++j) {
-            octave_threshold[j] = _mm256_loadu_ps(table + rule::kTableThreshold + 8 * j);
-            octave_segment[j] = _mm256_loadu_ps(table + rule::kTableSegment + 8 * j);
+    __m256 octave[4], scale, offset, top;
+    __m256i index8;
+    explicit Quantizer(const float* table)
+        : scale(_mm256_loadu_ps(table + rule::kTableScale)),
+          offset(_mm256_loadu_ps(table + rule::kTableOffset)),
+          top(_mm256_loadu_ps(table + rule::kTableTop)) {
+        alignas(32) int32_t packed[32];
+        for (int o = 0; o < 32; ++o) {
+            const float boundary = table[rule::kTableThreshold + o];
+            const uint32_t mantissa = std::isfinite(boundary) ? (rule::float_bits(boundary) & 0x7fffffu) : 0x800000u;
+            packed[o] = (static_cast<int32_t>(table[rule::kTableSegment + o]) << 24) | static_cast<int32_t>(mantissa);
         }
-        for (int j = 0; j < 2; ++j) {
-            scale[j] = _mm256_loadu_ps(table + rule::kTableScale + 8 * j);
-            offset[j] = _mm256_loadu_ps(table + rule::kTableOffset + 8 * j);
-            top[j] = _mm256_loadu_ps(table + rule::kTableTop + 8 * j);
-        }
+        for (int j = 0; j < 4; ++j) octave[j] = _mm256_load_ps(reinterpret_cast<const float*>(packed + 8 * j));
+        const float y8 = table[rule::kTableOffset + 8], top8 = table[rule::kTableTop + 8];
+        index8 = _mm256_set1_epi32(static_cast<int32_t>(y8 < top8 ? y8 : top8));
     }
     template <bool Signed>
     __m256i index(__m256 x) const {
@@ -349,13 +344,17 @@ struct Quantizer {
         __m256i magnitude = Signed ? _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)) : bits;
         magnitude = _mm256_min_epi32(_mm256_max_epi32(magnitude, _mm256_set1_epi32(rule::kMagLoBits)),
                                      _mm256_set1_epi32(rule::kMagHiBits));
-        const __m256i octave = _mm256_srli_epi32(magnitude, 23);  // the lookups read its low 5 bits
+        // The lookup reads the octave's low 5 bits.
+        const __m256i packed = _mm256_castps_si256(lookup32(octave, _mm256_srli_epi32(magnitude, 23)));
+        const __m256i mantissa_mask = _mm256_set1_epi32(0x7fffff);
+        const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(magnitude, mantissa_mask),
+                                                 _mm256_and_si256(packed, _mm256_set1_epi32(0xffffff)));
+        const __m256i segment = _mm256_sub_epi32(_mm256_srli_epi32(packed, 24), above);  // above: all ones, -1
         const __m256 xa = _mm256_castsi256_ps(magnitude);
-        const __m256 above = _mm256_cmp_ps(xa, lookup32(octave_threshold, octave), _CMP_GT_OQ);  // all ones: -1
-        const __m256i segment =
-            _mm256_sub_epi32(_mm256_cvttps_epi32(lookup32(octave_segment, octave)), _mm256_castps_si256(above));
-        const __m256 y = _mm256_add_ps(_mm256_mul_ps(xa, lookup16(scale, segment)), lookup16(offset, segment));
-        __m256i k = _mm256_cvttps_epi32(_mm256_min_ps(y, lookup16(top, segment)));
+        const __m256 y = _mm256_add_ps(_mm256_mul_ps(xa, _mm256_permutevar8x32_ps(scale, segment)),
+                                       _mm256_permutevar8x32_ps(offset, segment));
+        __m256i k = _mm256_cvttps_epi32(_mm256_min_ps(y, _mm256_permutevar8x32_ps(top, segment)));
+        k = _mm256_blendv_epi8(k, index8, _mm256_cmpeq_epi32(segment, _mm256_set1_epi32(8)));
         if constexpr (Signed) {
             const __m256i negative = _mm256_srai_epi32(bits, 31);
             k = _mm256_blendv_epi8(k, _mm256_sub_epi32(_mm256_set1_epi32(254), k), negative);
@@ -561,15 +560,16 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
             const float scale2 = kTwoMoments ? absmax2[b] : 0.f;
             float amax1 = 0.f, amax2 = 0.f;
             int64_t vectorized = 0;  // the elements the vector path updated; the rule does the rest
+#if defined(FASTLM_OPTIM8BIT_SIMD) || defined(FASTLM_OPTIM8BIT_AVX2)
+            const Block<T> blk{param + off, grad + off, q1 + off, q2 + off, sm, sv, scale1, scale2, off};
+#endif
 #if defined(FASTLM_OPTIM8BIT_SIMD)
-            const simd::Block<T> blk{param + off, grad + off, q1 + off, q2 + off, sm, sv, scale1, scale2, off};
             __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
             simd::update<T, Kind, Stochastic>(blk, len, code1, code2, vh, key, am1, am2);
             amax1 = _mm512_reduce_max_ps(am1);
             if constexpr (kTwoMoments) amax2 = _mm512_reduce_max_ps(am2);
             vectorized = len;
 #elif defined(FASTLM_OPTIM8BIT_AVX2)
-            const avx2::Block<T> blk{param + off, grad + off, q1 + off, q2 + off, sm, sv, scale1, scale2, off};
             vectorized = avx2::update<T, Kind, Stochastic>(blk, len, table1, table2, vh, key, amax1, amax2);
 #endif
 #pragma omp simd reduction(max : amax1, amax2)
@@ -636,7 +636,22 @@ const float* table_of(const at::Tensor& table, const char* name) {
                     table.numel() == rule::kTableSize,
                 name, ": expected the contiguous fp32 CPU code table of ", rule::kTableSize, " values, got ",
                 table.dtype(), " of ", table.numel(), " on ", table.device());
-    return table.data_ptr<float>();
+    const float* t = table.data_ptr<float>();
+    // What avx2::Quantizer relies on (fastlm/optim/_code.py builds tables that way): a segment
+    // 0-8 per octave, below 8 where the octave holds a boundary; a boundary inside its octave's
+    // binade (exponent 103-127, the octave mod 32); segment 8 ("one") of scale 0.
+    for (int o = 0; o < 32; ++o) {
+        const float segment = t[rule::kTableSegment + o];
+        const float boundary = t[rule::kTableThreshold + o];
+        const bool finite = std::isfinite(boundary);
+        const int exponent = static_cast<int>((rule::float_bits(boundary) >> 23) & 0xff);
+        TORCH_CHECK(segment >= 0.f && segment <= (finite ? 7.f : 8.f) && segment == std::floor(segment) &&
+                        (!finite || (boundary > 0.f && exponent >= 103 && exponent <= 127 && (exponent & 31) == o)),
+                    name, ": octave ", o, " has segment ", segment, " and boundary ", boundary,
+                    ", which the quantizer's tables never hold");
+    }
+    TORCH_CHECK(t[rule::kTableScale + 8] == 0.f, name, ": segment 8 must have scale 0, got ", t[rule::kTableScale + 8]);
+    return t;
 }
 
 void check_state(const at::Tensor& state, const at::Tensor& absmax, int64_t n, int64_t blocks, const char* name) {

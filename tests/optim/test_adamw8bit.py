@@ -107,6 +107,15 @@ def test_quantize_table_layout(signed):
     assert torch.all(segments == segments.round()) and segments.min() >= 0 and segments.max() <= 8
     top = table[code_tables.TABLE_TOP:code_tables.TABLE_SIZE][:9]
     assert top[-1] == 255 and torch.all(top[1:] > top[:-1])
+    # What the CPU kernel's AVX2 quantizer relies on (its table_of checks them too): a boundary lies
+    # in its octave's binade, only below segment 8, and segment 8 ("one") has scale 0.
+    boundaries = table[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]
+    finite = torch.isfinite(boundaries)
+    exponents = (boundaries[finite].view(torch.int32) >> 23) & 0xFF
+    octaves = torch.arange(32)[finite]
+    assert finite.sum() >= 8 and torch.all((exponents >= 103) & (exponents <= 127) & (exponents % 32 == octaves))
+    assert torch.all(segments[finite] <= 7)
+    assert table[code_tables.TABLE_SCALE + 8] == 0
 
 
 # ---- kernels vs the PyTorch rule, bit for bit ---------------------------------------------------
@@ -571,7 +580,7 @@ def test_unsupported_param_dtype_raises():
 
 def test_cpp_kernel_checks_tables_and_block_size():
     """The C++ entry point checks what the optimizers never pass: a table of the wrong size (the
-    former (values, lut) layout) and a block larger than its scratch."""
+    former (values, lut) layout) or of another structure, and a block larger than its scratch."""
     from fastlm.extension import cpu_extension
 
     n = 300
@@ -588,6 +597,17 @@ def test_cpp_kernel_checks_tables_and_block_size():
         call(256, tables(True, CPU)[:256].clone())
     with pytest.raises(RuntimeError, match=r"block_size: expected a power of two in \[16, 4096\], got 8192"):
         call(8192, tables(True, CPU))
+    # Tables the vector quantizers would misread: a boundary outside its octave's binade, a constant
+    # segment ("one") with a slope.
+    moved = tables(True, CPU).clone()
+    octave = int(torch.isfinite(moved[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]).nonzero()[0])
+    moved[code_tables.TABLE_THRESHOLD + octave] *= 2
+    with pytest.raises(RuntimeError, match=rf"tables1: octave {octave} has segment .* and boundary"):
+        call(256, moved)
+    sloped = tables(True, CPU).clone()
+    sloped[code_tables.TABLE_SCALE + 8] = 1.0
+    with pytest.raises(RuntimeError, match=r"tables1: segment 8 must have scale 0, got 1"):
+        call(256, sloped)
     call(256, tables(True, CPU))  # the same call with valid arguments runs
 
 
