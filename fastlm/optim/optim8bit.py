@@ -35,10 +35,10 @@ Without AVX-512 (AVX2 with F16C: AMD Zen 2/3, Intel before Skylake-SP, and Intel
 VBMI) the step runs 8 lanes at a time: a gather from the code table to dequantize (there are no
 byte permutes), and the same closed form with 8-entry permutes and blends on the index bits to
 quantize. Before, that hardware ran the rule element by element. On a 2-vCPU Zen 3 machine
-(``benchmarks/results/cpu-2026-12-02-zen3-optim/``, two runs) that is 2.1-2.5x (8M fp32),
-2.7-3.1x (64M) and 2.6x (8M bf16) the speed of the element-wise step: 1.4-1.5x ``foreach``
-AdamW and 7-8x bitsandbytes at 8M fp32, but 0.3x the fused AdamW, which does far less work
-per element.
+(``benchmarks/results/cpu-2026-12-02-zen3-optim/``) the kernel alone is ~3.5x the element-wise
+one (1M fp32 parameters, alternating processes), and the step at 8M fp32 1.4-1.9x ``foreach``
+AdamW and 7-10x bitsandbytes, but 0.3-0.37x the fused AdamW, which does far less work per
+element.
 """
 
 import concurrent.futures

@@ -1,0 +1,67 @@
+"""The CPU 8-bit optimizer kernel alone (no Python optimizer around it), for A/B runs across commits.
+
+Builds of different sources cannot share a process, so compare commits in alternating processes;
+the extension's cache keeps each build, so switching back costs no rebuild:
+
+    for i in 1 2 3; do for c in OLD NEW; do
+        git checkout -q $c -- csrc/cpu/optim8bit.cpp && python benchmarks/optim8bit_kernel_ab.py
+    done; done; git checkout -q HEAD -- csrc/cpu/optim8bit.cpp
+
+Prints the median milliseconds of one step over --params parameters (random states and gradients,
+the AdamW defaults at step 5).
+"""
+
+import argparse
+import time
+
+import torch
+
+from fastlm import backend
+from fastlm.optim import _rule as rule
+from fastlm.optim._code import tables
+
+KINDS = {"adamw": rule.ADAMW, "adam": rule.ADAM, "lion": rule.LION}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=int, default=1 << 20)
+    p.add_argument("--kind", choices=KINDS, default="adamw")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=100)
+    args = p.parse_args()
+
+    cpu = torch.device("cpu")
+    kind, n, block_size = KINDS[args.kind], args.params, args.block_size
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(n, generator=gen).to(DTYPES[args.dtype])
+    grad = (0.1 * torch.randn(n, generator=gen)).to(DTYPES[args.dtype])
+    blocks = -(-n // block_size)
+
+    def state():
+        return [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen), torch.rand(blocks, generator=gen)]
+
+    states = state() + (state() if kind != rule.LION else [None, None])
+    second = tables(False, cpu) if kind != rule.LION else None
+    step = backend.select("optim8bit_step", cpu)
+    hyper = rule.make_hyper(kind, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5)
+
+    def run():
+        step(kind, param, grad, *states, tables(True, cpu), second, block_size, hyper, 7, 5, False)
+
+    for _ in range(5):
+        run()
+    times = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2] * 1e3
+    print(f"{args.kind} {args.dtype} {n} params, {torch.get_num_threads()} threads: {median:.3f} ms "
+          f"({median * 1e6 / n:.2f} ns/param)")
+
+
+if __name__ == "__main__":
+    main()
