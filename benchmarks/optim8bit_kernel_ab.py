@@ -8,10 +8,14 @@ the extension's cache keeps each build, so switching back costs no rebuild:
     done; done; git checkout -q HEAD -- csrc/cpu/optim8bit.cpp
 
 Prints the median milliseconds of one step over --params parameters (random states and gradients,
-the AdamW defaults at step 5).
+the AdamW defaults at step 5). ``--path`` runs one of the kernel's code paths (default: the fastest this
+CPU runs), so the paths of one build compare in one process:
+
+    python benchmarks/optim8bit_kernel_ab.py --path avx2
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -19,6 +23,7 @@ import torch
 from fastlm import backend
 from fastlm.optim import _rule as rule
 from fastlm.optim._code import tables
+from fastlm.optim.optim8bit import PATH_ENV, cpu_kernel_path, cpu_kernel_paths
 
 KINDS = {"adamw": rule.ADAMW, "adam": rule.ADAM, "lion": rule.LION}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +36,10 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--path", choices=cpu_kernel_paths(), help="the kernel's code path (default: the fastest)")
     args = p.parse_args()
+    if args.path:
+        os.environ[PATH_ENV] = args.path
 
     cpu = torch.device("cpu")
     kind, n, block_size = KINDS[args.kind], args.params, args.block_size
@@ -59,8 +67,8 @@ def main() -> None:
         run()
         times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2] * 1e3
-    print(f"{args.kind} {args.dtype} {n} params, {torch.get_num_threads()} threads: {median:.3f} ms "
-          f"({median * 1e6 / n:.2f} ns/param)")
+    print(f"{args.kind} {args.dtype} {n} params, {cpu_kernel_path()} path, {torch.get_num_threads()} threads: "
+          f"{median:.3f} ms ({median * 1e6 / n:.2f} ns/param)")
 
 
 if __name__ == "__main__":

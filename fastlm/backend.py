@@ -167,6 +167,7 @@ def backend_info() -> dict:
         "ops": {},
     }
     info["cpu_matmuls"] = importlib.import_module("fastlm.ops.gemm").cpu_matmul_library()
+    info["cpu_optim8bit"] = importlib.import_module("fastlm.optim.optim8bit").cpu_kernel_info()
     for op in sorted(_registry):
         info["ops"][op] = {}
         for device_type in devices:

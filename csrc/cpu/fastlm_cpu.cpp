@@ -22,7 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("kind"), py::arg("param"), py::arg("grad"), py::arg("state1"), py::arg("absmax1"),
           py::arg("state2"), py::arg("absmax2"), py::arg("tables1"), py::arg("tables2"),
           py::arg("block_size"), py::arg("hyper"), py::arg("seed"), py::arg("step"),
-          py::arg("stochastic_rounding"), py::call_guard<py::gil_scoped_release>());
+          py::arg("stochastic_rounding"), py::arg("path") = "", py::call_guard<py::gil_scoped_release>());
+    m.def("optim8bit_paths", &optim8bit_paths_cpu,
+          "The 8-bit optimizer kernel's code paths this build and CPU run, fastest (the default) first");
     m.def("act_fwd", &act_fwd_cpu, "Fused SiLU/GELU activation, optionally gated (act(gate) * up)", py::arg("gate"),
           py::arg("up"), py::arg("y"), py::arg("act"));
     m.def("act_bwd", &act_bwd_cpu, "Gradients of act_fwd, recomputing the activation (optionally returning it)",

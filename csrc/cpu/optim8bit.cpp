@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 // The rule must round every fp32 operation once, as its PyTorch reference does: no fused
@@ -58,17 +59,55 @@ inline T store(float x, uint32_t key, int64_t index) {
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
-#define FASTLM_OPTIM8BIT_SIMD 1
+// A code path's interface (step_kernel runs one): State, built once per task from the code
+// tables and the hyper-parameters; update(), which updates a block's first elements and returns
+// how many (the rule does the rest); requantize<Signed>() (the first moment's signed code, the
+// second's unsigned), which quantizes a block's first elements and returns how many. The generic
+// path leaves every element to the rule, which the compiler vectorizes as it can.
+struct GenericPath {
+    struct State {
+        State(const float*, const float*, const rule::Hyper&) {}
+    };
+    template <typename T, int Kind, bool Stochastic>
+    static int64_t update(const State&, const Block<T>&, int64_t, uint32_t, float&, float&) {
+        return 0;
+    }
+    template <bool Signed>
+    static int64_t requantize(const State&, const float*, float, uint8_t*, int64_t) {
+        return 0;
+    }
+};
+
+// ---- the vector paths ----------------------------------------------------------------------
+// With GCC on x86-64 both are always compiled, each for the instruction sets it needs (a target
+// pragma where the build's -march lacks them), and the processor picks at run time (cpu_paths):
+// so a machine tests every path it can run, not only the one its -march selects. A path whose
+// instructions -march already enables compiles without the pragma, into the same code as
+// before. Other compilers build only the paths their -march enables.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTLM_OPTIM8BIT_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
-// ---- 16 lanes at a time (AVX-512 F/BW/VBMI) ------------------------------------------------
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512VBMI__)
+#define FASTLM_OPTIM8BIT_AVX512 1
+#elif defined(FASTLM_OPTIM8BIT_X86) && !defined(__clang__)
+#define FASTLM_OPTIM8BIT_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")
+#define FASTLM_OPTIM8BIT_AVX512_PRAGMA 1
+#endif
+
+#if defined(FASTLM_OPTIM8BIT_AVX512)
+// ---- 16 lanes at a time (AVX-512 F/BW/DQ/VL/VBMI) ------------------------------------------
 // The same rule, operation for operation (one IEEE-rounded vector op per scalar op, no FMA), so
 // the results are the scalar path's bits. Written out by hand for the table lookups, which the
 // auto-vectorized loop turns into gathers (slow on AMD Zen 4: ~30 cycles per 16 lanes). Both
 // lookups stay in registers instead: dequantizing reads the 256 code values as four byte
 // planes with byte permutes (64 codes per vpermt2b pair), quantizing evaluates the rule's
 // closed form with 16- and 32-entry permutes.
-namespace simd {
+namespace avx512 {
 
 inline __mmask16 lanes16(int64_t count) {
     return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
@@ -291,10 +330,46 @@ inline void requantize(const Quantizer& quantize, const float* x, float inverse,
     }
 }
 
-}  // namespace simd
-#elif defined(__AVX2__) && defined(__F16C__)
+struct Path {
+    struct State {
+        CodePlanes code1, code2;
+        Quantizer quantize1, quantize2;
+        Hyper h;
+        State(const float* table1, const float* table2, const rule::Hyper& hyper)
+            : code1(table1), code2(table2), quantize1(table1), quantize2(table2), h(hyper) {}
+    };
+    template <typename T, int Kind, bool Stochastic>
+    static int64_t update(const State& s, const Block<T>& blk, int64_t len, uint32_t key, float& amax1,
+                          float& amax2) {
+        __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
+        avx512::update<T, Kind, Stochastic>(blk, len, s.code1, s.code2, s.h, key, am1, am2);
+        amax1 = _mm512_reduce_max_ps(am1);
+        if constexpr (Kind != rule::kLion) amax2 = _mm512_reduce_max_ps(am2);
+        return len;
+    }
+    template <bool Signed>
+    static int64_t requantize(const State& s, const float* x, float inverse, uint8_t* q, int64_t len) {
+        avx512::requantize<Signed>(Signed ? s.quantize1 : s.quantize2, x, inverse, q, len);
+        return len;
+    }
+};
+
+}  // namespace avx512
+#endif
+#if defined(FASTLM_OPTIM8BIT_AVX512_PRAGMA)
+#pragma GCC pop_options
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__)
 #define FASTLM_OPTIM8BIT_AVX2 1
-#include <immintrin.h>
+#elif defined(FASTLM_OPTIM8BIT_X86) && !defined(__clang__)
+#define FASTLM_OPTIM8BIT_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#define FASTLM_OPTIM8BIT_AVX2_PRAGMA 1
+#endif
+
+#if defined(FASTLM_OPTIM8BIT_AVX2)
 // ---- 8 lanes at a time (AVX2 + F16C: Zen 2/3, Intel before AVX-512) ----------------------
 // The same rule, operation for operation, so the results are the scalar path's bits (the
 // scalar rule also finishes a block whose length is not a multiple of 8). Without AVX-512's
@@ -513,8 +588,64 @@ inline int64_t requantize(const Quantizer& quantize, const float* x, float inver
     return i;
 }
 
+struct Path {
+    struct State {
+        const float* table1;
+        const float* table2;
+        Quantizer quantize1, quantize2;
+        Hyper h;
+        State(const float* t1, const float* t2, const rule::Hyper& hyper)
+            : table1(t1), table2(t2), quantize1(t1), quantize2(t2), h(hyper) {}
+    };
+    template <typename T, int Kind, bool Stochastic>
+    static int64_t update(const State& s, const Block<T>& blk, int64_t len, uint32_t key, float& amax1,
+                          float& amax2) {
+        return avx2::update<T, Kind, Stochastic>(blk, len, s.table1, s.table2, s.h, key, amax1, amax2);
+    }
+    template <bool Signed>
+    static int64_t requantize(const State& s, const float* x, float inverse, uint8_t* q, int64_t len) {
+        return avx2::requantize<Signed>(Signed ? s.quantize1 : s.quantize2, x, inverse, q, len);
+    }
+};
+
 }  // namespace avx2
 #endif
+#if defined(FASTLM_OPTIM8BIT_AVX2_PRAGMA)
+#pragma GCC pop_options
+#endif
+
+// The code paths: what cpu_paths() names and dispatch_path() runs.
+enum class CpuPath { kAvx512, kAvx2, kGeneric };
+
+#if defined(FASTLM_OPTIM8BIT_AVX2)
+bool cpu_has_f16c() {
+    unsigned int eax, ebx, ecx, edx;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+}
+#endif
+
+// The paths this build holds and this processor runs, fastest first (the first is the default).
+const std::vector<std::pair<std::string, CpuPath>>& cpu_paths() {
+    static const std::vector<std::pair<std::string, CpuPath>> paths = [] {
+        std::vector<std::pair<std::string, CpuPath>> found;
+#if defined(FASTLM_OPTIM8BIT_X86)
+        __builtin_cpu_init();
+#endif
+#if defined(FASTLM_OPTIM8BIT_AVX512)
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vbmi")) {
+            found.emplace_back("avx512", CpuPath::kAvx512);
+        }
+#endif
+#if defined(FASTLM_OPTIM8BIT_AVX2)
+        if (__builtin_cpu_supports("avx2") && cpu_has_f16c()) found.emplace_back("avx2", CpuPath::kAvx2);
+#endif
+        found.emplace_back("generic", CpuPath::kGeneric);
+        return found;
+    }();
+    return paths;
+}
 
 // Per block: dequantize, update each element in fp32 (parameter written at once, new moments
 // kept in fp32 scratch on the stack, L1-resident), take the new moments' absmax, then
@@ -522,10 +653,10 @@ inline int64_t requantize(const Quantizer& quantize, const float* x, float inver
 // b + 1's update (two scratch buffers), so the absmax reduction and reciprocal that separate
 // b's passes overlap independent work instead of draining the pipeline once per block (at
 // block_size 256 that stall cost about a sixth of the step); blocks above kPipelinedBlockSize
-// amortize it and use one buffer, whose scratch then still fits L1. With AVX-512 (F/BW/VBMI) a
-// block goes 16 lanes at a time (simd::), with AVX2 8 at a time (avx2::, the rule finishing a
-// length that is not a multiple of 8), otherwise element by element through the rule.
-template <typename T, int Kind, bool Stochastic>
+// amortize it and use one buffer, whose scratch then still fits L1. Path (above) takes a block 16
+// lanes at a time (avx512::), 8 at a time (avx2::, the rule finishing a length that is not a
+// multiple of 8), or leaves it to the rule (GenericPath).
+template <typename Path, typename T, int Kind, bool Stochastic>
 void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax1, uint8_t* q2_ptr, float* absmax2,
                  const float* table1_ptr, const float* table2_ptr, int64_t n, int64_t block_size, rule::Hyper h,
                  uint32_t key) {
@@ -544,14 +675,7 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
         const rule::Hyper hp = h;
         const float* const table1 = table1_ptr;
         const float* const table2 = kTwoMoments ? table2_ptr : table1_ptr;
-#if defined(FASTLM_OPTIM8BIT_SIMD)
-        const simd::CodePlanes code1(table1), code2(table2);
-        const simd::Quantizer quantize1(table1), quantize2(table2);
-        const simd::Hyper vh(hp);
-#elif defined(FASTLM_OPTIM8BIT_AVX2)
-        const avx2::Quantizer quantize1(table1), quantize2(table2);
-        const avx2::Hyper vh(hp);
-#endif
+        const typename Path::State state(table1, table2, hp);
         const auto length = [&](int64_t b) { return std::min(block_size, n - b * block_size); };
         const auto update = [&](int64_t b, float* sm, float* sv) {
             const int64_t off = b * block_size;
@@ -559,19 +683,10 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
             const float scale1 = absmax1[b];
             const float scale2 = kTwoMoments ? absmax2[b] : 0.f;
             float amax1 = 0.f, amax2 = 0.f;
-            int64_t vectorized = 0;  // the elements the vector path updated; the rule does the rest
-#if defined(FASTLM_OPTIM8BIT_SIMD) || defined(FASTLM_OPTIM8BIT_AVX2)
             const Block<T> blk{param + off, grad + off, q1 + off, q2 + off, sm, sv, scale1, scale2, off};
-#endif
-#if defined(FASTLM_OPTIM8BIT_SIMD)
-            __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
-            simd::update<T, Kind, Stochastic>(blk, len, code1, code2, vh, key, am1, am2);
-            amax1 = _mm512_reduce_max_ps(am1);
-            if constexpr (kTwoMoments) amax2 = _mm512_reduce_max_ps(am2);
-            vectorized = len;
-#elif defined(FASTLM_OPTIM8BIT_AVX2)
-            vectorized = avx2::update<T, Kind, Stochastic>(blk, len, table1, table2, vh, key, amax1, amax2);
-#endif
+            // The elements the path updated; the rule does the rest.
+            const int64_t vectorized =
+                Path::template update<T, Kind, Stochastic>(state, blk, len, key, amax1, amax2);
 #pragma omp simd reduction(max : amax1, amax2)
             for (int64_t i = vectorized; i < len; ++i) {
                 const float g = load(grad[off + i]);
@@ -598,16 +713,12 @@ void step_kernel(T* param_ptr, const T* grad_ptr, uint8_t* q1_ptr, float* absmax
             const int64_t len = length(b);
             const float inverse1 = rule::inverse_scale(absmax1[b]);
             const float inverse2 = kTwoMoments ? rule::inverse_scale(absmax2[b]) : 0.f;
-            // The elements the vector path quantized; the rule does the rest.
-            int64_t vectorized1 = 0, vectorized2 = 0;
-#if defined(FASTLM_OPTIM8BIT_SIMD)
-            simd::requantize<true>(quantize1, sm, inverse1, q1 + off, len);
-            if constexpr (kTwoMoments) simd::requantize<false>(quantize2, sv, inverse2, q2 + off, len);
-            vectorized1 = vectorized2 = len;
-#elif defined(FASTLM_OPTIM8BIT_AVX2)
-            vectorized1 = avx2::requantize<true>(quantize1, sm, inverse1, q1 + off, len);
-            if constexpr (kTwoMoments) vectorized2 = avx2::requantize<false>(quantize2, sv, inverse2, q2 + off, len);
-#endif
+            // The elements the path quantized; the rule does the rest.
+            const int64_t vectorized1 = Path::template requantize<true>(state, sm, inverse1, q1 + off, len);
+            int64_t vectorized2 = 0;
+            if constexpr (kTwoMoments) {
+                vectorized2 = Path::template requantize<false>(state, sv, inverse2, q2 + off, len);
+            }
             for (int64_t i = vectorized1; i < len; ++i) {
                 q1[off + i] = rule::quantize(table1, rule::normalize(sm[i], inverse1), true);
             }
@@ -664,37 +775,66 @@ void check_state(const at::Tensor& state, const at::Tensor& absmax, int64_t n, i
                 absmax.dtype(), " of ", absmax.numel(), " on ", absmax.device());
 }
 
+template <typename T, int Kind, bool Stochastic>
+void dispatch_path(CpuPath path, T* p, const T* g, uint8_t* q1, float* a1, uint8_t* q2, float* a2, const float* t1,
+                   const float* t2, int64_t n, int64_t block_size, const rule::Hyper& h, uint32_t key) {
+    switch (path) {
+#if defined(FASTLM_OPTIM8BIT_AVX512)
+        case CpuPath::kAvx512:
+            return step_kernel<avx512::Path, T, Kind, Stochastic>(p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
+#endif
+#if defined(FASTLM_OPTIM8BIT_AVX2)
+        case CpuPath::kAvx2:
+            return step_kernel<avx2::Path, T, Kind, Stochastic>(p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
+#endif
+        default:
+            return step_kernel<GenericPath, T, Kind, Stochastic>(p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
+    }
+}
+
 template <typename T, int Kind>
-void dispatch_rounding(at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1, uint8_t* q2, float* a2,
-                       const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
-                       bool stochastic) {
+void dispatch_rounding(CpuPath path, at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1, uint8_t* q2,
+                       float* a2, const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h,
+                       uint32_t key, bool stochastic) {
     T* p = reinterpret_cast<T*>(param.data_ptr());
     const T* g = reinterpret_cast<const T*>(grad.data_ptr());
     const int64_t n = param.numel();
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (stochastic) {
-            step_kernel<T, Kind, true>(p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
+            dispatch_path<T, Kind, true>(path, p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
             return;
         }
     }
-    step_kernel<T, Kind, false>(p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
+    dispatch_path<T, Kind, false>(path, p, g, q1, a1, q2, a2, t1, t2, n, block_size, h, key);
 }
 
 template <typename T>
-void dispatch_kind(int64_t kind, at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1, uint8_t* q2,
-                   float* a2, const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h, uint32_t key,
-                   bool stochastic) {
+void dispatch_kind(int64_t kind, CpuPath path, at::Tensor& param, const at::Tensor& grad, uint8_t* q1, float* a1,
+                   uint8_t* q2, float* a2, const float* t1, const float* t2, int64_t block_size, const rule::Hyper& h,
+                   uint32_t key, bool stochastic) {
     switch (kind) {
         case rule::kAdamW:
-            return dispatch_rounding<T, rule::kAdamW>(param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_rounding<T, rule::kAdamW>(path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                                       stochastic);
         case rule::kAdam:
-            return dispatch_rounding<T, rule::kAdam>(param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_rounding<T, rule::kAdam>(path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                                      stochastic);
         default:
-            return dispatch_rounding<T, rule::kLion>(param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_rounding<T, rule::kLion>(path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                                      stochastic);
     }
+}
+
+// The path named `name` ("" for the default), checked against cpu_paths().
+CpuPath path_named(const std::string& name) {
+    const auto& paths = cpu_paths();
+    if (name.empty()) return paths.front().second;
+    std::string names;
+    for (const auto& [known, path] : paths) {
+        if (known == name) return path;
+        names += (names.empty() ? "" : ", ") + known;
+    }
+    TORCH_CHECK(false, "path: expected one of the paths this CPU runs (", names, "), got '", name, "'");
 }
 
 }  // namespace
@@ -703,7 +843,7 @@ void optim8bit_step_cpu(int64_t kind, at::Tensor& param, const at::Tensor& grad,
                         at::Tensor& absmax1, std::optional<at::Tensor> state2, std::optional<at::Tensor> absmax2,
                         const at::Tensor& tables1, const std::optional<at::Tensor>& tables2, int64_t block_size,
                         const std::vector<double>& hyper,
-                        int64_t seed, int64_t step, bool stochastic_rounding) {
+                        int64_t seed, int64_t step, bool stochastic_rounding, const std::string& path) {
     TORCH_CHECK(kind == rule::kAdamW || kind == rule::kAdam || kind == rule::kLion,
                 "kind: expected 0 (AdamW), 1 (Adam) or 2 (Lion), got ", kind);
     TORCH_CHECK(block_size >= 16 && block_size <= rule::kMaxBlockSize && (block_size & (block_size - 1)) == 0,
@@ -736,18 +876,25 @@ void optim8bit_step_cpu(int64_t kind, at::Tensor& param, const at::Tensor& grad,
                         static_cast<float>(hyper[3]), static_cast<float>(hyper[4]), static_cast<float>(hyper[5]),
                         static_cast<float>(hyper[6]), static_cast<float>(hyper[7]), static_cast<float>(hyper[8])};
     const uint32_t key = rule::rng_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(step));
+    const CpuPath cpu_path = path_named(path);
     uint8_t* q1 = state1.data_ptr<uint8_t>();
     float* a1 = absmax1.data_ptr<float>();
     if (n == 0) return;
     switch (dtype) {
         case at::kFloat:
-            return dispatch_kind<float>(kind, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_kind<float>(kind, cpu_path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                         stochastic_rounding);
         case at::kBFloat16:
-            return dispatch_kind<c10::BFloat16>(kind, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_kind<c10::BFloat16>(kind, cpu_path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                                 stochastic_rounding);
         default:
-            return dispatch_kind<c10::Half>(kind, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
+            return dispatch_kind<c10::Half>(kind, cpu_path, param, grad, q1, a1, q2, a2, t1, t2, block_size, h, key,
                                             stochastic_rounding);
     }
+}
+
+std::vector<std::string> optim8bit_paths_cpu() {
+    std::vector<std::string> names;
+    for (const auto& entry : cpu_paths()) names.push_back(entry.first);
+    return names;
 }

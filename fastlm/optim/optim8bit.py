@@ -39,9 +39,17 @@ quantize. Before, that hardware ran the rule element by element. On a 2-vCPU Zen
 one (1M fp32 parameters, alternating processes), and the step at 8M fp32 1.4-1.9x ``foreach``
 AdamW and 7-10x bitsandbytes, but 0.3-0.37x the fused AdamW, which does far less work per
 element.
+
+The CPU kernel holds every path the processor can run, picked at run time: ``avx512``, ``avx2``,
+or ``generic`` (the rule element by element, as the compiler vectorizes it). All compute the
+same bits. ``cpu_kernel_paths()`` lists them, fastest (the default) first;
+``$FASTLM_OPTIM8BIT_PATH`` forces one (to compare them, or to test each on one machine), and
+``fastlm.backend_info()["cpu_optim8bit"]`` says which runs.
 """
 
 import concurrent.futures
+import functools
+import os
 import sys
 import weakref
 
@@ -57,12 +65,41 @@ MIN_BLOCK_SIZE = 32
 MAX_BLOCK_SIZE = 4096  # the CUDA kernel runs one thread block per quantization block
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# ---- the CPU kernel's code paths ---------------------------------------------------------------
+PATH_ENV = "FASTLM_OPTIM8BIT_PATH"
+
+
+@functools.cache
+def cpu_kernel_paths() -> tuple[str, ...]:
+    """The CPU kernel's code paths this build and processor run, fastest (the default) first."""
+    return tuple(cpu_extension().optim8bit_paths())
+
+
+def cpu_kernel_path() -> str:
+    """The path the CPU kernel runs: ``$FASTLM_OPTIM8BIT_PATH`` when set, else the fastest."""
+    paths = cpu_kernel_paths()
+    forced = os.environ.get(PATH_ENV, "")
+    if not forced:
+        return paths[0]
+    if forced not in paths:
+        raise ValueError(f"{PATH_ENV}: expected one of the paths this CPU runs {paths}, got {forced!r}")
+    return forced
+
+
+def cpu_kernel_info() -> dict:
+    """``fastlm.backend_info()["cpu_optim8bit"]``: the CPU kernel's path and the alternatives."""
+    try:
+        return {"path": cpu_kernel_path(), "paths": list(cpu_kernel_paths()), "error": None}
+    except (RuntimeError, ValueError) as exc:  # the extension did not build, or a bad forced path
+        return {"path": None, "paths": [], "error": str(exc)}
+
+
 # ---- launchers: one optimizer step on one parameter, in place --------------------------------
 def _step_cpp(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,
               step, stochastic_rounding):
     cpu_extension().optim8bit_step(
         kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper.as_list(), seed,
-        step, stochastic_rounding,
+        step, stochastic_rounding, cpu_kernel_path(),
     )
 
 def _step_cuda(kind, param, grad, state1, absmax1, state2, absmax2, tables1, tables2, block_size, hyper, seed,

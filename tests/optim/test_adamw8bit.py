@@ -2,6 +2,7 @@
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,23 @@ from fastlm.optim import Adam8bit, AdamW8bit, Lion8bit
 from fastlm.optim import _rule as rule
 from fastlm.optim import _code as code_tables
 from fastlm.optim._code import dynamic_code, tables
+from fastlm.optim.optim8bit import PATH_ENV, cpu_kernel_info, cpu_kernel_path, cpu_kernel_paths
 from fastlm.testing import random_tensor
 
 CPU = torch.device("cpu")
 KINDS = {"adamw": rule.ADAMW, "adam": rule.ADAM, "lion": rule.LION}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The CPU kernel's code paths, fastest first (csrc/cpu/optim8bit.h).
+CPU_PATHS = ("avx512", "avx2", "generic")
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request, monkeypatch):
+    """Each of the CPU kernel's paths this machine runs, forced through the environment."""
+    if request.param not in cpu_kernel_paths():
+        pytest.skip(f"this CPU does not run the {request.param} path")
+    monkeypatch.setenv(PATH_ENV, request.param)
+    return request.param
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,7 +168,7 @@ CASES = [
 @pytest.mark.parametrize("n,block_size", [(1, 32), (1001, 64), (4099, 256), (3000, 4096)],
                          ids=["n1-b32", "n1001-b64", "n4099-b256", "n3000-b4096"])
 @pytest.mark.parametrize("kind,dtype,stochastic", CASES)
-def test_cpp_matches_torch_rule_bit_for_bit(kind, dtype, stochastic, n, block_size):
+def test_cpp_matches_torch_rule_bit_for_bit(kind, dtype, stochastic, n, block_size, cpu_path):
     expected = run_steps("torch", kind, dtype, n, block_size, stochastic)
     got = run_steps("cpp", kind, dtype, n, block_size, stochastic)
     for name, out, ref in zip(["param", "state1", "absmax1", "state2", "absmax2"], got, expected):
@@ -186,7 +199,7 @@ def octave_sweep_grads(block_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
-def test_cpp_quantizes_every_octave_as_the_rule_does(kind):
+def test_cpp_quantizes_every_octave_as_the_rule_does(kind, cpu_path):
     """The vector quantizers read the octave and segment tables by lane (permutes and blends on the
     index bits in the AVX2 path): random moments only reach the top octaves, so sweep them all."""
     block_size = 64
@@ -609,6 +622,49 @@ def test_cpp_kernel_checks_tables_and_block_size():
     with pytest.raises(RuntimeError, match=r"tables1: segment 8 must have scale 0, got 1"):
         call(256, sloped)
     call(256, tables(True, CPU))  # the same call with valid arguments runs
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+def test_cpu_kernel_runs_every_path_the_processor_reports(monkeypatch):
+    """The kernel finds the paths /proc/cpuinfo says this processor runs, defaults to the fastest,
+    runs a forced one, and refuses an unknown one (from the environment and in C++)."""
+    from fastlm.extension import cpu_extension
+
+    paths = cpu_kernel_paths()
+    assert paths[-1] == "generic" and list(paths) == [p for p in CPU_PATHS if p in paths]
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi"} <= flags:
+        assert "avx512" in paths
+    if {"avx2", "f16c"} <= flags:
+        assert "avx2" in paths
+    monkeypatch.delenv(PATH_ENV, raising=False)
+    assert cpu_kernel_path() == paths[0]
+    assert fastlm.backend_info()["cpu_optim8bit"] == {"path": paths[0], "paths": list(paths), "error": None}
+    monkeypatch.setenv(PATH_ENV, "generic")
+    assert cpu_kernel_path() == "generic" and cpu_kernel_info()["path"] == "generic"
+
+    monkeypatch.setenv(PATH_ENV, "avx1024")
+    with pytest.raises(ValueError, match=rf"{PATH_ENV}: expected one of the paths this CPU runs .*'avx1024'"):
+        cpu_kernel_path()
+    assert cpu_kernel_info()["path"] is None and PATH_ENV in cpu_kernel_info()["error"]
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    with pytest.raises(ValueError, match=PATH_ENV):
+        AdamW8bit([p]).step()
+
+    n = 256
+    states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(1)] * 2
+    hyper = rule.make_hyper(rule.ADAMW, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1).as_list()
+    with pytest.raises(RuntimeError, match=r"path: expected one of the paths this CPU runs \(.*generic\), got 'x'"):
+        cpu_extension().optim8bit_step(rule.ADAMW, torch.zeros(n), torch.zeros(n), *states, tables(True, CPU),
+                                       tables(False, CPU), 256, hyper, 0, 1, False, "x")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the cuda backend")
