@@ -10,11 +10,19 @@ Alternating steps in one process cancel the machine's drift, but each step then 
 and heap the other model left (transformers' step measured ~10% slower so than alone). ``--solo``
 runs each model alone in its own process, N steps after warm-up, alternating processes PAIRS times: a
 training run's conditions; it prints each process's median and the median of those per model.
+
+Each model's line also gives its median minor page faults per step. glibc's malloc returns freed memory
+to the OS and faults it back in later, which costs whichever step touches it first: alternating, that is
+transformers' step (fastlm's reuses what transformers' just freed); alone, fastlm's faults more. With
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296`` (keep
+freed memory) neither faults, and the two steps compare as computation alone
+(``benchmarks/results/cpu-2026-12-03-zen4/``).
 """
 
 import argparse
 import copy
 import json
+import resource
 import subprocess
 import sys
 
@@ -62,13 +70,30 @@ def hf_steps(suite: str, only: str | None = None) -> dict:
     return {name: step for name, step in steps.items() if only in (None, name)}
 
 
+def counting_faults(steps: dict) -> tuple[dict, dict]:
+    """The steps, each wrapped to record its minor page faults (this process's) per call."""
+    faults = {name: [] for name in steps}
+
+    def counted(name, step):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            step()
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return run
+
+    return {name: counted(name, step) for name, step in steps.items()}, faults
+
+
 def run_steps(which: str, n: int, only: str | None = None) -> dict:
-    """{model: median ms} over n steps (alternating when both models run) after two warm-up steps each."""
+    """{model: [median ms, median minor page faults]} over n steps (alternating when both models run)
+    after two warm-up steps each."""
     from fastlm.bench.harness import alternating_medians
 
     torch.manual_seed(0)
     steps = train_steps(only) if which == "train" else hf_steps(which.removeprefix("hf-"), only)
-    return alternating_medians(steps, n, warmup=2)
+    steps, faults = counting_faults(steps)
+    medians = alternating_medians(steps, n, warmup=2)
+    return {name: [ms, sorted(faults[name][-n:])[n // 2]] for name, ms in medians.items()}
 
 
 def main() -> None:
@@ -92,14 +117,14 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, args.which, "--steps", str(args.steps), "--only", name],
                                      capture_output=True, text=True, check=True).stdout
                 runs[name].append(json.loads(out.splitlines()[-1])[name])
-        for name, ms in runs.items():
-            print(f"{args.which} {name}: per-process medians " + ", ".join(f"{m:.1f}" for m in ms) + " ms")
-        median = {name: sorted(ms)[len(ms) // 2] for name, ms in runs.items()}
+        for name, per_process in runs.items():
+            print(f"{args.which} {name}: per-process medians " + ", ".join(f"{m:.1f}" for m, _ in per_process) + " ms")
+        median = {name: sorted(per_process)[len(per_process) // 2] for name, per_process in runs.items()}
         how = f"{args.solo} processes of {args.steps} steps each"
-    for name, ms in median.items():
-        print(f"{args.which} {name}: median {ms:.1f} ms ({how})")
+    for name, (ms, faults) in median.items():
+        print(f"{args.which} {name}: median {ms:.1f} ms, {faults} minor page faults per step ({how})")
     ours = next(name for name in median if name.startswith("fastlm"))
-    print(f"{args.which}: fastlm is {median['transformers'] / median[ours]:.3f}x transformers' speed")
+    print(f"{args.which}: fastlm is {median['transformers'][0] / median[ours][0]:.3f}x transformers' speed")
 
 
 if __name__ == "__main__":
