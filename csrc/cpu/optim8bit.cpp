@@ -829,12 +829,13 @@ void dispatch_kind(int64_t kind, CpuPath path, at::Tensor& param, const at::Tens
 CpuPath path_named(const std::string& name) {
     const auto& paths = cpu_paths();
     if (name.empty()) return paths.front().second;
-    std::string names;
-    for (const auto& [known, path] : paths) {
-        if (known == name) return path;
-        names += (names.empty() ? "" : ", ") + known;
+    const auto found = std::find_if(paths.begin(), paths.end(), [&](const auto& entry) { return entry.first == name; });
+    if (found == paths.end()) {
+        std::string names;
+        for (const auto& entry : paths) names += (names.empty() ? "" : ", ") + entry.first;
+        TORCH_CHECK(false, "path: expected one of the paths this CPU runs (", names, "), got '", name, "'");
     }
-    TORCH_CHECK(false, "path: expected one of the paths this CPU runs (", names, "), got '", name, "'");
+    return found->second;
 }
 
 }  // namespace

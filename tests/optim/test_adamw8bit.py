@@ -2,6 +2,10 @@
 
 import copy
 import io
+import platform
+import shutil
+import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -341,7 +345,8 @@ class TinyLM(torch.nn.Module):
     def __init__(self, vocab=32, dim=32):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * dim, 4 * dim), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * dim, dim))
         self.head = torch.nn.Linear(dim, vocab)
 
     def forward(self, tokens):  # predicts token t from tokens t-2, t-1
@@ -665,6 +670,24 @@ def test_cpu_kernel_runs_every_path_the_processor_reports(monkeypatch):
     with pytest.raises(RuntimeError, match=r"path: expected one of the paths this CPU runs \(.*generic\), got 'x'"):
         cpu_extension().optim8bit_step(rule.ADAMW, torch.zeros(n), torch.zeros(n), *states, tables(True, CPU),
                                        tables(False, CPU), 256, hyper, 0, 1, False, "x")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None, reason="needs g++ on x86-64")
+def test_cpu_kernel_compiles_every_path_for_a_cpu_without_them(tmp_path):
+    """A machine builds the paths its -march lacks under target pragmas, and one whose -march has them
+    builds them without: compiling for x86-64-v2 (no AVX) here catches, on any machine, an instruction
+    a path uses but does not ask for (an AVX-512 one in the AVX2 path, say), which would otherwise break
+    the build on the first machine without it."""
+    from torch.utils.cpp_extension import include_paths
+
+    from fastlm.extension import CPU_CFLAGS, source_dir
+
+    flags = [f for f in CPU_CFLAGS if not f.startswith(("-march", "-O"))]
+    includes = [arg for path in [*include_paths(), sysconfig.get_paths()["include"]] for arg in ("-isystem", path)]
+    cmd = ["g++", "-c", "-O0", "-Wall", "-Werror", "-march=x86-64-v2", *flags, "-fPIC", "-I", str(source_dir()),
+           *includes, str(source_dir() / "cpu" / "optim8bit.cpp"), "-o", str(tmp_path / "optim8bit.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the cuda backend")
