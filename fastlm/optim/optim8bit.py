@@ -89,9 +89,13 @@ def cpu_kernel_path() -> str:
 def cpu_kernel_info() -> dict:
     """``fastlm.backend_info()["cpu_optim8bit"]``: the CPU kernel's path and the alternatives."""
     try:
-        return {"path": cpu_kernel_path(), "paths": list(cpu_kernel_paths()), "error": None}
-    except (RuntimeError, ValueError) as exc:  # the extension did not build, or a bad forced path
+        paths = list(cpu_kernel_paths())
+    except RuntimeError as exc:  # the extension did not build
         return {"path": None, "paths": [], "error": str(exc)}
+    try:
+        return {"path": cpu_kernel_path(), "paths": paths, "error": None}
+    except ValueError as exc:  # a forced path this CPU does not run
+        return {"path": None, "paths": paths, "error": str(exc)}
 
 
 # ---- launchers: one optimizer step on one parameter, in place --------------------------------

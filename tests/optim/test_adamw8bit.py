@@ -658,7 +658,8 @@ def test_cpu_kernel_runs_every_path_the_processor_reports(monkeypatch):
     monkeypatch.setenv(PATH_ENV, "avx1024")
     with pytest.raises(ValueError, match=rf"{PATH_ENV}: expected one of the paths this CPU runs .*'avx1024'"):
         cpu_kernel_path()
-    assert cpu_kernel_info()["path"] is None and PATH_ENV in cpu_kernel_info()["error"]
+    assert cpu_kernel_info()["path"] is None and cpu_kernel_info()["paths"] == list(paths)
+    assert PATH_ENV in cpu_kernel_info()["error"]
     p = torch.nn.Parameter(torch.randn(5000))
     p.grad = torch.randn(5000)
     with pytest.raises(ValueError, match=PATH_ENV):
