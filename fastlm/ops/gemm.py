@@ -18,12 +18,19 @@ single linears forward + backward and the same speed on the tiny training step, 
 is torch's (as on Intel, where MKL runs AVX-512 itself and oneDNN was never compared).
 
 The oneDNN path takes float32 products of at least ``ONEDNN_MIN_MACS`` multiply-adds with at least
-``ONEDNN_MIN_ROWS`` rows and columns; smaller ones (where oneDNN's ~13 us call overhead shows, e.g.
-decoding one token) and other dtypes run ``torch.mm``. CUDA tensors always run ``torch.mm``
-(cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
+``ONEDNN_MIN_ROWS`` rows and columns; smaller ones and other dtypes run ``torch.mm``, outside the custom
+op. The threshold depends on the processor's AVX-512 datapath. Zen 5 (AMD family 26) executes 512-bit
+instructions at full width: there oneDNN's ~13 us call overhead is the only cost, and 2M multiply-adds
+repay it. Zen 4 (family 25) splits each into two 256-bit halves, so MKL's AVX2 kernels already reach its
+FMA peak (190 against oneDNN's 215 GFLOP/s on 512-2048 square products, two cores): there a linear's
+forward + backward through oneDNN measured 0.42x F.linear at 4M multiply-adds, 0.9x at 34M, 1.0x at 134M
+and 1.03-1.05x above, and the Hugging Face quick step 0.91x unpatched transformers' with the 2M threshold
+against 1.1-1.2x with 134M (``benchmarks/results/cpu-2026-12-03-zen4/``). CUDA tensors always run
+``torch.mm`` (cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
 """
 
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -32,8 +39,10 @@ import torch.nn.functional as F
 from fastlm import backend, eager
 from fastlm.extension import cpu_extension
 
-ONEDNN_MIN_MACS = 1 << 21
 ONEDNN_MIN_ROWS = 32
+# ONEDNN_MIN_MACS on a processor that runs AVX-512 at full width, and on one that splits it in halves.
+FULL_WIDTH_MIN_MACS = 1 << 21
+HALF_WIDTH_MIN_MACS = 1 << 27
 # Output width up to which a product whose left operand is a transposed view (a weight gradient,
 # x.T @ dy) runs faster computed transposed, as (dy.T @ x).T, by oneDNN (measured on Zen; see
 # _gemm_onednn).
@@ -47,23 +56,41 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _amd_with_avx512() -> bool:
-    """An AMD processor on which torch dispatches AVX-512 kernels (so oneDNN will too)."""
+def _amd_avx512_family(cpuinfo: str, capability: str) -> int | None:
+    """The CPU family of an AMD processor (``cpuinfo``: /proc/cpuinfo's text) on which torch dispatches
+    AVX-512 kernels (``capability``: torch's CPU capability), so oneDNN will too; 0 if ``cpuinfo`` names
+    no family; None on any other processor."""
+    if "AuthenticAMD" not in cpuinfo or capability != "AVX512":
+        return None
+    family = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.MULTILINE)
+    return int(family.group(1)) if family else 0
+
+
+def _onednn_min_macs(family: int | None) -> int:
+    """The full-width threshold from AMD family 26 (Zen 5) on; Zen 4, and an unknown family, get the
+    half-width one (module docstring)."""
+    return FULL_WIDTH_MIN_MACS if (family or 0) >= 26 else HALF_WIDTH_MIN_MACS
+
+
+def _read_cpuinfo() -> str:
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "AuthenticAMD" in cpuinfo and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return ""
 
 
-ONEDNN_FASTER = onednn_available() and _amd_with_avx512()
+_FAMILY = _amd_avx512_family(_read_cpuinfo(), torch.backends.cpu.get_cpu_capability())
+ONEDNN_FASTER = onednn_available() and _FAMILY is not None
 """Whether the ``cpp`` backend's float32 matmuls run oneDNN; elsewhere they are torch's (module docstring)."""
+ONEDNN_MIN_MACS = _onednn_min_macs(_FAMILY)
+"""The fewest multiply-adds of a product that oneDNN runs."""
 
 
 def cpu_matmul_library() -> dict:
     """Which library runs fastlm's float32 CPU matmuls here, and why (``fastlm.backend_info()["cpu_matmuls"]``)."""
     if ONEDNN_FASTER:
-        return {"library": "oneDNN", "reason": "AMD CPU with AVX-512: oneDNN runs 512-bit kernels, MKL its AVX2 path"}
+        return {"library": "oneDNN", "min_macs": ONEDNN_MIN_MACS,
+                "reason": "AMD CPU with AVX-512: oneDNN runs 512-bit kernels, MKL its AVX2 path"}
     if not onednn_available():
         return {"library": "torch", "reason": "not x86-64, or torch was built without oneDNN"}
     return {"library": "torch", "reason": "no AVX-512 or not an AMD CPU: oneDNN measured no faster than torch here"}
@@ -192,10 +219,18 @@ def _runs_torch(a: torch.Tensor) -> bool:
     return a.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not ONEDNN_FASTER
 
 
+def _onednn_takes(a: torch.Tensor, n: int) -> bool:
+    """Whether oneDNN takes a @ b, b with n columns (a: (m, k), or x (..., k) of a linear with n outputs): a
+    float32 product of at least ONEDNN_MIN_MACS multiply-adds (its backward products are as large). Smaller
+    ones run torch's matmul outside fastlm's op, whose call and autograd wrapper cost more than oneDNN
+    gains on them."""
+    return a.dtype == torch.float32 and a.numel() * n >= ONEDNN_MIN_MACS
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """``gemm`` without its argument checks, for fastlm's fused ops (whose inputs are checked already);
     ``out``: write the product there (e.g. rows of a larger buffer) and return it."""
-    if _runs_torch(a):
+    if _runs_torch(a) or not _onednn_takes(a, b.shape[1]):
         if out is None:
             return _gemm_torch(a, b, bias)
         return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
@@ -207,14 +242,15 @@ def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``c += a @ b`` in place (an accumulated weight gradient), through ``mm``'s kernel choice."""
     # A contiguous product: adding oneDNN's transposed result as a strided view measured 2x slower than
     # copying it first.
-    return c.addmm_(a, b) if _runs_torch(a) else c.add_(_gemm_op(a, b, None))
+    return c.addmm_(a, b) if _runs_torch(a) or not _onednn_takes(a, b.shape[1]) else c.add_(_gemm_op(a, b, None))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in)) whose CPU matmuls run ``gemm``.
 
-    On CUDA, inside CPU autocast (which casts F.linear's inputs), and on CPUs where oneDNN is not the
-    faster library (``ONEDNN_FASTER``), it is ``F.linear`` itself.
+    On CUDA, inside CPU autocast (which casts F.linear's inputs), on CPUs where oneDNN is not the faster
+    library (``ONEDNN_FASTER``), and for products oneDNN does not take (``ONEDNN_MIN_MACS``), it is
+    ``F.linear`` itself.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"linear: x and weight must be torch.Tensors, got {type(x).__name__}, {type(weight).__name__}")
@@ -225,6 +261,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"weight {tuple(weight.shape)}")
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     _check("linear", x2, weight.t(), bias, names=("x", "weight.T"))
+    if not _onednn_takes(x2, weight.shape[0]):
+        return F.linear(x, weight, bias)
     return _gemm_op(x2, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])  # (..., out)
 
 

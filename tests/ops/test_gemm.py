@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import backend
 from fastlm.extension import cpu_extension
-from fastlm.ops.gemm import ONEDNN_MIN_MACS, addmm_, gemm, gemm_ref, linear, mm, onednn_available
+from fastlm.ops.gemm import addmm_, gemm, gemm_ref, linear, mm, onednn_available
 from fastlm.testing import assert_matches_reference, random_tensor
 from tests.backends import cpu_backend_params
 
@@ -17,6 +17,8 @@ CPU = torch.device("cpu")
 ONEDNN = pytest.mark.skipif(not onednn_available(), reason="torch was built without oneDNN")
 gemm_module = sys.modules[gemm.__module__]
 pytestmark = pytest.mark.usefixtures("onednn_gemm")
+# How a profile names fastlm's gemm op: registered (traced, or inside use_custom_ops) or eager.
+GEMM_OP_EVENTS = {"fastlm::gemm", "_gemm_op_eager"}
 
 # (m, k, n): odd sizes below and above the oneDNN thresholds, long reductions, and a narrow output
 # (n <= 256 < m) that the transposed-operand rule computes the other way round.
@@ -87,7 +89,7 @@ def test_cpp_backend_runs_onednn_above_the_threshold_and_torch_below():
         return {e.name for e in prof.events()}
 
     big_a, big_b = random_tensor(256, 128), random_tensor(128, 256)
-    assert 256 * 128 * 256 >= ONEDNN_MIN_MACS
+    assert 256 * 128 * 256 >= gemm_module.ONEDNN_MIN_MACS
     assert backend.chosen("gemm", CPU) == "cpp"
     assert "mkldnn::_linear_pointwise" in kernels(big_a, big_b)
     assert "mkldnn::_linear_pointwise" in kernels(big_b.t(), big_a.t())  # the transposed-operand rule
@@ -95,6 +97,43 @@ def test_cpp_backend_runs_onednn_above_the_threshold_and_torch_below():
     assert "mkldnn::_linear_pointwise" not in kernels(big_a.bfloat16(), big_b.bfloat16())  # not float32
     with fastlm.use_backend("torch"):
         assert "mkldnn::_linear_pointwise" not in kernels(big_a, big_b)
+
+
+@ONEDNN
+def test_products_below_the_threshold_skip_the_custom_op(monkeypatch):
+    """Below ONEDNN_MIN_MACS linear, mm and addmm_ are torch's own calls: the custom op's dispatch alone
+    cost more than oneDNN gained there (the module docstring's Zen 4 figures)."""
+    def ops(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events()}
+
+    x, w = random_tensor(300, 128).requires_grad_(), random_tensor(256, 128).requires_grad_()
+    macs = 300 * 128 * 256
+    for threshold, custom in ((macs + 1, False), (macs, True)):
+        monkeypatch.setattr(gemm_module, "ONEDNN_MIN_MACS", threshold)
+        names = ops(lambda: linear(x, w).sum().backward())
+        names |= ops(lambda: mm(x.detach(), w.detach().t()))
+        names |= ops(lambda: addmm_(random_tensor(128, 256), x.detach().t(), random_tensor(300, 256)))
+        assert bool(GEMM_OP_EVENTS & names) == custom, (threshold, names)
+        assert ("mkldnn::_linear_pointwise" in names) == custom, (threshold, names)
+
+
+@pytest.mark.parametrize(
+    "vendor,family,capability,expected",
+    [("AuthenticAMD", 26, "AVX512", "full"), ("AuthenticAMD", 25, "AVX512", "half"), ("AuthenticAMD", None, "AVX512",
+     "half"), ("AuthenticAMD", 25, "AVX2", None), ("GenuineIntel", 6, "AVX512", None)],
+    ids=["zen5", "zen4", "amd-unknown-family", "zen3-avx2", "intel"],
+)
+def test_the_threshold_follows_the_avx512_datapath(vendor, family, capability, expected):
+    """Full-width AVX-512 (AMD family 26, Zen 5, on) takes products from 2M multiply-adds; Zen 4, which splits
+    512-bit instructions in halves, and an unknown family from 134M; no AMD AVX-512, no oneDNN."""
+    cpuinfo = f"processor\t: 0\nvendor_id\t: {vendor}\n" + (f"cpu family\t: {family}\nmodel\t\t: 17\n" if family else "")
+    found = gemm_module._amd_avx512_family(cpuinfo * 2, capability)
+    assert (found is not None) == (expected is not None)
+    if expected is not None:
+        want = {"full": gemm_module.FULL_WIDTH_MIN_MACS, "half": gemm_module.HALF_WIDTH_MIN_MACS}[expected]
+        assert gemm_module._onednn_min_macs(found) == want
 
 
 def test_where_onednn_is_not_faster_every_matmul_is_torchs(monkeypatch):
@@ -105,7 +144,7 @@ def test_where_onednn_is_not_faster_every_matmul_is_torchs(monkeypatch):
         y.sum().backward()
         product = gemm(x.detach(), w.t())
     names = {e.name for e in prof.events()}
-    assert not {"mkldnn::_linear_pointwise", "fastlm::gemm"} & names, names
+    assert not ({"mkldnn::_linear_pointwise"} | GEMM_OP_EVENTS) & names, names
     assert torch.equal(y, F.linear(x, w, bias)) and torch.equal(product, x.detach() @ w.t())
 
 
