@@ -1,7 +1,7 @@
 """Where oneDNN's route starts to pay: one linear, forward + backward and forward alone, through
 ``fastlm.ops.gemm.linear`` with oneDNN forced (from 2M multiply-adds) against ``F.linear``.
 
-    python benchmarks/gemm_threshold.py [--calls 200] [--rounds 2]
+    python benchmarks/gemm_threshold.py [--calls 200] [--rounds 2] [--shapes 256x128x2048,...]
 
 Prints, per (tokens, in, out) shape, the multiply-adds and F.linear's median time over the oneDNN
 route's (above 1: oneDNN faster), one column per round. Only meaningful on an AMD CPU with AVX-512, where
@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shapes", help="comma-separated TOKENSxINxOUT (default: a sweep from 4M to 1.5G MACs)")
     args = parser.parse_args()
     if not gemm.onednn_available():
         raise SystemExit("torch here has no oneDNN op to compare")
@@ -46,7 +47,8 @@ def main() -> None:
     print(f"# {gemm.cpu_matmul_library()}; fastlm's own threshold here: {gemm._onednn_min_macs(gemm._FAMILY):,}")
     print("# tokens,in,out  MACs  fwd+bwd ratio per round (F.linear us / oneDNN us)  fwd ratio per round")
     torch.manual_seed(0)
-    for m, k, n in SHAPES:
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for m, k, n in shapes:
         x, w = torch.randn(m, k, requires_grad=True), torch.randn(n, k, requires_grad=True)
         grad = torch.randn(m, n)
         cases = {"fwd+bwd": (lambda: F.linear(x, w).backward(grad), lambda: gemm.linear(x, w).backward(grad)),

@@ -25,7 +25,8 @@ repay it. Zen 4 (family 25) splits each into two 256-bit halves, so MKL's AVX2 k
 FMA peak (190 against oneDNN's 215 GFLOP/s on 512-2048 square products, two cores): there a linear's
 forward + backward through oneDNN measured 0.42x F.linear at 4M multiply-adds, 0.9x at 34M, 1.0x at 134M
 and 1.03-1.05x above, and the Hugging Face quick step 0.91x unpatched transformers' with the 2M threshold
-against 1.1-1.2x with 134M (``benchmarks/results/cpu-2026-12-03-zen4/``). CUDA tensors always run
+against 1.1-1.2x with 134M (``benchmarks/results/cpu-2026-12-03-zen4/``). Wide products (``WIDE_OUTPUT``)
+are the exception: oneDNN runs them from the full-width threshold everywhere. CUDA tensors always run
 ``torch.mm`` (cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
 """
 
@@ -43,6 +44,10 @@ ONEDNN_MIN_ROWS = 32
 # ONEDNN_MIN_MACS on a processor that runs AVX-512 at full width, and on one that splits it in halves.
 FULL_WIDTH_MIN_MACS = 1 << 21
 HALF_WIDTH_MIN_MACS = 1 << 27
+# Products at least this wide (output columns) run oneDNN from FULL_WIDTH_MIN_MACS on everywhere: with a
+# short reduction (k = 128) MKL ran them at ~90 GFLOP/s on Zen 4, and oneDNN's forward 1.2-1.7x faster
+# from 64 x 128 -> 2048 up (an LM head's chunk of logits; benchmarks/gemm_threshold.py).
+WIDE_OUTPUT = 1024
 # Output width up to which a product whose left operand is a transposed view (a weight gradient,
 # x.T @ dy) runs faster computed transposed, as (dy.T @ x).T, by oneDNN (measured on Zen; see
 # _gemm_onednn).
@@ -124,7 +129,7 @@ def _gemm_torch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def _gemm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     (m, k), n = a.shape, b.shape[1]
-    if (a.dtype != torch.float32 or min(m, n) < ONEDNN_MIN_ROWS or m * k * n < ONEDNN_MIN_MACS
+    if (a.dtype != torch.float32 or min(m, n) < ONEDNN_MIN_ROWS or not _large_enough(m * k * n, n)
             or not torch._C._get_mkldnn_enabled()):
         return _gemm_torch(a, b, bias)
     # Operands oneDNN cannot describe as row- or column-major (a strided slice of both) are copied.
@@ -219,12 +224,18 @@ def _runs_torch(a: torch.Tensor) -> bool:
     return a.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not ONEDNN_FASTER
 
 
+def _large_enough(macs: int, n: int) -> bool:
+    """Whether oneDNN takes a product of ``macs`` multiply-adds into ``n`` output columns: from
+    ONEDNN_MIN_MACS on, and a wide one (WIDE_OUTPUT) from FULL_WIDTH_MIN_MACS on."""
+    return macs >= ONEDNN_MIN_MACS or (n >= WIDE_OUTPUT and macs >= FULL_WIDTH_MIN_MACS)
+
+
 def _onednn_takes(a: torch.Tensor, n: int) -> bool:
     """Whether oneDNN takes a @ b, b with n columns (a: (m, k), or x (..., k) of a linear with n outputs): a
-    float32 product of at least ONEDNN_MIN_MACS multiply-adds (its backward products are as large). Smaller
-    ones run torch's matmul outside fastlm's op, whose call and autograd wrapper cost more than oneDNN
-    gains on them."""
-    return a.dtype == torch.float32 and a.numel() * n >= ONEDNN_MIN_MACS
+    float32 product ``_large_enough``. Others run torch's matmul outside fastlm's op, whose call and autograd
+    wrapper cost more than oneDNN gains on them (a linear's backward products, inside the op, are decided
+    one by one in _gemm_onednn)."""
+    return a.dtype == torch.float32 and _large_enough(a.numel() * n, n)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
@@ -249,7 +260,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` (x (..., in), weight (out, in)) whose CPU matmuls run ``gemm``.
 
     On CUDA, inside CPU autocast (which casts F.linear's inputs), on CPUs where oneDNN is not the faster
-    library (``ONEDNN_FASTER``), and for products oneDNN does not take (``ONEDNN_MIN_MACS``), it is
+    library (``ONEDNN_FASTER``), and for products oneDNN does not take (``_large_enough``), it is
     ``F.linear`` itself.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):

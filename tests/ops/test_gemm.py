@@ -119,6 +119,23 @@ def test_products_below_the_threshold_skip_the_custom_op(monkeypatch):
         assert ("mkldnn::_linear_pointwise" in names) == custom, (threshold, names)
 
 
+@ONEDNN
+def test_wide_products_run_onednn_from_the_full_width_threshold(monkeypatch):
+    """On a half-width processor a wide product (an LM head's chunk of logits) still runs oneDNN from
+    FULL_WIDTH_MIN_MACS on; a narrow one of the same size does not."""
+    monkeypatch.setattr(gemm_module, "ONEDNN_MIN_MACS", gemm_module.HALF_WIDTH_MIN_MACS)
+    wide = gemm_module.WIDE_OUTPUT
+    hidden = random_tensor(64, 128)
+    assert gemm_module.FULL_WIDTH_MIN_MACS <= 64 * 128 * wide < gemm_module.HALF_WIDTH_MIN_MACS
+    for out_features, onednn in ((wide, True), (wide - 1, False)):
+        weight = random_tensor(out_features, 128)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logits = linear(hidden, weight)
+        assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == onednn, out_features
+        assert_matches_reference("gemm", logits, gemm_ref(hidden.double(), weight.t().double()),
+                                 gemm_ref(hidden, weight.t()), torch.float32, scale=_dot_scale(128, hidden, weight))
+
+
 @pytest.mark.parametrize(
     "vendor,family,capability,expected",
     [("AuthenticAMD", 26, "AVX512", "full"), ("AuthenticAMD", 25, "AVX512", "half"), ("AuthenticAMD", None, "AVX512",
