@@ -23,7 +23,7 @@ op. The threshold depends on the processor's AVX-512 datapath. Zen 5 (AMD family
 instructions at full width: there oneDNN's ~13 us call overhead is the only cost, and 2M multiply-adds
 repay it. Zen 4 (family 25) splits each into two 256-bit halves, so MKL's AVX2 kernels already reach its
 FMA peak (190 against oneDNN's 215 GFLOP/s on 512-2048 square products, two cores): there a linear's
-forward + backward through oneDNN measured 0.42x F.linear at 4M multiply-adds, 0.9x at 34M, 1.0x at 134M
+forward + backward through oneDNN measured 0.4-0.6x F.linear at 4M multiply-adds, 0.9x at 34M, 1.0x at 134M
 and 1.03-1.05x above, and the Hugging Face quick step 0.91x unpatched transformers' with the 2M threshold
 against 1.1-1.2x with 134M (``benchmarks/results/cpu-2026-12-03-zen4/``). Wide products (``WIDE_OUTPUT``)
 are the exception: oneDNN runs them from the full-width threshold everywhere. CUDA tensors always run
@@ -45,7 +45,7 @@ ONEDNN_MIN_ROWS = 32
 FULL_WIDTH_MIN_MACS = 1 << 21
 HALF_WIDTH_MIN_MACS = 1 << 27
 # Products at least this wide (output columns) run oneDNN from FULL_WIDTH_MIN_MACS on everywhere: with a
-# short reduction (k = 128) MKL ran them at ~90 GFLOP/s on Zen 4, and oneDNN's forward 1.2-1.7x faster
+# short reduction (k = 128) MKL ran them at ~90 GFLOP/s on Zen 4, and oneDNN's forward 1.1-1.7x faster
 # from 64 x 128 -> 2048 up (an LM head's chunk of logits; benchmarks/gemm_threshold.py).
 WIDE_OUTPUT = 1024
 # Output width up to which a product whose left operand is a transposed view (a weight gradient,
@@ -88,7 +88,7 @@ _FAMILY = _amd_avx512_family(_read_cpuinfo(), torch.backends.cpu.get_cpu_capabil
 ONEDNN_FASTER = onednn_available() and _FAMILY is not None
 """Whether the ``cpp`` backend's float32 matmuls run oneDNN; elsewhere they are torch's (module docstring)."""
 ONEDNN_MIN_MACS = _onednn_min_macs(_FAMILY)
-"""The fewest multiply-adds of a product that oneDNN runs."""
+"""The fewest multiply-adds of a product that oneDNN runs (of a wide one: FULL_WIDTH_MIN_MACS)."""
 
 
 def cpu_matmul_library() -> dict:
