@@ -25,7 +25,10 @@ repay it. Zen 4 (family 25) splits each into two 256-bit halves, so MKL's AVX2 k
 FMA peak (190 against oneDNN's 215 GFLOP/s on 512-2048 square products, two cores): there a linear's
 forward + backward through oneDNN measured 0.4-0.6x F.linear at 4M multiply-adds, 0.9x at 34M, 1.0x at 134M
 and 1.03-1.05x above, and the Hugging Face quick step 0.91x unpatched transformers' with the 2M threshold
-against 1.1-1.2x with 134M (``benchmarks/results/cpu-2026-12-03-zen4/``). Wide products (``WIDE_OUTPUT``)
+against 1.1-1.2x with 134M. Whole training steps, thresholds alternating in one process
+(``benchmarks/gemm_threshold.py --step``), put the threshold at 67M: there fastlm's tiny step ran 1-7% faster
+than with 134M, and the patched Llama's quick step 0-6% slower than with 134M but 16-21% faster than with
+2M (``benchmarks/results/cpu-2026-12-03-zen4/``). Wide products (``WIDE_OUTPUT``)
 are the exception: oneDNN runs them from the full-width threshold everywhere. CUDA tensors always run
 ``torch.mm`` (cuBLAS), outside any custom op, so autocast applies as it does to ``F.linear``.
 """
@@ -43,7 +46,7 @@ from fastlm.extension import cpu_extension
 ONEDNN_MIN_ROWS = 32
 # ONEDNN_MIN_MACS on a processor that runs AVX-512 at full width, and on one that splits it in halves.
 FULL_WIDTH_MIN_MACS = 1 << 21
-HALF_WIDTH_MIN_MACS = 1 << 27
+HALF_WIDTH_MIN_MACS = 1 << 26
 # Products at least this wide (output columns) run oneDNN from FULL_WIDTH_MIN_MACS on everywhere: with a
 # short reduction (k = 128) MKL ran them at ~90 GFLOP/s on Zen 4, and oneDNN's forward 1.1-1.7x faster
 # from 64 x 128 -> 2048 up (an LM head's chunk of logits; benchmarks/gemm_threshold.py).

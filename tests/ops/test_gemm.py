@@ -144,7 +144,7 @@ def test_wide_products_run_onednn_from_the_full_width_threshold(monkeypatch):
 )
 def test_the_threshold_follows_the_avx512_datapath(vendor, family, capability, expected):
     """Full-width AVX-512 (AMD family 26, Zen 5, on) takes products from 2M multiply-adds; Zen 4, which splits
-    512-bit instructions in halves, and an unknown family from 134M; no AMD AVX-512, no oneDNN."""
+    512-bit instructions in halves, and an unknown family from 67M; no AMD AVX-512, no oneDNN."""
     cpuinfo = f"processor\t: 0\nvendor_id\t: {vendor}\n" + (f"cpu family\t: {family}\nmodel\t\t: 17\n" if family else "")
     found = gemm_module._amd_avx512_family(cpuinfo * 2, capability)
     assert (found is not None) == (expected is not None)
