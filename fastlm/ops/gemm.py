@@ -241,10 +241,14 @@ def _onednn_takes(a: torch.Tensor, n: int) -> bool:
     return a.dtype == torch.float32 and _large_enough(a.numel() * n, n)
 
 
+def _product_runs_torch(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _runs_torch(a) or not _onednn_takes(a, b.shape[1])
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """``gemm`` without its argument checks, for fastlm's fused ops (whose inputs are checked already);
     ``out``: write the product there (e.g. rows of a larger buffer) and return it."""
-    if _runs_torch(a) or not _onednn_takes(a, b.shape[1]):
+    if _product_runs_torch(a, b):
         if out is None:
             return _gemm_torch(a, b, bias)
         return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
@@ -256,7 +260,7 @@ def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``c += a @ b`` in place (an accumulated weight gradient), through ``mm``'s kernel choice."""
     # A contiguous product: adding oneDNN's transposed result as a strided view measured 2x slower than
     # copying it first.
-    return c.addmm_(a, b) if _runs_torch(a) or not _onednn_takes(a, b.shape[1]) else c.add_(_gemm_op(a, b, None))
+    return c.addmm_(a, b) if _product_runs_torch(a, b) else c.add_(_gemm_op(a, b, None))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
