@@ -373,8 +373,8 @@ struct Path {
 // ---- 8 lanes at a time (AVX2 + F16C: Zen 2/3, Intel before AVX-512) ----------------------
 // The same rule, operation for operation, so the results are the scalar path's bits (the
 // scalar rule also finishes a block whose length is not a multiple of 8). Without AVX-512's
-// byte permutes, dequantizing gathers the 256-entry code table (L1-resident); quantizing reads
-// the closed form's 32- and 16-entry tables with 8-entry permutes and blends on the index bits.
+// byte permutes, dequantizing reads the 256-entry code table (L1-resident) with scalar loads;
+// quantizing reads the closed form's small tables with byte shuffles and 8-entry permutes.
 // Before this path the loops ran through the scalar rule here: ~10 ns per parameter.
 namespace avx2 {
 
@@ -387,29 +387,48 @@ inline __m256 lookup32(const __m256 t[4], __m256i idx) {
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
 }
 
+// table[q[0..7]], one scalar load per code. A gather (vgatherdps) takes many more micro-ops for
+// the same 8 loads on AMD processors: with two per 8 elements, the update loop ran 1.6x slower
+// (benchmarks/results/cpu-2026-12-03-zen4/optim_avx2_lookup.txt).
+inline __m256 lookup(const float* table, const uint8_t* q) {
+    const __m128 lo = _mm_setr_ps(table[q[0]], table[q[1]], table[q[2]], table[q[3]]);
+    const __m128 hi = _mm_setr_ps(table[q[4]], table[q[5]], table[q[6]], table[q[7]]);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+
 // rule::quantize on 8 lanes, in fewer table reads than the rule makes (table_of checks the
 // tables allow it):
-// * one 32-entry lookup per octave gives both its bottom segment (bits 24 and up) and its
-//   boundary's mantissa (bits 0-23; 2^23, above every mantissa, where it has none). A boundary
-//   lies in its octave's binade, so |x| > boundary is a compare of the two mantissas;
+// * the octave's bottom segment (0-8) is a byte: two in-lane byte shuffles of 16-entry tables
+//   read it for octave slots 0-15 and 16-31 (each zeroes the lanes the other serves);
+// * |x| lies above its octave's boundary exactly when it lies above its bottom segment's upper
+//   boundary (the next segment's start), which is in the octave if the octave has a boundary
+//   and above it otherwise: one 8-entry permute per segment instead of a 32-entry lookup;
 // * segments 0-7 take one permute for each of scale, offset and top; segment 8 ("one") has
-//   scale 0, so its index is a constant, set by a blend.
+//   scale 0, so its index is a constant, set by a blend (as for the 9 that the compare makes of
+//   it: 1 lies above every boundary).
 // index() leaves the signed code's mirror index unclamped (-1 for the largest negative
 // magnitudes): the caller clamps it to 0.
 struct Quantizer {
-    __m256 octave[4], scale, offset, top;
+    __m256i bottom_lo, bottom_hi;  // the bottom segment of octave slots 0-15 and 16-31, in both lanes
+    __m256 upper_boundary, scale, offset, top;
     __m256i index8;
     explicit Quantizer(const float* table)
         : scale(_mm256_loadu_ps(table + rule::kTableScale)),
           offset(_mm256_loadu_ps(table + rule::kTableOffset)),
           top(_mm256_loadu_ps(table + rule::kTableTop)) {
-        alignas(32) int32_t packed[32];
-        for (int o = 0; o < 32; ++o) {
+        alignas(32) uint8_t bottom[2][32] = {};
+        alignas(32) float upper[8] = {};
+        // Slot 0 (biased exponent 96 or 128) never occurs after the clamp: it stays 0, which is
+        // also what the shuffle reads for the index's upper three bytes.
+        for (int o = 1; o < 32; ++o) {
+            const int segment = static_cast<int>(table[rule::kTableSegment + o]);
+            bottom[o >> 4][o & 15] = bottom[o >> 4][16 + (o & 15)] = static_cast<uint8_t>(segment);
             const float boundary = table[rule::kTableThreshold + o];
-            const uint32_t mantissa = std::isfinite(boundary) ? (rule::float_bits(boundary) & 0x7fffffu) : 0x800000u;
-            packed[o] = (static_cast<int32_t>(table[rule::kTableSegment + o]) << 24) | static_cast<int32_t>(mantissa);
+            if (std::isfinite(boundary)) upper[segment] = boundary;
         }
-        for (int j = 0; j < 4; ++j) octave[j] = _mm256_load_ps(reinterpret_cast<const float*>(packed + 8 * j));
+        bottom_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(bottom[0]));
+        bottom_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(bottom[1]));
+        upper_boundary = _mm256_load_ps(upper);
         const float y8 = table[rule::kTableOffset + 8], top8 = table[rule::kTableTop + 8];
         index8 = _mm256_set1_epi32(static_cast<int32_t>(y8 < top8 ? y8 : top8));
     }
@@ -419,17 +438,18 @@ struct Quantizer {
         __m256i magnitude = Signed ? _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)) : bits;
         magnitude = _mm256_min_epi32(_mm256_max_epi32(magnitude, _mm256_set1_epi32(rule::kMagLoBits)),
                                      _mm256_set1_epi32(rule::kMagHiBits));
-        // The lookup reads the octave's low 5 bits.
-        const __m256i packed = _mm256_castps_si256(lookup32(octave, _mm256_srli_epi32(magnitude, 23)));
-        const __m256i mantissa_mask = _mm256_set1_epi32(0x7fffff);
-        const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(magnitude, mantissa_mask),
-                                                 _mm256_and_si256(packed, _mm256_set1_epi32(0xffffff)));
-        const __m256i segment = _mm256_sub_epi32(_mm256_srli_epi32(packed, 24), above);  // above: all ones, -1
+        // The slot (0-31) in each lane's low byte; a shuffle zeroes a byte whose index has bit 7 set.
+        const __m256i slot = _mm256_and_si256(_mm256_srli_epi32(magnitude, 23), _mm256_set1_epi32(31));
+        const __m256i bottom =
+            _mm256_or_si256(_mm256_shuffle_epi8(bottom_lo, _mm256_adds_epu8(slot, _mm256_set1_epi8(0x70))),
+                            _mm256_shuffle_epi8(bottom_hi, _mm256_sub_epi8(slot, _mm256_set1_epi8(16))));
         const __m256 xa = _mm256_castsi256_ps(magnitude);
+        const __m256 above = _mm256_cmp_ps(xa, _mm256_permutevar8x32_ps(upper_boundary, bottom), _CMP_GT_OQ);
+        const __m256i segment = _mm256_sub_epi32(bottom, _mm256_castps_si256(above));  // above: all ones, -1
         const __m256 y = _mm256_add_ps(_mm256_mul_ps(xa, _mm256_permutevar8x32_ps(scale, segment)),
                                        _mm256_permutevar8x32_ps(offset, segment));
         __m256i k = _mm256_cvttps_epi32(_mm256_min_ps(y, _mm256_permutevar8x32_ps(top, segment)));
-        k = _mm256_blendv_epi8(k, index8, _mm256_cmpeq_epi32(segment, _mm256_set1_epi32(8)));
+        k = _mm256_blendv_epi8(k, index8, _mm256_cmpgt_epi32(segment, _mm256_set1_epi32(7)));
         if constexpr (Signed) {
             const __m256i negative = _mm256_srai_epi32(bits, 31);
             k = _mm256_blendv_epi8(k, _mm256_sub_epi32(_mm256_set1_epi32(254), k), negative);
@@ -531,10 +551,9 @@ inline int64_t update(const Block<T>& blk, int64_t len, const float* table1, con
     __m256 am1 = zero, am2 = zero;
     const int64_t vectorized = len & ~int64_t{7};
     for (int64_t i = 0; i < vectorized; i += 8) {
-        const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.q1 + i)));
         __m256 g = load(blk.grad + i);
         __m256 p = load(blk.param + i);
-        __m256 m = _mm256_mul_ps(_mm256_i32gather_ps(table1, c1, 4), s1);
+        __m256 m = _mm256_mul_ps(lookup(table1, blk.q1 + i), s1);
         if constexpr (Kind == rule::kLion) {
             const __m256 c = _mm256_add_ps(_mm256_mul_ps(h.beta1, m), _mm256_mul_ps(h.one_minus_beta1, g));
             const __m256 sign = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(c, zero, _CMP_GT_OQ), _mm256_set1_ps(1.f)),
@@ -542,8 +561,7 @@ inline int64_t update(const Block<T>& blk, int64_t len, const float* table1, con
             p = _mm256_sub_ps(_mm256_mul_ps(p, h.decay), _mm256_mul_ps(h.step_size, sign));
             m = _mm256_add_ps(_mm256_mul_ps(h.beta2, m), _mm256_mul_ps(h.one_minus_beta2, g));
         } else {
-            const __m256i c2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.q2 + i)));
-            __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(table2, c2, 4), s2);
+            __m256 v = _mm256_mul_ps(lookup(table2, blk.q2 + i), s2);
             if constexpr (Kind == rule::kAdam) g = _mm256_add_ps(g, _mm256_mul_ps(h.l2, p));
             m = _mm256_add_ps(_mm256_mul_ps(h.beta1, m), _mm256_mul_ps(h.one_minus_beta1, g));
             v = _mm256_add_ps(_mm256_mul_ps(h.beta2, v), _mm256_mul_ps(_mm256_mul_ps(h.one_minus_beta2, g), g));
@@ -749,17 +767,33 @@ const float* table_of(const at::Tensor& table, const char* name) {
                 table.dtype(), " of ", table.numel(), " on ", table.device());
     const float* t = table.data_ptr<float>();
     // What avx2::Quantizer relies on (fastlm/optim/_code.py builds tables that way): a segment
-    // 0-8 per octave, below 8 where the octave holds a boundary; a boundary inside its octave's
-    // binade (exponent 103-127, the octave mod 32); segment 8 ("one") of scale 0.
+    // 0-8 per octave, below 8 where the octave holds a boundary; one boundary per bottom segment
+    // (the segment's upper one); an octave without a boundary lying wholly below its bottom
+    // segment's upper boundary (checked for slots 7-31, the biased exponents 103-127 of the clamp);
+    // segment 8 ("one") of scale 0.
+    float upper[8] = {};
+    bool seen[8] = {};
     for (int o = 0; o < 32; ++o) {
         const float segment = t[rule::kTableSegment + o];
         const float boundary = t[rule::kTableThreshold + o];
         const bool finite = std::isfinite(boundary);
-        const int exponent = static_cast<int>((rule::float_bits(boundary) >> 23) & 0xff);
         TORCH_CHECK(segment >= 0.f && segment <= (finite ? 7.f : 8.f) && segment == std::floor(segment) &&
-                        (!finite || (boundary > 0.f && exponent >= 103 && exponent <= 127 && (exponent & 31) == o)),
+                        (!finite || boundary > 0.f),
                     name, ": octave ", o, " has segment ", segment, " and boundary ", boundary,
                     ", which the quantizer's tables never hold");
+        if (!finite) continue;
+        const int s = static_cast<int>(segment);
+        TORCH_CHECK(!seen[s] || upper[s] == boundary, name, ": segment ", s, " has two upper boundaries, ", upper[s],
+                    " and ", boundary);
+        upper[s] = boundary;
+        seen[s] = true;
+    }
+    for (int o = 7; o < 32; ++o) {
+        const int s = static_cast<int>(t[rule::kTableSegment + o]);
+        const float octave_top = rule::bits_float(static_cast<uint32_t>(o + 97) << 23);
+        TORCH_CHECK(s == 8 || std::isfinite(t[rule::kTableThreshold + o]) || (seen[s] && upper[s] >= octave_top),
+                    name, ": octave ", o, " has no boundary but its segment ", s, "'s upper boundary ",
+                    seen[s] ? upper[s] : 0.f, " lies below the octave's top ", octave_top);
     }
     TORCH_CHECK(t[rule::kTableScale + 8] == 0.f, name, ": segment 8 must have scale 0, got ", t[rule::kTableScale + 8]);
     return t;

@@ -124,14 +124,22 @@ def test_quantize_table_layout(signed):
     assert torch.all(segments == segments.round()) and segments.min() >= 0 and segments.max() <= 8
     top = table[code_tables.TABLE_TOP:code_tables.TABLE_SIZE][:9]
     assert top[-1] == 255 and torch.all(top[1:] > top[:-1])
-    # What the CPU kernel's AVX2 quantizer relies on (its table_of checks them too): a boundary lies
-    # in its octave's binade, only below segment 8, and segment 8 ("one") has scale 0.
+    # The closed form compares |x| with its own octave's boundary only: a boundary lies in its
+    # octave's binade.
     boundaries = table[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]
     finite = torch.isfinite(boundaries)
     exponents = (boundaries[finite].view(torch.int32) >> 23) & 0xFF
     octaves = torch.arange(32)[finite]
     assert finite.sum() >= 8 and torch.all((exponents >= 103) & (exponents <= 127) & (exponents % 32 == octaves))
+    # What the CPU kernel's AVX2 quantizer relies on (its table_of checks them too): a boundary only
+    # below segment 8, one per bottom segment, which lies above every octave of that bottom segment
+    # without a boundary; segment 8 ("one") has scale 0.
     assert torch.all(segments[finite] <= 7)
+    upper = dict(zip(segments[finite].int().tolist(), boundaries[finite].tolist(), strict=True))
+    assert len(upper) == int(finite.sum())
+    for slot in range(7, 32):  # the biased exponents 103-127 that |x| is clamped to
+        if not finite[slot] and segments[slot] < 8:
+            assert upper[int(segments[slot])] >= 2.0 ** (slot + 96 - 126)
     assert table[code_tables.TABLE_SCALE + 8] == 0
 
 
@@ -615,13 +623,20 @@ def test_cpp_kernel_checks_tables_and_block_size():
         call(256, tables(True, CPU)[:256].clone())
     with pytest.raises(RuntimeError, match=r"block_size: expected a power of two in \[16, 4096\], got 8192"):
         call(8192, tables(True, CPU))
-    # Tables the vector quantizers would misread: a boundary outside its octave's binade, a constant
-    # segment ("one") with a slope.
-    moved = tables(True, CPU).clone()
-    octave = int(torch.isfinite(moved[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]).nonzero()[0])
-    moved[code_tables.TABLE_THRESHOLD + octave] *= 2
-    with pytest.raises(RuntimeError, match=rf"tables1: octave {octave} has segment .* and boundary"):
-        call(256, moved)
+    # Tables the vector quantizers would misread: an octave that lost its boundary (its bottom
+    # segment then has no upper one), a segment with two upper boundaries, a constant segment
+    # ("one") with a slope.
+    table = tables(True, CPU)
+    with_boundary = torch.isfinite(table[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]).nonzero()
+    octave, other = int(with_boundary[0]), int(with_boundary[1])
+    dropped = table.clone()
+    dropped[code_tables.TABLE_THRESHOLD + octave] = float("inf")
+    with pytest.raises(RuntimeError, match=r"tables1: octave \d+ has no boundary but its segment"):
+        call(256, dropped)
+    doubled = table.clone()
+    doubled[code_tables.TABLE_SEGMENT + other] = doubled[code_tables.TABLE_SEGMENT + octave]
+    with pytest.raises(RuntimeError, match=r"tables1: segment \d has two upper boundaries"):
+        call(256, doubled)
     sloped = tables(True, CPU).clone()
     sloped[code_tables.TABLE_SCALE + 8] = 1.0
     with pytest.raises(RuntimeError, match=r"tables1: segment 8 must have scale 0, got 1"):
