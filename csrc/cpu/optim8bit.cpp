@@ -378,18 +378,9 @@ struct Path {
 // Before this path the loops ran through the scalar rule here: ~10 ns per parameter.
 namespace avx2 {
 
-// table[idx] for a 32-entry table held in four registers, idx < 32: the permutes read the
-// index's low 3 bits, the blends (on the sign bit) pick by bits 3 and 4.
-inline __m256 lookup32(const __m256 t[4], __m256i idx) {
-    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-    const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx), _mm256_permutevar8x32_ps(t[1], idx), bit3);
-    const __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[2], idx), _mm256_permutevar8x32_ps(t[3], idx), bit3);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
-}
-
 // table[q[0..7]], one scalar load per code. A gather (vgatherdps) takes many more micro-ops for
-// the same 8 loads on AMD processors: with two per 8 elements, the update loop ran 1.6x slower
-// (benchmarks/results/cpu-2026-12-03-zen4/optim_avx2_lookup.txt).
+// the same 8 loads on AMD processors: with two per 8 elements the kernel took 1.6x as long, built
+// for Zen 3 and run on a Zen 4 (benchmarks/results/cpu-2026-12-03-zen4/optim_avx2_lookup.txt).
 inline __m256 lookup(const float* table, const uint8_t* q) {
     const __m128 lo = _mm_setr_ps(table[q[0]], table[q[1]], table[q[2]], table[q[3]]);
     const __m128 hi = _mm_setr_ps(table[q[4]], table[q[5]], table[q[6]], table[q[7]]);
@@ -792,8 +783,9 @@ const float* table_of(const at::Tensor& table, const char* name) {
         const int s = static_cast<int>(t[rule::kTableSegment + o]);
         const float octave_top = rule::bits_float(static_cast<uint32_t>(o + 97) << 23);
         TORCH_CHECK(s == 8 || std::isfinite(t[rule::kTableThreshold + o]) || (seen[s] && upper[s] >= octave_top),
-                    name, ": octave ", o, " has no boundary but its segment ", s, "'s upper boundary ",
-                    seen[s] ? upper[s] : 0.f, " lies below the octave's top ", octave_top);
+                    name, ": octave ", o, " has no boundary but its segment ", s, "'s upper boundary (",
+                    seen[s] ? std::to_string(upper[s]) : std::string("none"), ") lies below the octave's top ",
+                    octave_top);
     }
     TORCH_CHECK(t[rule::kTableScale + 8] == 0.f, name, ": segment 8 must have scale 0, got ", t[rule::kTableScale + 8]);
     return t;
