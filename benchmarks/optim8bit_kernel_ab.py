@@ -29,35 +29,47 @@ KINDS = {"adamw": rule.ADAMW, "adam": rule.ADAM, "lion": rule.LION}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The step's size, kind, dtype and block size, and the timed rounds (optim8bit_march_ab.py too)."""
     p.add_argument("--params", type=int, default=1 << 20)
     p.add_argument("--kind", choices=KINDS, default="adamw")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=100)
-    p.add_argument("--path", choices=cpu_kernel_paths(), help="the kernel's code path (default: the fastest)")
-    args = p.parse_args()
-    if args.path:
-        os.environ[PATH_ENV] = args.path
+    p.add_argument("--rounds", type=int, default=rounds)
 
+
+def step_inputs(args: argparse.Namespace) -> tuple:
+    """The kernel's arguments before the last three (seed, step, stochastic rounding): random parameters,
+    gradients and 8-bit states, the code tables, and the AdamW defaults' Hyper at step 5."""
     cpu = torch.device("cpu")
-    kind, n, block_size = KINDS[args.kind], args.params, args.block_size
+    kind, n = KINDS[args.kind], args.params
     gen = torch.Generator().manual_seed(0)
     param = torch.randn(n, generator=gen).to(DTYPES[args.dtype])
     grad = (0.1 * torch.randn(n, generator=gen)).to(DTYPES[args.dtype])
-    blocks = -(-n // block_size)
+    blocks = -(-n // args.block_size)
 
     def state():
         return [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen), torch.rand(blocks, generator=gen)]
 
     states = state() + (state() if kind != rule.LION else [None, None])
     second = tables(False, cpu) if kind != rule.LION else None
-    step = backend.select("optim8bit_step", cpu)
     hyper = rule.make_hyper(kind, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5)
+    return (kind, param, grad, *states, tables(True, cpu), second, args.block_size, hyper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(p, rounds=100)
+    p.add_argument("--path", choices=cpu_kernel_paths(), help="the kernel's code path (default: the fastest)")
+    args = p.parse_args()
+    if args.path:
+        os.environ[PATH_ENV] = args.path
+
+    inputs = step_inputs(args)
+    step = backend.select("optim8bit_step", torch.device("cpu"))
 
     def run():
-        step(kind, param, grad, *states, tables(True, cpu), second, block_size, hyper, 7, 5, False)
+        step(*inputs, 7, 5, False)
 
     for _ in range(5):
         run()
@@ -67,8 +79,8 @@ def main() -> None:
         run()
         times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2] * 1e3
-    print(f"{args.kind} {args.dtype} {n} params, {cpu_kernel_path()} path, {torch.get_num_threads()} threads: "
-          f"{median:.3f} ms ({median * 1e6 / n:.2f} ns/param)")
+    print(f"{args.kind} {args.dtype} {args.params} params, {cpu_kernel_path()} path, {torch.get_num_threads()} threads: "
+          f"{median:.3f} ms ({median * 1e6 / args.params:.2f} ns/param)")
 
 
 if __name__ == "__main__":

@@ -10,23 +10,20 @@ host can time the AVX2 path as a Zen 3 build compiles it (no AVX-512 encodings, 
 A version is a git revision (the file at that commit) or ``WORKTREE`` (the file on disk). Every
 version first runs one step on the same inputs, and the script stops unless all give the same bits
 (parameters and states); then the versions alternate, step by step, on 1 and 2 threads, and the
-median of each is printed. Builds are cached under ``~/.cache/fastlm/march-ab/``.
+median of each is printed. Builds are cached with fastlm's own (``~/.cache/fastlm/``).
 """
 
 import argparse
 import hashlib
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-from fastlm.optim import _rule as rule
-from fastlm.optim._code import tables
+from optim8bit_kernel_ab import add_step_arguments, step_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = {"adamw": rule.ADAMW, "adam": rule.ADAM, "lion": rule.LION}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BINDING = """#include <torch/extension.h>
 #include "cpu/optim8bit.h"
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -45,22 +42,21 @@ def source(version: str) -> bytes:
 
 
 def build(version: str, march: str):
-    from torch.utils import cpp_extension
-
-    from fastlm.extension import CPU_CFLAGS, CPU_LDFLAGS
+    from fastlm.extension import CPU_CFLAGS, CPU_LDFLAGS, ExtensionUnavailable, build
 
     code = source(version)
-    cflags = [f"-march={march}" if flag == "-march=native" else flag for flag in CPU_CFLAGS]
-    digest = hashlib.sha256(code + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
-    name = f"optim8bit_{digest}"
-    folder = Path.home() / ".cache" / "fastlm" / "march-ab" / name
+    cflags = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in CPU_CFLAGS)
+    name = f"optim8bit_{hashlib.sha256(code).hexdigest()[:12]}"
+    # The version's own file and the checkout's headers (cpu/optim8bit.h, common/optim8bit_rule.h);
+    # fastlm's build() caches the result by sources, headers and flags.
+    folder = Path(tempfile.gettempdir()) / "fastlm-march-ab" / name
     (folder / "cpu").mkdir(parents=True, exist_ok=True)
     (folder / "cpu" / "optim8bit.cpp").write_bytes(code)
     (folder / "binding.cpp").write_text(BINDING)
-    # The version's own file, the checkout's headers (cpu/optim8bit.h, common/optim8bit_rule.h).
-    return cpp_extension.load(name=name, sources=[str(folder / "cpu" / "optim8bit.cpp"), str(folder / "binding.cpp")],
-                              extra_cflags=cflags, extra_ldflags=list(CPU_LDFLAGS),
-                              extra_include_paths=[str(ROOT / "csrc")], build_directory=str(folder))
+    module = build(name, [folder / "cpu" / "optim8bit.cpp", folder / "binding.cpp"], cflags, CPU_LDFLAGS)
+    if isinstance(module, ExtensionUnavailable):
+        raise module
+    return module
 
 
 def main() -> None:
@@ -68,41 +64,32 @@ def main() -> None:
     p.add_argument("versions", nargs="+", help="git revisions or WORKTREE")
     p.add_argument("--march", default="znver3")
     p.add_argument("--path", default="avx2", help="the kernel's code path (avx512, avx2, generic)")
-    p.add_argument("--params", type=int, default=1 << 20)
-    p.add_argument("--kind", choices=KINDS, default="adamw")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=40)
+    add_step_arguments(p, rounds=40)
     args = p.parse_args()
 
     modules = [build(v, args.march) for v in args.versions]
-    cpu = torch.device("cpu")
-    kind, n, block_size = KINDS[args.kind], args.params, args.block_size
-    gen = torch.Generator().manual_seed(0)
-    param = torch.randn(n, generator=gen).to(DTYPES[args.dtype])
-    grad = (0.1 * torch.randn(n, generator=gen)).to(DTYPES[args.dtype])
-    blocks = -(-n // block_size)
-    states = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen), torch.rand(blocks, generator=gen)] * 2
-    if kind == rule.LION:
-        states[2:] = [None, None]
-    second = tables(False, cpu) if kind != rule.LION else None
-    hyper = rule.make_hyper(kind, 1e-3, 0.9, 0.999, 1e-8, 0.01, 5).as_list()
+    kind, param, grad, *states, tables1, tables2, block_size, hyper = step_inputs(args)
+    hyper = hyper.as_list()
 
     def step(module, p, s):
-        module.optim8bit_step(kind, p, grad, *s, tables(True, cpu), second, block_size, hyper, 7, 5, False, args.path)
+        module.optim8bit_step(kind, p, grad, *s, tables1, tables2, block_size, hyper, 7, 5, False, args.path)
+
+    def fresh():  # the parameters and states every version starts from
+        return param.clone(), [t.clone() if t is not None else None for t in states]
 
     results = []
     for module in modules:
-        p, s = param.clone(), [t.clone() if t is not None else None for t in states]
+        p, s = fresh()
         step(module, p, s)
         results.append([p.view(torch.uint8)] + [t for t in s if t is not None])
     for version, result in zip(args.versions[1:], results[1:]):
         if not all(torch.equal(a, b) for a, b in zip(result, results[0])):
             raise SystemExit(f"{version} computes other bits than {args.versions[0]}")
-    print(f"{args.kind} {args.dtype}, {n} params, path {args.path}, -march={args.march}: the same bits in every version")
+    print(f"{args.kind} {args.dtype}, {args.params} params, path {args.path}, -march={args.march}: "
+          "the same bits in every version")
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        p, s = param.clone(), [t.clone() if t is not None else None for t in states]
+        p, s = fresh()
         times = [[] for _ in modules]
         for _ in range(args.rounds):
             for module, spent in zip(modules, times):
@@ -112,7 +99,7 @@ def main() -> None:
         for version, spent in zip(args.versions, times):
             median = sorted(spent)[len(spent) // 2]
             print(f"  {threads} thread{'s' if threads > 1 else ''} {version}: {median * 1e3:.3f} ms "
-                  f"({median * 1e9 / n:.2f} ns/param)")
+                  f"({median * 1e9 / args.params:.2f} ns/param)")
 
 
 if __name__ == "__main__":
