@@ -429,11 +429,14 @@ struct Quantizer {
         __m256i magnitude = Signed ? _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)) : bits;
         magnitude = _mm256_min_epi32(_mm256_max_epi32(magnitude, _mm256_set1_epi32(rule::kMagLoBits)),
                                      _mm256_set1_epi32(rule::kMagHiBits));
-        // The slot (0-31) in each lane's low byte; a shuffle zeroes a byte whose index has bit 7 set.
-        const __m256i slot = _mm256_and_si256(_mm256_srli_epi32(magnitude, 23), _mm256_set1_epi32(31));
+        // The biased exponent (103-127, slot + 96) in each lane's low byte, the upper three 0. A shuffle
+        // reads an index's low 4 bits and zeroes the byte where its bit 7 is set: exponent + 16
+        // (saturating) reads slots 0-15 and zeroes the exponents from 112, exponent - 112 reads slots
+        // 16-31 and zeroes those below (an upper byte reads slot 0 and nothing).
+        const __m256i exponent = _mm256_srli_epi32(magnitude, 23);
         const __m256i bottom =
-            _mm256_or_si256(_mm256_shuffle_epi8(bottom_lo, _mm256_adds_epu8(slot, _mm256_set1_epi8(0x70))),
-                            _mm256_shuffle_epi8(bottom_hi, _mm256_sub_epi8(slot, _mm256_set1_epi8(16))));
+            _mm256_or_si256(_mm256_shuffle_epi8(bottom_lo, _mm256_adds_epu8(exponent, _mm256_set1_epi8(16))),
+                            _mm256_shuffle_epi8(bottom_hi, _mm256_sub_epi8(exponent, _mm256_set1_epi8(112))));
         const __m256 xa = _mm256_castsi256_ps(magnitude);
         const __m256 above = _mm256_cmp_ps(xa, _mm256_permutevar8x32_ps(upper_boundary, bottom), _CMP_GT_OQ);
         const __m256i segment = _mm256_sub_epi32(bottom, _mm256_castps_si256(above));  // above: all ones, -1
