@@ -32,13 +32,15 @@ bandwidth, ours by computation (per element a square root, a division, and a deq
 and a quantization per moment).
 
 Without AVX-512 (AVX2 with F16C: AMD Zen 2/3, Intel before Skylake-SP, and Intel parts without
-VBMI) the step runs 8 lanes at a time: a gather from the code table to dequantize (there are no
-byte permutes), and the same closed form with 8-entry permutes and blends on the index bits to
-quantize. Before, that hardware ran the rule element by element. On a 2-vCPU Zen 3 machine
-(``benchmarks/results/cpu-2026-12-02-zen3-optim/``) the kernel alone is ~3.5x the element-wise
-one (1M fp32 parameters, alternating processes), and the step at 8M fp32 1.4-1.9x ``foreach``
-AdamW and 7-10x bitsandbytes, but 0.3-0.37x the fused AdamW, which does far less work per
-element.
+VBMI) the step runs 8 lanes at a time: one scalar load per code from the code table to dequantize
+(there are no byte permutes, and AMD's gathers cost more), and the same closed form with two byte
+shuffles and 8-entry permutes to quantize. Before, that hardware ran the rule element by element.
+On a 2-vCPU Zen 3 machine (``benchmarks/results/cpu-2026-12-02-zen3-optim/``) a first version of
+this path (with gathers) was ~3.5x the element-wise kernel alone (1M fp32 parameters, alternating
+processes), and the step at 8M fp32 1.4-1.9x ``foreach`` AdamW and 7-10x bitsandbytes, but
+0.3-0.37x the fused AdamW, which does far less work per element. Without gathers, measured with
+the AVX2 path forced on a Zen 4 (``benchmarks/results/cpu-2026-12-03-zen4/optim_avx2_lookup.txt``),
+the step went from 0.45-0.51x to 0.59-0.60x the fused AdamW at 8M fp32; a Zen 3 was not at hand.
 
 The CPU kernel holds every path the processor can run, picked at run time: ``avx512``, ``avx2``,
 or ``generic`` (the rule element by element, as the compiler vectorizes it). All compute the
@@ -171,10 +173,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     dtensor = sys.modules.get("torch.distributed.tensor")
     return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
+def _is_torch_adam(state_dict: dict) -> bool:
+    """Whether ``state_dict`` is torch.optim.Adam's or AdamW's (its groups say amsgrad, never ours)."""
+    return all("amsgrad" in group and "block_size" not in group for group in state_dict["param_groups"])
+
 class _Optimizer8bit(torch.optim.Optimizer):
     """The shared machinery; subclasses fix the rule (``_kind``) and the defaults."""
 
     _kind: int
+    # The torch optimizer of the same rule, whose state dicts load_state_dict converts (or None).
+    _torch_counterpart: type[torch.optim.Optimizer] | None = None
 
     def __init__(self, params, lr, betas, eps, weight_decay, block_size, min_8bit_size, bf16_stochastic_rounding):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
@@ -267,7 +275,25 @@ class _Optimizer8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but states keep their dtypes (torch would cast uint8 codes and fp32 absmax
-        to the parameter's dtype), so training continues bit for bit."""
+        to the parameter's dtype), so training continues bit for bit.
+
+        A state dict of the torch optimizer with the same rule (``torch.optim.AdamW`` for AdamW8bit,
+        ``torch.optim.Adam`` for Adam8bit) loads too, to switch a run to 8-bit states: its moments
+        are quantized as this optimizer's own states would be (fp32 below ``min_8bit_size``), its
+        step count and its groups' lr, betas, eps and weight decay are kept, and this optimizer's
+        block size, ``min_8bit_size`` and rounding apply. The steps that follow are then the 8-bit
+        optimizer's, not bit for bit those the torch optimizer would have taken. Any other state
+        dict that does not fit raises a ValueError naming what does not match."""
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got "
+                             f"{len(state_dict['param_groups'])}")
+        for g, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: param_groups[{g}] has {len(saved['params'])} parameters, this "
+                                 f"optimizer's {len(group['params'])}")
+        if self._torch_counterpart is not None and _is_torch_adam(state_dict):
+            state_dict = self._from_torch(state_dict)
+        self._check_loadable(state_dict)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -280,6 +306,71 @@ class _Optimizer8bit(torch.optim.Optimizer):
                     else value
                     for key, value in saved_state[index].items()
                 }
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """ValueError unless ``state_dict`` holds this optimizer's groups and, per parameter, the
+        states its rule keeps, of the parameter's size (this rank's shard under FSDP2)."""
+        name = type(self).__name__
+        moments = ("1", "2") if self._kind != LION else ("1",)
+        layouts = ({"step", "seed", *(f"state{i}" for i in moments), *(f"absmax{i}" for i in moments)},
+                   {"step", "seed", "exp_avg", *(("exp_avg_sq",) if self._kind != LION else ())})
+        for g, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            missing = [key for key in self.defaults if key not in saved]
+            if missing:
+                raise ValueError(f"state_dict: param_groups[{g}] lacks {', '.join(missing)}: not a state dict of {name}")
+            for index, param in zip(saved["params"], group["params"]):
+                state = state_dict["state"].get(index)
+                if state is None:
+                    continue
+                if set(state) not in layouts:
+                    raise ValueError(f"state_dict: parameter {index}'s state holds {sorted(state)}; {name} keeps "
+                                     f"{sorted(layouts[0])} or {sorted(layouts[1])}")
+                n = _local(param).numel()
+                blocks = -(-n // saved["block_size"])
+                for key, value in state.items():
+                    expected = blocks if key.startswith("absmax") else n
+                    if isinstance(value, torch.Tensor) and value.numel() != expected:
+                        raise ValueError(f"state_dict: parameter {index}'s {key} has {value.numel()} elements, "
+                                         f"expected {expected} for a parameter of shape {tuple(param.shape)}")
+
+    def _from_torch(self, state_dict: dict) -> dict:
+        """``state_dict`` of ``self._torch_counterpart`` as this optimizer's (see load_state_dict)."""
+        counterpart = self._torch_counterpart.__name__
+        decoupled = self._kind == ADAMW
+        groups, states = [], {}
+        for g, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            for flag in ("amsgrad", "maximize"):
+                if saved.get(flag):
+                    raise ValueError(f"state_dict: param_groups[{g}] has {flag}=True, which {type(self).__name__} "
+                                     "does not implement")
+            if saved.get("decoupled_weight_decay", decoupled) != decoupled:
+                other = "torch.optim.AdamW" if saved["decoupled_weight_decay"] else "torch.optim.Adam"
+                raise ValueError(f"state_dict: param_groups[{g}] is {other}'s; {type(self).__name__} loads "
+                                 f"torch.optim.{counterpart}'s")
+            converted = {key: group[key] for key in self.defaults}
+            converted.update({key: saved[key] for key in ("lr", "betas", "eps", "weight_decay")}, params=saved["params"])
+            groups.append(converted)
+            for index, param in zip(saved["params"], group["params"]):
+                if index in state_dict["state"]:
+                    states[index] = self._quantized(state_dict["state"][index], index, param, converted)
+        return {"state": states, "param_groups": groups}
+
+    def _quantized(self, saved: dict, index: int, param: torch.Tensor, group: dict) -> dict:
+        """A torch Adam/AdamW state of ``param`` (``index`` in the state dict) as this optimizer's,
+        its moments quantized."""
+        state = self._init_state(param, group)
+        state["step"] = int(saved["step"])
+        for key, moment, signed in (("exp_avg", "1", True), ("exp_avg_sq", "2", False)):
+            value = _local(saved[key]).detach().float().reshape(-1)
+            if value.numel() != _local(param).numel():
+                raise ValueError(f"state_dict: parameter {index}'s {key} has {value.numel()} elements, expected "
+                                 f"{_local(param).numel()} for a parameter of shape {tuple(param.shape)}")
+            if key in state:
+                state[key] = value.to(state[key].device, copy=True)
+            else:
+                codes, absmax = _rule.requantize(value, tables(signed, value.device), signed, group["block_size"])
+                state[f"state{moment}"], state[f"absmax{moment}"] = codes, absmax
+        return state
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer states (codes, absmax and fp32 states)."""
@@ -295,6 +386,7 @@ class AdamW8bit(_Optimizer8bit):
     """
 
     _kind = ADAMW
+    _torch_counterpart = torch.optim.AdamW
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, block_size=256,
                  min_8bit_size=4096, bf16_stochastic_rounding=False):
@@ -304,6 +396,7 @@ class Adam8bit(_Optimizer8bit):
     """Adam with coupled L2 weight decay (added to the gradient, as ``torch.optim.Adam``), 8-bit states."""
 
     _kind = ADAM
+    _torch_counterpart = torch.optim.Adam
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, block_size=256,
                  min_8bit_size=4096, bf16_stochastic_rounding=False):

@@ -122,6 +122,18 @@ def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> Non
                         "the settings it was trained with, or use another --out")
 
 
+def _optimizer_converts(saved: dict, current: str, where: Path) -> bool:
+    """Whether this run's optimizer converts the checkpoint's states (AdamW's moments quantized
+    into AdamW8bit's); a UserError where it cannot take them."""
+    saved_name = saved.get("name", "adamw")
+    if saved_name == current:
+        return False
+    if (saved_name, current) == ("adamw", "adamw8bit"):
+        return True
+    raise UserError(f"checkpoint {where} was trained with --optim.name {saved_name}, whose states "
+                    f"--optim.name {current} cannot take; resume with --optim.name {saved_name}, or use another --out")
+
+
 def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretrained | None):
     files = data.corpus_files(cfg.data.path or data.shipped_corpus())
     sft = (cfg.data.format if cfg.data.format != "auto" else data.detect_format(files, cfg.data.text_field)) == "sft"
@@ -241,8 +253,10 @@ def train(cfg: Config) -> dict:
     elif tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(f"--init-from {init.path}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                         f"only {cfg.model.vocab_size} embeddings")
+    converts = False
     if saved_cfg is not None:
         _compare_model_config(saved_cfg["model"], cfg.model, resume_from)
+        converts = _optimizer_converts(saved_cfg["optim"], cfg.optim.name, resume_from)
 
     net = Transformer(cfg.model).to(device)  # the Transformer itself (its methods); model may wrap it
     if init is not None and init.state_dict is not None:  # before sharding: every rank loads the full weights
@@ -261,6 +275,9 @@ def train(cfg: Config) -> dict:
         state = checkpoint.load(resume_from, model, optimizer)
         step, micro, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
         distributed.print0(f"fastlm-train: resumed from {resume_from} (step {step})", file=sys.stderr)
+        if converts:
+            distributed.print0("fastlm-train: the checkpoint's AdamW moments were quantized into AdamW8bit's states; "
+                               "the run goes on from them, no longer bit for bit the AdamW run", file=sys.stderr)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "tokenizer.json").write_text(tokenizer.to_str())

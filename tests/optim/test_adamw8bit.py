@@ -3,6 +3,7 @@
 import copy
 import io
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -491,6 +492,72 @@ def test_state_dict_resume_is_bit_exact(cls, dtype):
     run(resumed, opt2, 3, 3)
     for a, b in zip(resumed.parameters(), expected):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("cls,torch_cls", [(AdamW8bit, torch.optim.AdamW), (Adam8bit, torch.optim.Adam)],
+                         ids=["adamw", "adam"])
+def test_torch_state_dict_loads_with_its_moments_quantized(cls, torch_cls):
+    """A torch AdamW/Adam run switched to 8-bit states: the moments quantized once, fp32 below
+    min_8bit_size, the step and the group's hyper-parameters kept, and training goes on as fp32's."""
+    data = regression_data()
+    torch.manual_seed(11)
+    model = tiny_mlp()
+    opt32 = torch_cls(model.parameters(), lr=2e-3, betas=(0.8, 0.99), weight_decay=0.05)
+    train(model, opt32, data, steps=5)
+    model8 = copy.deepcopy(model)
+    opt8 = cls(model8.parameters(), min_8bit_size=256, block_size=64)
+    opt8.load_state_dict(opt32.state_dict())
+    group = opt8.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["block_size"]) == (2e-3, (0.8, 0.99), 0.05, 64)
+    for p8, p32 in zip(model8.parameters(), model.parameters()):
+        s8, s32 = opt8.state[p8], opt32.state[p32]
+        assert s8["step"] == 5
+        m_ref, v_ref = s32["exp_avg"].flatten(), s32["exp_avg_sq"].flatten()
+        if p8.numel() < 256:
+            assert torch.equal(s8["exp_avg"], m_ref) and torch.equal(s8["exp_avg_sq"], v_ref)
+            continue
+        m = rule.dequantize(s8["state1"], tables(True, CPU), s8["absmax1"], 64)
+        v = rule.dequantize(s8["state2"], tables(False, CPU), s8["absmax2"], 64)
+        # One quantization: at most half the code's largest gap, 0.0070 of the block absmax for the
+        # signed code and 0.0035 for the unsigned (the top decade's), plus the closed form's
+        # fp32 rounding at a midpoint.
+        assert torch.all((m - m_ref).abs() <= 0.0071 * s8["absmax1"].repeat_interleave(64)[:m.numel()])
+        assert torch.all((v - v_ref).abs() <= 0.0036 * s8["absmax2"].repeat_interleave(64)[:v.numel()])
+    start = [p.detach().clone() for p in model8.parameters()]
+    train(model8, opt8, data, steps=5)
+    train(model, opt32, data, steps=5)
+    d8 = torch.cat([(p.detach() - s).flatten() for p, s in zip(model8.parameters(), start)])
+    d32 = torch.cat([(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)])
+    assert cosine(d8, d32) > 0.98
+
+
+def test_load_state_dict_rejects_what_does_not_fit():
+    p = torch.nn.Parameter(torch.randn(5000))
+
+    def stepped(opt):
+        p.grad = torch.randn_like(p)
+        opt.step()
+        return opt.state_dict()
+
+    cases = [
+        (AdamW8bit([p]), stepped(torch.optim.Adam([p])), "is torch.optim.Adam's; AdamW8bit loads torch.optim.AdamW's"),
+        (Adam8bit([p]), stepped(torch.optim.AdamW([p])), "is torch.optim.AdamW's; Adam8bit loads torch.optim.Adam's"),
+        (AdamW8bit([p]), stepped(torch.optim.AdamW([p], amsgrad=True)), "amsgrad=True, which AdamW8bit does not"),
+        (Lion8bit([p]), stepped(torch.optim.AdamW([p])), "lacks block_size, min_8bit_size, bf16_stochastic_rounding"),
+        (AdamW8bit([p]), stepped(Lion8bit([p])), "parameter 0's state holds ['absmax1', 'seed', 'state1', 'step']"),
+        (AdamW8bit([torch.nn.Parameter(torch.randn(6000))]), stepped(AdamW8bit([p])),
+         "parameter 0's state1 has 5000 elements, expected 6000"),
+        (AdamW8bit([torch.nn.Parameter(torch.randn(6000))]), stepped(torch.optim.AdamW([p])),
+         "parameter 0's exp_avg has 5000 elements, expected 6000"),
+        (AdamW8bit([p, torch.nn.Parameter(torch.randn(10))]), stepped(AdamW8bit([p])),
+         "param_groups[0] has 1 parameters, this optimizer's 2"),
+        (AdamW8bit([{"params": [p]}, {"params": [torch.nn.Parameter(torch.randn(10))]}]), stepped(AdamW8bit([p])),
+         "expected 2 param groups, got 1"),
+    ]
+    for opt, state_dict, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            opt.load_state_dict(state_dict)
+        assert not opt.state  # nothing loaded
 
 
 def test_param_groups_schedulers_closures_and_skipped_params():

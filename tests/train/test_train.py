@@ -226,6 +226,20 @@ def test_checkpoints_are_never_touched_by_a_wrong_run(corpus, cache, tmp_path, c
     assert "is incomplete or corrupt" in _error_line(capsys)
 
 
+def test_resume_switches_adamw_to_8bit_states_and_never_back(corpus, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, cache, out, "--steps", "3")) == 0
+    capsys.readouterr()
+    assert main(tiny_args(corpus, cache, out, "--steps", "6", "--resume", "--optim.name=adamw8bit")) == 0
+    assert "AdamW moments were quantized into AdamW8bit's states" in capsys.readouterr().err
+    saved = load_file(checkpoint.latest(out) / "optimizer.safetensors")
+    assert any(key.endswith(".state1") for key in saved)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(tiny_args(corpus, cache, out, "--steps", "9", "--resume")) == 2
+    assert "trained with --optim.name adamw8bit, whose states --optim.name adamw cannot take" in _error_line(capsys)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_module_entry_point_reports_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fastlm.train", "--data", str(tmp_path / "nope"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
