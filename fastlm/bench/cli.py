@@ -15,6 +15,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,6 +89,15 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {sorted(SUITES)}")
     device = torch.device(args.device)
+    env = environment()
+    out = args.out or Path("benchmarks/out") / f"{datetime.date.today()}-{env['device'].split(' (')[0].replace(' ', '_')}"
+    # Before any measurement: a folder that cannot be written would otherwise lose the whole run.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {out}: cannot create the output folder ({exc.strerror})")
+    if not os.access(out, os.W_OK):
+        p.error(f"--out {out}: the output folder is not writable")
     if args.suite == "gpu":
         if device.type != "cuda":
             p.error("--suite gpu needs a CUDA device")
@@ -97,8 +107,6 @@ def main(argv=None) -> int:
     # The bwd modes replay one saved backward (retain_graph=True), which a torch.compile'd
     # backward with donated buffers refuses.
     torch._functorch.config.donated_buffer = False
-    env = environment()
-    out = args.out or Path("benchmarks/out") / f"{datetime.date.today()}-{env['device'].split(' (')[0].replace(' ', '_')}"
     start = time.perf_counter()
     roofline = measure_roofline(device, quick=args.suite == "quick")
     rows = []

@@ -30,6 +30,15 @@ def test_quick_suite_writes_results_report_and_plots(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
 
 
+def test_an_unwritable_out_fails_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("fastlm.bench.cli.measure_roofline", lambda *a, **k: pytest.fail("measured"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ops", "norm", "--out", str(tmp_path / "file" / "out")])
+    assert exit_info.value.code == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
 def test_every_suite_module_defines_cases():
     import importlib
 
