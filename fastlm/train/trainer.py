@@ -1,6 +1,7 @@
 """The training loop behind ``fastlm-train`` (see fastlm/train/__init__.py for the user guide)."""
 
 import math
+import os
 import random
 import resource
 import signal
@@ -94,6 +95,16 @@ class _Stop:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """A UserError now, not after the data is prepared or the model trained, when ``path`` cannot be
+    created or written; creates nothing (a run with bad input leaves no folder behind)."""
+    existing = path
+    while not existing.exists():  # where the folder would be created
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not a writable directory")
 
 
 def _check_resume(out: Path, cfg: Config):
@@ -216,6 +227,9 @@ def _sample(model, tokenizer, cfg: Config, eos_id, mask_id, val_batch, device) -
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the summary. Raises UserError for bad input."""
     out = Path(cfg.run.out)
+    _check_writable(out, "--out")
+    if cfg.run.export_hf:
+        _check_writable(Path(cfg.run.export_hf), "--export-hf")
     if cfg.train.steps < 1:
         raise UserError(f"--steps must be at least 1; got {cfg.train.steps}")
     if cfg.data.seq_len > cfg.model.max_seq_len:

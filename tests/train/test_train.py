@@ -207,7 +207,12 @@ def test_bad_data_paths(corpus, cache, tmp_path, capsys):
     (tmp_path / "tok.json").write_text("not a tokenizer")
     assert main(tiny_args(corpus, cache, tmp_path / "o4", f"--data.tokenizer={tmp_path / 'tok.json'}")) == 2
     assert "cannot load tokenizer" in _error_line(capsys)
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    (tmp_path / "file").write_text("")
+    assert main(tiny_args(corpus, cache, tmp_path / "file" / "o5")) == 2
+    assert f"--out {tmp_path / 'file' / 'o5'}: {tmp_path / 'file'} is not a writable directory" in _error_line(capsys)
+    assert main(tiny_args(corpus, cache, tmp_path / "o6", "--export-hf", str(tmp_path / "file" / "hf"))) == 2
+    assert f"--export-hf {tmp_path / 'file' / 'hf'}: {tmp_path / 'file'} is not a writable" in _error_line(capsys)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
 
 
 def test_checkpoints_are_never_touched_by_a_wrong_run(corpus, cache, tmp_path, capsys):
