@@ -11,10 +11,16 @@ A version is a git revision (the file at that commit) or ``WORKTREE`` (the file 
 version first runs one step on the same inputs, and the script stops unless all give the same bits
 (parameters and states); then the versions alternate, step by step, on 1 and 2 threads, and the
 median of each is printed. Builds are cached with fastlm's own (``~/.cache/fastlm/``).
+
+``--mca`` also prints, per version, what llvm-mca (``-mcpu`` = the ``--march``) makes of the AVX2
+quantizer's main loop (32 codes per iteration, signed and unsigned code): a model of a processor
+that is not at hand, to read beside the timings of the one that is.
 """
 
 import argparse
 import hashlib
+import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -59,15 +65,45 @@ def build(version: str, march: str):
     return module
 
 
+def mca_cycles(module, march: str, function: str) -> str:
+    """llvm-mca's cycles per iteration of ``function``'s first loop (up to its first backward branch)."""
+    mca = shutil.which("llvm-mca") or shutil.which("llvm-mca-14")
+    if mca is None:
+        return "no llvm-mca on PATH"
+    obj = Path(module.__file__).parent / "optim8bit.o"
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(obj)], check=True, capture_output=True,
+                             text=True).stdout
+    body = listing.split(f"{function}(", 1)[1].split(">:\n", 1)[1].split("\n\n", 1)[0]
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"^\s*([0-9a-f]+):\t(.*)$", body, re.M)]
+    for address, instruction in code:
+        branch = re.match(r"jne\s+([0-9a-f]+)", instruction)
+        if branch and int(branch[1], 16) < address:
+            start = int(branch[1], 16)
+            loop = [re.sub(r"<.*>|#.*", "", i) for a, i in code if start <= a < address]
+            break
+    else:
+        return "no loop found"
+    report = subprocess.run([mca, f"-mcpu={march}", "-iterations=200"], input="\n".join(loop) + "\n",
+                            check=True, capture_output=True, text=True).stdout
+    cycles = int(re.search(r"Total Cycles:\s+(\d+)", report)[1]) / 200
+    return f"{cycles:.1f} cycles per iteration ({len(loop)} instructions)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("versions", nargs="+", help="git revisions or WORKTREE")
     p.add_argument("--march", default="znver3")
     p.add_argument("--path", default="avx2", help="the kernel's code path (avx512, avx2, generic)")
+    p.add_argument("--mca", action="store_true", help="also print llvm-mca's reading of the AVX2 quantizer loops")
     add_step_arguments(p, rounds=40)
     args = p.parse_args()
 
     modules = [build(v, args.march) for v in args.versions]
+    if args.mca:
+        for version, module in zip(args.versions, modules):
+            for signed in ("true", "false"):
+                function = f"avx2::requantize<{signed}>"
+                print(f"{version} {function}, llvm-mca -mcpu={args.march}: {mca_cycles(module, args.march, function)}")
     kind, param, grad, *states, tables1, tables2, block_size, hyper = step_inputs(args)
     hyper = hyper.as_list()
 

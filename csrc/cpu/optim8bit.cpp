@@ -394,34 +394,45 @@ inline __m256 lookup(const float* table, const uint8_t* q) {
 // * |x| lies above its octave's boundary exactly when it lies above its bottom segment's upper
 //   boundary (the next segment's start), which is in the octave if the octave has a boundary
 //   and above it otherwise: one 8-entry permute per segment instead of a 32-entry lookup;
-// * segments 0-7 take one permute for each of scale, offset and top; segment 8 ("one") has
-//   scale 0, so its index is a constant, set by a blend (as for the 9 that the compare makes of
-//   it: 1 lies above every boundary).
-// index() leaves the signed code's mirror index unclamped (-1 for the largest negative
-// magnitudes): the caller clamps it to 0.
+// * segments 1-7 take one permute each for scale and offset; segments 0 ("zero") and 8 ("one")
+//   have scale 0 and share slot 0, which holds segment 8's offset: min(trunc(that offset), top)
+//   is then the rule's index for both, the segment's top read by a byte shuffle of a 16-entry
+//   table. Segment 9, from segment 8 (|x| = 1) above slot 0's boundary, reads segment 1's slot,
+//   whose y at 1 lies above segment 8's top;
+// * trunc(min(y, top)) is min(trunc(y), top) for an integer top.
+// The byte tables give the segment's upper three bytes bit 7, so the segment is the top
+// shuffle's control as it is (the permutes read its low 3 bits). index() leaves the signed
+// code's mirror index unclamped (-1 for the largest negative magnitudes): the caller clamps it.
 struct Quantizer {
     __m256i bottom_lo, bottom_hi;  // the bottom segment of octave slots 0-15 and 16-31, in both lanes
-    __m256 upper_boundary, scale, offset, top;
-    __m256i index8;
-    explicit Quantizer(const float* table)
-        : scale(_mm256_loadu_ps(table + rule::kTableScale)),
-          offset(_mm256_loadu_ps(table + rule::kTableOffset)),
-          top(_mm256_loadu_ps(table + rule::kTableTop)) {
+    __m256 upper_boundary, scale, offset;  // by segment mod 8
+    __m256i top;  // by segment 0-9, in both lanes
+    explicit Quantizer(const float* table) {
         alignas(32) uint8_t bottom[2][32] = {};
-        alignas(32) float upper[8] = {};
-        // Slot 0 (biased exponent 96 or 128) never occurs after the clamp: it stays 0, which is
-        // also what the shuffle reads for the index's upper three bytes.
+        alignas(32) uint8_t tops[32] = {};
+        alignas(32) float upper[8] = {}, scales[8], offsets[8];
+        // Slot 0 (biased exponent 96 or 128) never occurs after the clamp: the shuffle reads it for
+        // the index's upper three bytes only, and sets their bit 7.
+        bottom[0][0] = bottom[0][16] = 0x80;
         for (int o = 1; o < 32; ++o) {
             const int segment = static_cast<int>(table[rule::kTableSegment + o]);
             bottom[o >> 4][o & 15] = bottom[o >> 4][16 + (o & 15)] = static_cast<uint8_t>(segment);
             const float boundary = table[rule::kTableThreshold + o];
             if (std::isfinite(boundary)) upper[segment] = boundary;
         }
+        for (int s = 0; s < 10; ++s) {
+            tops[s] = tops[16 + s] = static_cast<uint8_t>(table[rule::kTableTop + (s < 9 ? s : 8)]);
+        }
+        for (int s = 0; s < 8; ++s) {
+            scales[s] = table[rule::kTableScale + (s ? s : 8)];
+            offsets[s] = table[rule::kTableOffset + (s ? s : 8)];
+        }
         bottom_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(bottom[0]));
         bottom_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(bottom[1]));
         upper_boundary = _mm256_load_ps(upper);
-        const float y8 = table[rule::kTableOffset + 8], top8 = table[rule::kTableTop + 8];
-        index8 = _mm256_set1_epi32(static_cast<int32_t>(y8 < top8 ? y8 : top8));
+        scale = _mm256_load_ps(scales);
+        offset = _mm256_load_ps(offsets);
+        top = _mm256_load_si256(reinterpret_cast<const __m256i*>(tops));
     }
     template <bool Signed>
     __m256i index(__m256 x) const {
@@ -432,7 +443,7 @@ struct Quantizer {
         // The biased exponent (103-127, slot + 96) in each lane's low byte, the upper three 0. A shuffle
         // reads an index's low 4 bits and zeroes the byte where its bit 7 is set: exponent + 16
         // (saturating) reads slots 0-15 and zeroes the exponents from 112, exponent - 112 reads slots
-        // 16-31 and zeroes those below (an upper byte reads slot 0 and nothing).
+        // 16-31 and zeroes those below (an upper byte reads slot 0 of the first and nothing of the second).
         const __m256i exponent = _mm256_srli_epi32(magnitude, 23);
         const __m256i bottom =
             _mm256_or_si256(_mm256_shuffle_epi8(bottom_lo, _mm256_adds_epu8(exponent, _mm256_set1_epi8(16))),
@@ -442,8 +453,7 @@ struct Quantizer {
         const __m256i segment = _mm256_sub_epi32(bottom, _mm256_castps_si256(above));  // above: all ones, -1
         const __m256 y = _mm256_add_ps(_mm256_mul_ps(xa, _mm256_permutevar8x32_ps(scale, segment)),
                                        _mm256_permutevar8x32_ps(offset, segment));
-        __m256i k = _mm256_cvttps_epi32(_mm256_min_ps(y, _mm256_permutevar8x32_ps(top, segment)));
-        k = _mm256_blendv_epi8(k, index8, _mm256_cmpgt_epi32(segment, _mm256_set1_epi32(7)));
+        __m256i k = _mm256_min_epi32(_mm256_cvttps_epi32(y), _mm256_shuffle_epi8(top, segment));
         if constexpr (Signed) {
             const __m256i negative = _mm256_srai_epi32(bits, 31);
             k = _mm256_blendv_epi8(k, _mm256_sub_epi32(_mm256_set1_epi32(254), k), negative);
@@ -764,7 +774,8 @@ const float* table_of(const at::Tensor& table, const char* name) {
     // 0-8 per octave, below 8 where the octave holds a boundary; one boundary per bottom segment
     // (the segment's upper one); an octave without a boundary lying wholly below its bottom
     // segment's upper boundary (checked for slots 7-31, the biased exponents 103-127 of the clamp);
-    // segment 8 ("one") of scale 0.
+    // tops that are indices; segments 0 ("zero") and 8 ("one") of scale 0, whose indices are
+    // those it reads from segment 8's offset, and segment 1's y at 1 reaching segment 8's index.
     float upper[8] = {};
     bool seen[8] = {};
     for (int o = 0; o < 32; ++o) {
@@ -790,7 +801,28 @@ const float* table_of(const at::Tensor& table, const char* name) {
                     seen[s] ? std::to_string(upper[s]) : std::string("none"), ") lies below the octave's top ",
                     octave_top);
     }
-    TORCH_CHECK(t[rule::kTableScale + 8] == 0.f, name, ": segment 8 must have scale 0, got ", t[rule::kTableScale + 8]);
+    // Per segment: a top that is an index, and y = |x| * scale + offset in [0, 2^31) for |x| <= 1 (the
+    // AVX2 quantizer truncates y before taking the min with the top).
+    for (int s = 0; s < 9; ++s) {
+        const float top = t[rule::kTableTop + s], scale = t[rule::kTableScale + s], offset = t[rule::kTableOffset + s];
+        TORCH_CHECK(top >= 0.f && top <= 255.f && top == std::floor(top), name, ": segment ", s, "'s top ", top,
+                    " is not an index 0-255");
+        TORCH_CHECK(scale >= 0.f && offset >= 0.f && scale + offset < 2147483648.f, name, ": segment ", s,
+                    " has scale ", scale, " and offset ", offset, ", which the quantizers never hold");
+    }
+    for (int s : {0, 8}) {
+        TORCH_CHECK(t[rule::kTableScale + s] == 0.f, name, ": segment ", s, " must have scale 0, got ",
+                    t[rule::kTableScale + s]);
+    }
+    // The index of y in segment s as rule::quantize takes it, and as the AVX2 quantizer does.
+    const auto index = [&](float y, int s) { return std::trunc(std::min(y, t[rule::kTableTop + s])); };
+    const auto avx2_index = [&](float y, int s) { return std::min(std::trunc(y), t[rule::kTableTop + s]); };
+    const float offset8 = t[rule::kTableOffset + 8];
+    TORCH_CHECK(avx2_index(offset8, 0) == index(t[rule::kTableOffset], 0), name,
+                ": segment 0's index must be the one of its top from segment 8's offset ", offset8);
+    const float y1 = t[rule::kTableScale + 1] + t[rule::kTableOffset + 1];  // segment 1's y at 1 (1 * scale: exact)
+    TORCH_CHECK(avx2_index(y1, 8) == index(offset8, 8), name, ": segment 1's y at 1 (", y1,
+                ") must reach segment 8's index ", index(offset8, 8));
     return t;
 }
 

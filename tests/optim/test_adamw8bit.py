@@ -134,14 +134,18 @@ def test_quantize_table_layout(signed):
     assert finite.sum() >= 8 and torch.all((exponents >= 103) & (exponents <= 127) & (exponents % 32 == octaves))
     # What the CPU kernel's AVX2 quantizer relies on (its table_of checks them too): a boundary only
     # below segment 8, one per bottom segment, which lies above every octave of that bottom segment
-    # without a boundary; segment 8 ("one") has scale 0.
+    # without a boundary; segments 0 ("zero") and 8 ("one") have scale 0, and their indices are their
+    # tops, which segment 8's offset and segment 1's y at 1 reach.
     assert torch.all(segments[finite] <= 7)
     upper = dict(zip(segments[finite].int().tolist(), boundaries[finite].tolist(), strict=True))
     assert len(upper) == int(finite.sum())
     for slot in range(7, 32):  # the biased exponents 103-127 that |x| is clamped to
         if not finite[slot] and segments[slot] < 8:
             assert upper[int(segments[slot])] >= 2.0 ** (slot + 96 - 126)
-    assert table[code_tables.TABLE_SCALE + 8] == 0
+    scale = table[code_tables.TABLE_SCALE:code_tables.TABLE_OFFSET]
+    offset = table[code_tables.TABLE_OFFSET:code_tables.TABLE_TOP]
+    assert scale[0] == scale[8] == 0 and offset[0] == top[0] and offset[8] == top[8]
+    assert scale[1] + offset[1] >= top[8]
 
 
 # ---- kernels vs the PyTorch rule, bit for bit ---------------------------------------------------
@@ -692,7 +696,8 @@ def test_cpp_kernel_checks_tables_and_block_size():
         call(8192, tables(True, CPU))
     # Tables the vector quantizers would misread: an octave that lost its boundary (its bottom
     # segment then has no upper one), a segment with two upper boundaries, a constant segment
-    # ("one") with a slope.
+    # ("zero", "one") with a slope, a top that is no index, a negative offset, segment 0 whose top
+    # differs from its index, segment 1 too flat to reach segment 8's index at 1.
     table = tables(True, CPU)
     with_boundary = torch.isfinite(table[code_tables.TABLE_THRESHOLD:code_tables.TABLE_SEGMENT]).nonzero()
     octave, other = int(with_boundary[0]), int(with_boundary[1])
@@ -704,10 +709,18 @@ def test_cpp_kernel_checks_tables_and_block_size():
     doubled[code_tables.TABLE_SEGMENT + other] = doubled[code_tables.TABLE_SEGMENT + octave]
     with pytest.raises(RuntimeError, match=r"tables1: segment \d has two upper boundaries"):
         call(256, doubled)
-    sloped = tables(True, CPU).clone()
-    sloped[code_tables.TABLE_SCALE + 8] = 1.0
-    with pytest.raises(RuntimeError, match=r"tables1: segment 8 must have scale 0, got 1"):
-        call(256, sloped)
+    for segment, field, value, message in [
+        (8, code_tables.TABLE_SCALE, 1.0, r"segment 8 must have scale 0, got 1"),
+        (0, code_tables.TABLE_SCALE, 1.0, r"segment 0 must have scale 0, got 1"),
+        (3, code_tables.TABLE_TOP, 3.5, r"segment 3's top 3.5 is not an index 0-255"),
+        (2, code_tables.TABLE_OFFSET, -1.0, r"segment 2 has scale \S+ and offset -1, which the quantizers never"),
+        (0, code_tables.TABLE_TOP, 200.0, r"segment 0's index must be the one of its top from segment 8's offset"),
+        (1, code_tables.TABLE_SCALE, 1.0, r"segment 1's y at 1 \(\S+\) must reach segment 8's index 255"),
+    ]:
+        changed = tables(True, CPU).clone()
+        changed[field + segment] = value
+        with pytest.raises(RuntimeError, match="tables1: " + message):
+            call(256, changed)
     call(256, tables(True, CPU))  # the same call with valid arguments runs
 
 
