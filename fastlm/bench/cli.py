@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {sorted(SUITES)}")
     device = torch.device(args.device)
+    if args.suite == "gpu" and device.type != "cuda":
+        p.error("--suite gpu needs a CUDA device")
     env = environment()
     out = args.out or Path("benchmarks/out") / f"{datetime.date.today()}-{env['device'].split(' (')[0].replace(' ', '_')}"
     # Before any measurement: a folder that cannot be written would otherwise lose the whole run.
@@ -98,11 +100,8 @@ def main(argv=None) -> int:
         p.error(f"--out {out}: cannot create the output folder ({exc.strerror})")
     if not os.access(out, os.W_OK):
         p.error(f"--out {out}: the output folder is not writable")
-    if args.suite == "gpu":
-        if device.type != "cuda":
-            p.error("--suite gpu needs a CUDA device")
-        if not args.gpu_tests_passed:
-            gpu_correctness_pass(ops)
+    if args.suite == "gpu" and not args.gpu_tests_passed:
+        gpu_correctness_pass(ops)
 
     # The bwd modes replay one saved backward (retain_graph=True), which a torch.compile'd
     # backward with donated buffers refuses.
