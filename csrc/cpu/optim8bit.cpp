@@ -774,8 +774,8 @@ const float* table_of(const at::Tensor& table, const char* name) {
     // 0-8 per octave, below 8 where the octave holds a boundary; one boundary per bottom segment
     // (the segment's upper one); an octave without a boundary lying wholly below its bottom
     // segment's upper boundary (checked for slots 7-31, the biased exponents 103-127 of the clamp);
-    // tops that are indices; segments 0 ("zero") and 8 ("one") of scale 0, whose indices are
-    // those it reads from segment 8's offset, and segment 1's y at 1 reaching segment 8's index.
+    // tops that are indices; segments 0 ("zero") and 8 ("one") of scale 0, whose indices the
+    // quantizer reads from segment 8's offset; segment 1's y at 1 reaching segment 8's index.
     float upper[8] = {};
     bool seen[8] = {};
     for (int o = 0; o < 32; ++o) {
