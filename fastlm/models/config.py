@@ -123,6 +123,11 @@ class ModelConfig:
         for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.rope_theta > 0.0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        for name in ("norm_eps", "init_std"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

@@ -34,6 +34,12 @@ class UserError(Exception):
     """A mistake in the run's input or settings: reported as one line, without a traceback."""
 
 
+def _require(ok: bool, name: str, expected: str, value) -> None:
+    """A section's check of one field (``build`` reports its ValueError as a UserError)."""
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     path: str | None = None
@@ -64,6 +70,10 @@ class DataConfig:
     """Where trained tokenizers and token files are cached (keyed by content hash); None:
     $FASTLM_CACHE_DIR or ~/.cache/fastlm (where the C++ kernels are cached too)."""
 
+    def __post_init__(self):
+        _require(self.seq_len >= 1, "data.seq_len", "a positive integer", self.seq_len)
+        _require(0.0 < self.mlm_probability < 1.0, "data.mlm_probability", "in (0, 1)", self.mlm_probability)
+
 
 @dataclass
 class OptimConfig:
@@ -83,6 +93,14 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
+    def __post_init__(self):
+        _require(0.0 <= self.lr < float("inf"), "optim.lr", "a finite number >= 0", self.lr)
+        for name in ("beta1", "beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", "in [0, 1)", getattr(self, name))
+        _require(self.eps > 0.0, "optim.eps", "> 0", self.eps)
+        _require(self.weight_decay >= 0.0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _require(self.grad_clip >= 0.0, "optim.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+
 
 @dataclass
 class ScheduleConfig:
@@ -97,6 +115,12 @@ class ScheduleConfig:
     """Step decay: multiply by step_gamma every this many steps after warmup; 0 means a third of the run."""
     step_gamma: float = 0.5
     """Step decay factor."""
+
+    def __post_init__(self):
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(self.step_every >= 0, "schedule.step_every", ">= 0", self.step_every)
+        _require(0.0 < self.step_gamma <= 1.0, "schedule.step_gamma", "in (0, 1]", self.step_gamma)
 
 
 @dataclass
@@ -120,6 +144,10 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics lines (metrics.jsonl in --out) and progress-bar updates."""
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "max_nonfinite", "log_every"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "a positive integer", getattr(self, name))
+
 
 @dataclass
 class EvalConfig:
@@ -128,6 +156,10 @@ class EvalConfig:
     batches: int = 20
     """Validation micro-batches per pass (fixed, the first of the held-out split)."""
 
+    def __post_init__(self):
+        _require(self.every >= 0, "eval.every", ">= 0 (0: only at the end)", self.every)
+        _require(self.batches >= 1, "eval.batches", "a positive integer", self.batches)
+
 
 @dataclass
 class CheckpointConfig:
@@ -135,7 +167,12 @@ class CheckpointConfig:
     """Steps between checkpoints (one is also written at the end, at --stop-at and on Ctrl-C / SIGTERM);
     0: only those."""
     keep_last: int = 2
-    """Checkpoints kept in --out/checkpoints; older ones are deleted after a new one is complete."""
+    """Checkpoints kept in --out/checkpoints; older ones are deleted after a new one is complete. 0:
+    keep all."""
+
+    def __post_init__(self):
+        _require(self.every >= 0, "checkpoint.every", ">= 0 (0: only at the end)", self.every)
+        _require(self.keep_last >= 0, "checkpoint.keep_last", ">= 0 (0: keep all)", self.keep_last)
 
 
 @dataclass
@@ -146,6 +183,10 @@ class SampleConfig:
     """Tokens generated for the sample; 0 skips it."""
     temperature: float = 0.8
     """Sampling temperature; 0 is greedy."""
+
+    def __post_init__(self):
+        _require(self.tokens >= 0, "sample.tokens", ">= 0 (0 skips the sample)", self.tokens)
+        _require(self.temperature >= 0.0, "sample.temperature", ">= 0 (0 is greedy)", self.temperature)
 
 
 @dataclass
@@ -167,6 +208,9 @@ class RunConfig:
     change only dropout, activation checkpointing and (RoPE models) max_seq_len."""
     export_hf: str | None = None
     """After the run completes, also write the model as a Hugging Face (transformers) directory here."""
+
+    def __post_init__(self):
+        _require(self.stop_at >= 0, "run.stop_at", ">= 0 (0: never)", self.stop_at)
 
 
 @dataclass

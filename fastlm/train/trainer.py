@@ -230,8 +230,6 @@ def train(cfg: Config) -> dict:
     _check_writable(out, "--out")
     if cfg.run.export_hf:
         _check_writable(Path(cfg.run.export_hf), "--export-hf")
-    if cfg.train.steps < 1:
-        raise UserError(f"--steps must be at least 1; got {cfg.train.steps}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():

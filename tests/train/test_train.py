@@ -71,7 +71,20 @@ def test_config_layers_and_overrides(tmp_path):
     (("train.steps", "three"), "train.steps must be an integer"),
     (("schedule.kind", "wavy"), "schedule.kind must be one of"),
     (("model.d_model", "130"), "divisible by model.n_heads"),
-], ids=["field", "section", "int", "literal", "model-check"])
+    (("train.batch_size", "0"), "train.batch_size must be a positive integer, got 0"),
+    (("train.grad_accum", "-1"), "train.grad_accum must be a positive integer, got -1"),
+    (("train.steps", "0"), "train.steps must be a positive integer, got 0"),
+    (("data.seq_len", "0"), "data.seq_len must be a positive integer, got 0"),
+    (("eval.batches", "0"), "eval.batches must be a positive integer, got 0"),
+    (("checkpoint.keep_last", "-1"), r"checkpoint.keep_last must be >= 0 \(0: keep all\), got -1"),
+    (("optim.lr", "nan"), "optim.lr must be a finite number >= 0, got nan"),
+    (("optim.beta2", "1"), r"optim.beta2 must be in \[0, 1\), got 1.0"),
+    (("optim.weight_decay", "-0.1"), "optim.weight_decay must be >= 0, got -0.1"),
+    (("schedule.min_lr_ratio", "2"), r"schedule.min_lr_ratio must be in \[0, 1\], got 2.0"),
+    (("sample.tokens", "-1"), "sample.tokens must be >= 0"),
+    (("model.rope_theta", "-1"), "model.rope_theta must be > 0, got -1.0"),
+], ids=["field", "section", "int", "literal", "model-check", "batch-size", "grad-accum", "steps", "seq-len",
+        "eval-batches", "keep-last", "lr-nan", "beta2", "weight-decay", "min-lr-ratio", "sample-tokens", "rope-theta"])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(UserError, match=message):
         resolve("tiny", None, [override])
