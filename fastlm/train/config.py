@@ -72,6 +72,7 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.seq_len >= 1, "data.seq_len", "a positive integer", self.seq_len)
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", self.val_fraction)
         _require(0.0 < self.mlm_probability < 1.0, "data.mlm_probability", "in (0, 1)", self.mlm_probability)
 
 

@@ -305,8 +305,6 @@ class PackedData:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, eos_id: int,
                  objective: str, seed: int, mask_id: int | None = None, vocab_size: int = 0,
                  mlm_probability: float = 0.15, roles: np.ndarray | None = None, rank: int = 0, world: int = 1):
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be in (0, 1); got {val_fraction}")
         if roles is not None and objective != "clm":
             raise UserError("SFT data (prompt/response) trains a causal LM; use --objective clm")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size

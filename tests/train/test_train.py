@@ -75,6 +75,7 @@ def test_config_layers_and_overrides(tmp_path):
     (("train.grad_accum", "-1"), "train.grad_accum must be a positive integer, got -1"),
     (("train.steps", "0"), "train.steps must be a positive integer, got 0"),
     (("data.seq_len", "0"), "data.seq_len must be a positive integer, got 0"),
+    (("data.val_fraction", "1"), r"data.val_fraction must be in \(0, 1\), got 1.0"),
     (("eval.batches", "0"), "eval.batches must be a positive integer, got 0"),
     (("checkpoint.keep_last", "-1"), r"checkpoint.keep_last must be >= 0 \(0: keep all\), got -1"),
     (("optim.lr", "nan"), "optim.lr must be a finite number >= 0, got nan"),
@@ -84,7 +85,7 @@ def test_config_layers_and_overrides(tmp_path):
     (("sample.tokens", "-1"), "sample.tokens must be >= 0"),
     (("model.rope_theta", "-1"), "model.rope_theta must be > 0, got -1.0"),
 ], ids=["field", "section", "int", "literal", "model-check", "batch-size", "grad-accum", "steps", "seq-len",
-        "eval-batches", "keep-last", "lr-nan", "beta2", "weight-decay", "min-lr-ratio", "sample-tokens", "rope-theta"])
+        "val-fraction", "eval-batches", "keep-last", "lr-nan", "beta2", "weight-decay", "min-lr-ratio", "sample-tokens", "rope-theta"])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(UserError, match=message):
         resolve("tiny", None, [override])
