@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch._functorch.config
 
-from fastlm.bench.harness import environment, measure
+from fastlm.bench.harness import environment, groups, measure
 from fastlm.bench.report import markdown, plot, write_atomic
 from fastlm.bench.roofline import measure_roofline
 
 # op name -> module with ``cases(suite, device)``, an iterable of Cases (a generator where the
-# tensors are large, so that only the case being measured holds them)
+# tensors are large, so that only the cases being measured hold them), the providers and modes of
+# one shape one after another (the CPU times them in turn: fastlm.bench.harness)
 SUITES = {
     "norm": "fastlm.bench.norms",
     "cross_entropy": "fastlm.bench.cross_entropy",
@@ -110,11 +111,11 @@ def main(argv=None) -> int:
     roofline = measure_roofline(device, quick=args.suite == "quick")
     rows = []
     for op in ops:
-        for case in importlib.import_module(SUITES[op]).cases(args.suite, device):
-            row = measure(case, device, MIN_RUN_TIME[args.suite], roofline)
-            rows.append({**row, **env, "suite": args.suite, "bench": op})
-            print(f"  {case.op:14s} {case.mode:8s} {case.shape:22s} {case.provider:14s} {row['median_ms']:10.3f} ms",
-                  file=sys.stderr)
+        for group in groups(importlib.import_module(SUITES[op]).cases(args.suite, device), device):
+            for case, row in zip(group, measure(group, device, MIN_RUN_TIME[args.suite], roofline)):
+                rows.append({**row, **env, "suite": args.suite, "bench": op})
+                print(f"  {case.op:14s} {case.mode:8s} {case.shape:22s} {case.provider:14s} "
+                      f"{row['median_ms']:10.3f} ms", file=sys.stderr)
 
     write_atomic(out / "results.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     report = markdown(rows, env, roofline)

@@ -4,22 +4,27 @@ Used by ``fastlm-bench`` (fastlm/bench/cli.py), the per-op case modules beside t
 and ``fastlm-demo``.
 
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) with
-its 20/50/80% quantiles; on CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` and the
-quantiles of its blocks, under the default allocator. Peak memory: the peak of tensor
+its 20/50/80% quantiles, one case after another; on CPU, the cases of one op and shape (its
+providers and modes) take turns, a block of calls each per round, and each gets the quantiles
+of its blocks, under the default allocator. Taking turns is for the ratios: a shared machine's
+speed drifts by tens of percent over seconds (neighbours, clocks), and timed one after another
+two providers would each see a different machine. Peak memory: the peak of tensor
 allocations above what was held before the call (CUDA: the caching allocator's statistics; CPU:
 the profiler's allocation events).
 
-Each op's module builds ``Case``s; ``measure`` turns one into a row of figures.
+Each op's module builds ``Case``s; ``groups`` gathers those timed together, ``measure`` turns
+them into rows of figures.
 """
 
 import contextlib
 import datetime
+import itertools
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,21 +46,43 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> Timing:
-    """Median and 20/80% quantiles of ``fn()``'s run time in milliseconds."""
+# CPU timing: a block of calls lasts at least this long (timer overhead and jitter stay small next to
+# it), and every case gets at least this many blocks (a median of a few).
+BLOCK_SECONDS = 0.02
+MIN_BLOCKS = 5
+
+
+def times_in_turn(fns: list[Callable[[], object]], rounds: int, min_run_time: float = 0.0,
+                  block_seconds: float = 0.0) -> list[list[float]]:
+    """Per callable, the milliseconds per call of each of its blocks: the callables take turns, one
+    block each per round, for at least ``rounds`` rounds and until each has run ``min_run_time``
+    seconds. A block is as many calls as last ``block_seconds`` (from one timed call; one at least)."""
+    number = [1] * len(fns)
+    for i, fn in enumerate(fns if block_seconds > 0 else []):
+        start = time.perf_counter()
+        fn()
+        number[i] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
+    times = [[] for _ in fns]
+    deadline = time.perf_counter() + min_run_time * len(fns)
+    while len(times[0]) < rounds or time.perf_counter() < deadline:
+        for fn, calls, taken in zip(fns, number, times):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            taken.append((time.perf_counter() - start) / calls * 1e3)
+    return times
+
+
+def time_fns(fns: list[Callable[[], object]], device: torch.device, min_run_time: float = 0.5) -> list[Timing]:
+    """Median and 20/80% quantiles of each ``fn()``'s run time in milliseconds (module docstring)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return Timing(median, p20, p80)
-    from torch.utils.benchmark import Timer
-
-    fn()  # warm-up: first-use compilation and allocator growth stay out of the figure
-    # num_threads: Timer runs on ONE thread unless told otherwise; the figures are for the whole machine.
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times = [t * 1e3 for t in measurement.times]
-    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
+        return [Timing(*do_bench(fn, quantiles=[0.5, 0.2, 0.8])) for fn in fns]
+    for fn in fns:
+        fn()  # warm-up: first-use compilation and allocator growth stay out of the figure
+    times = times_in_turn(fns, MIN_BLOCKS, min_run_time, BLOCK_SECONDS)
+    return [Timing(_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8)) for t in times]
 
 
 def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
@@ -64,13 +91,8 @@ def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warm
     for fn in runs.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    times = times_in_turn(list(runs.values()), rounds)
+    return {name: _quantile(t, 0.5) for name, t in zip(runs, times)}
 
 
 @contextlib.contextmanager
@@ -204,9 +226,24 @@ def autograd_modes(fn: Callable, inputs: list[torch.Tensor], grad_out, train_for
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
-def measure(case: Case, device: torch.device, min_run_time: float, roofline: dict | None = None) -> dict:
-    """Time one case and its peak memory; one JSON-able row."""
-    timing = time_fn(case.fn, device, min_run_time)
+def groups(cases: Iterable[Case], device: torch.device) -> Iterator[list[Case]]:
+    """The cases timed together: on the CPU those of one op and shape (the case modules yield them
+    one after another), on CUDA each alone, so that only the case being measured holds its tensors
+    (the GPU suite's largest optimizer case takes 10-16 GB)."""
+    if device.type == "cuda":
+        yield from ([case] for case in cases)
+        return
+    for _, group in itertools.groupby(cases, key=lambda case: (case.op, case.shape)):
+        yield list(group)
+
+
+def measure(cases: list[Case], device: torch.device, min_run_time: float, roofline: dict | None = None) -> list[dict]:
+    """Time ``cases`` together (``time_fns``) and take each one's peak memory; one JSON-able row each."""
+    timings = time_fns([case.fn for case in cases], device, min_run_time)
+    return [_row(case, timing, device, roofline) for case, timing in zip(cases, timings)]
+
+
+def _row(case: Case, timing: Timing, device: torch.device, roofline: dict | None) -> dict:
     gbps = case.bytes_moved / timing.median_ms / 1e6 if case.bytes_moved else None
     tflops = case.flops / timing.median_ms / 1e9 if case.flops else None
     row = {

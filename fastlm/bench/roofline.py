@@ -7,7 +7,7 @@ and fastlm's gemm). Percentages of these, not of a datasheet, are what the repor
 
 import torch
 
-from fastlm.bench.harness import time_fn
+from fastlm.bench.harness import time_fns
 from fastlm.ops.gemm import gemm
 
 
@@ -18,14 +18,15 @@ def measure_roofline(device: torch.device, quick: bool = False) -> dict:
         copy_elems, mm, dtype = (1 << 24, 512, torch.float32) if quick else (1 << 26, 2048, torch.float32)
     src = torch.empty(copy_elems, dtype=dtype, device=device).uniform_()
     dst = torch.empty_like(src)
-    copy = time_fn(lambda: dst.copy_(src), device, 0.3)
+    (copy,) = time_fns([lambda: dst.copy_(src)], device, 0.3)
     a = torch.randn(mm, mm, dtype=dtype, device=device)
     b = torch.randn(mm, mm, dtype=dtype, device=device)
-    matmul = time_fn(lambda: a @ b, device, 0.3)
+    matmuls = [lambda: a @ b]
     if device.type == "cpu":
         # torch's float32 matmul (MKL) is not the machine's ceiling where fastlm's gemm (oneDNN) runs
         # faster (AMD AVX-512 processors, see fastlm.ops.gemm): the faster of the two is.
-        matmul = min(matmul, time_fn(lambda: gemm(a, b), device, 0.3), key=lambda t: t.median_ms)
+        matmuls.append(lambda: gemm(a, b))
+    matmul = min(time_fns(matmuls, device, 0.3), key=lambda t: t.median_ms)
     return {
         "copy_gbps": 2 * src.numel() * src.element_size() / copy.median_ms / 1e6,
         "copy_bytes": 2 * src.numel() * src.element_size(),

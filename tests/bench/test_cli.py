@@ -1,8 +1,10 @@
 """fastlm-bench's quick suite runs end to end (it proves the suite works; speed is not asserted)."""
 
+import itertools
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_plot_draws_one_figure_per_series(tmp_path):
 def test_rows_carry_tokens_per_s_and_mfu_when_given():
     a = torch.randn(64, 64)
     case = Case("mm", "fastlm", "fwd", "64", lambda: a @ a, flops=2 * 64**3, extra={"tokens": 64, "peak_flops": 1e15})
-    row = measure(case, torch.device("cpu"), 0.05)
+    (row,) = measure([case], torch.device("cpu"), 0.05)
     assert row["tokens_per_s"] == pytest.approx(64 / row["median_ms"] * 1e3)
     assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 1e15)
     assert "MFU" in markdown([row], ENV, ROOFLINE)
@@ -120,3 +122,48 @@ def test_alternating_medians_calls_each_in_turn():
     result = alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=2)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert set(result) == {"a", "b"} and all(ms >= 0 for ms in result.values())
+
+
+def test_cpu_cases_of_one_shape_take_turns_in_blocks(monkeypatch):
+    """Each case runs a block of calls (as many as BLOCK_SECONDS holds, sized from one call) per round,
+    in turn with the others, for MIN_BLOCKS rounds and min_run_time at least; each gets the quantiles of
+    its blocks. The clock is a fake that each call advances by its case's cost."""
+    from fastlm.bench import harness
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def costing(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+        return fn
+
+    # Binary fractions of a second, so the fake clock's sums are exact.
+    slow, fast = harness.time_fns([costing("slow", 2**-7), costing("fast", 2**-9)], torch.device("cpu"), 0.2)
+    # warm-up, then one sizing call each, then blocks: 2 calls of "slow" (20 ms // 7.8 ms), 10 of "fast".
+    assert calls[:4] == ["slow", "fast", "slow", "fast"]
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[4:])]
+    assert runs[:4] == [("slow", 2), ("fast", 10), ("slow", 2), ("fast", 10)]
+    assert runs == runs[:2] * (len(runs) // 2)
+    # min_run_time * 2 cases = 0.4 s of rounds of 35 ms: 12 rounds (more than MIN_BLOCKS).
+    assert len(runs) == 2 * 12
+    assert slow == harness.Timing(*[2**-7 * 1e3] * 3) and fast == harness.Timing(*[2**-9 * 1e3] * 3)
+    calls.clear()
+    harness.time_fns([costing("slow", 2**-7), costing("fast", 2**-9)], torch.device("cpu"), 0.0)
+    assert len([name for name, _ in itertools.groupby(calls[4:])]) == 2 * harness.MIN_BLOCKS
+
+
+def test_cases_are_grouped_by_op_and_shape_on_cpu_only():
+    from fastlm.bench.harness import groups
+
+    def case(op, provider, mode, shape):
+        return Case(op, provider, mode, shape, lambda: None)
+
+    cases = [case("a", "fastlm", "fwd", "1"), case("a", "fastlm", "bwd", "1"), case("a", "torch", "fwd", "1"),
+             case("a", "fastlm", "fwd", "2"), case("b", "fastlm", "fwd", "2")]
+    on_cpu = [[(c.op, c.provider, c.mode, c.shape) for c in g] for g in groups(iter(cases), torch.device("cpu"))]
+    assert on_cpu == [[("a", "fastlm", "fwd", "1"), ("a", "fastlm", "bwd", "1"), ("a", "torch", "fwd", "1")],
+                      [("a", "fastlm", "fwd", "2")], [("b", "fastlm", "fwd", "2")]]
+    assert [len(g) for g in groups(iter(cases), torch.device("cuda"))] == [1] * 5

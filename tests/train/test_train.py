@@ -85,7 +85,8 @@ def test_config_layers_and_overrides(tmp_path):
     (("sample.tokens", "-1"), "sample.tokens must be >= 0"),
     (("model.rope_theta", "-1"), "model.rope_theta must be > 0, got -1.0"),
 ], ids=["field", "section", "int", "literal", "model-check", "batch-size", "grad-accum", "steps", "seq-len",
-        "val-fraction", "eval-batches", "keep-last", "lr-nan", "beta2", "weight-decay", "min-lr-ratio", "sample-tokens", "rope-theta"])
+        "val-fraction", "eval-batches", "keep-last", "lr-nan", "beta2", "weight-decay", "min-lr-ratio", "sample-tokens",
+        "rope-theta"])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(UserError, match=message):
         resolve("tiny", None, [override])
