@@ -1,7 +1,7 @@
 """The one benchmark harness: timing, peak memory and provenance.
 
 Used by ``fastlm-bench`` (fastlm/bench/cli.py), the per-op case modules beside this file,
-and ``fastlm-demo``.
+and the A/B scripts under benchmarks/ (``alternating_medians``).
 
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) with
 its 20/50/80% quantiles, one case after another; on CPU, the cases of one op and shape (its
