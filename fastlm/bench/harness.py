@@ -58,10 +58,11 @@ def times_in_turn(fns: list[Callable[[], object]], rounds: int, min_run_time: fl
     block each per round, for at least ``rounds`` rounds and until each has run ``min_run_time``
     seconds. A block is as many calls as last ``block_seconds`` (from one timed call; one at least)."""
     number = [1] * len(fns)
-    for i, fn in enumerate(fns if block_seconds > 0 else []):
-        start = time.perf_counter()
-        fn()
-        number[i] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
+    if block_seconds > 0:
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            number[i] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
     times = [[] for _ in fns]
     deadline = time.perf_counter() + min_run_time * len(fns)
     while len(times[0]) < rounds or time.perf_counter() < deadline:
