@@ -109,7 +109,9 @@ def cpu_matmul_library() -> dict:
 
 def _linear_pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's ``x @ w.T + bias`` (x (m, k), w (n, k)) into a new contiguous (m, n) tensor. oneDNN reads
-    ``w`` row- or column-major as it lies; ``x`` must be row-major (the op would copy it otherwise)."""
+    ``w`` row- or column-major as it lies; ``x`` must be row-major (the op would copy it otherwise), and
+    ``bias`` contiguous (the op reads it as such whatever its strides)."""
+    bias = None if bias is None else bias.contiguous()
     return torch.ops.mkldnn._linear_pointwise(_row_major(x), w, bias, "none", [], "")
 
 

@@ -50,8 +50,13 @@ def _dot_scale(terms: int, *factors: torch.Tensor) -> float:
     return scale
 
 
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of ``t`` with its strides (``clone`` would make a strided slice contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+
+
 def _forward_backward(fn, inputs, grad_out):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    leaves = [_leaf(t) if t is not None else None for t in inputs]
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return out, [t.grad if t is not None else None for t in leaves]
@@ -61,12 +66,16 @@ def _forward_backward(fn, inputs, grad_out):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "m{}k{}n{}".format(*s))
 @pytest.mark.parametrize("layout_a,layout_b", [("rows", "rows"), ("rows", "transposed"), ("transposed", "rows"),
                                                ("strided", "transposed")], ids=lambda v: v)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_matches_float64_reference(backend, dtype, shape, layout_a, layout_b, with_bias):
+@pytest.mark.parametrize("bias_layout", [None, "contiguous", "strided"], ids=["nobias", "bias", "strided_bias"])
+def test_matches_float64_reference(backend, dtype, shape, layout_a, layout_b, bias_layout):
     m, k, n = shape
     g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
     a, b = _operand(m, k, layout_a, dtype, g), _operand(k, n, layout_b, dtype, g)
-    bias = random_tensor(n, dtype=dtype, generator=g) if with_bias else None
+    bias = None
+    if bias_layout == "contiguous":
+        bias = random_tensor(n, dtype=dtype, generator=g)
+    elif bias_layout == "strided":  # every other element of a longer vector (oneDNN needs it copied)
+        bias = random_tensor(2 * n, dtype=dtype, generator=g)[::2]
     grad_out = random_tensor(m, n, generator=g)
     with fastlm.use_backend(backend):
         out, grads = _forward_backward(gemm, [a, b, bias], grad_out)
