@@ -124,9 +124,11 @@ FASTLM_HD int32_t clamp_i32(int32_t x, int32_t lo, int32_t hi) { return x < lo ?
 // The index of (about) the nearest code value to a normalized x, in closed form: the code is
 // linear inside each decade, so there the index of |x| is trunc(|x| * scale + offset); the
 // segment (zero, a decade, one) comes from |x|'s octave and one compare with the boundary
-// inside it. Exactly the nearest value except within an fp32 rounding of a midpoint. The
-// unsigned code's input is never negative, so its sign bit is not masked (a negative input
-// clamps to index 0); a signed negative x takes the mirror index of |x|. NaN and infinities
+// inside it. Exactly the nearest value except within an fp32 rounding of a midpoint, and
+// except that the unsigned code's tables map segment 0 to its smallest positive value (a second
+// moment is never stored as 0: fastlm/optim/_code.py). The unsigned code's input is never
+// negative, so its sign bit is not masked (a negative input clamps to segment 0); a signed
+// negative x takes the mirror index of |x|. NaN and infinities
 // clamp like the largest magnitudes. fastlm/optim/_rule.py's quantize is the same fp32
 // arithmetic; csrc/cpu/optim8bit.cpp has a 16-lane version.
 FASTLM_HD uint8_t quantize(const float* table, float x, bool is_signed) {

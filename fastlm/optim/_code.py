@@ -5,7 +5,9 @@ The dynamic (tree) code of Dettmers et al., "8-bit Optimizers via Block-wise Qua
 the first set bit of the code after the sign, the remaining bits a linear fraction ``f`` in
 [0.1, 1]. More bits go to the fraction the larger the value, so the code is dense near 1
 and still reaches 1e-7. The signed code (first moment) spends one bit on the sign; the
-unsigned code (second moment, never negative) gives it to the fraction. Both contain 0 and 1.
+unsigned code (second moment, never negative) gives it to the fraction. Both contain 0 and 1;
+the unsigned code's quantizer never picks its 0 (``quantize_table``: a second moment stored as
+0 beside a nonzero first moment would make the step m / eps).
 
 Quantizing (``quantize`` in csrc/common/optim8bit_rule.h, mirrored by
 ``fastlm.optim._rule.quantize``) is a closed form, not a search: the code is linear inside
@@ -86,7 +88,14 @@ def quantize_table(signed: bool) -> np.ndarray:
     scale = np.zeros(16)
     offset = np.zeros(16)
     top = np.zeros(16)
-    offset[0] = top[0] = zero
+    # Segment 0 ("zero": magnitudes below half the smallest positive value) maps to the index of 0,
+    # except in the unsigned code (second moments): there it maps to the smallest positive value,
+    # so a second moment is never stored as 0. A tiny second moment beside a block's large one
+    # would otherwise dequantize to 0 while its first moment (another block scale) does not, and
+    # the update m / (sqrt(0) + eps) would move the parameter by ~lr * m / eps (thousands of
+    # times lr). Rounded up, such a v only shrinks its element's step; a v of exactly 0 goes with
+    # m = 0 (no gradient yet), whose step stays 0.
+    offset[0] = top[0] = zero if signed else 1
     for i, steps in enumerate(_steps(signed)):
         # Index = start + (|x| / 10^(i-6) - 0.1) / 0.9 * steps, truncated: the grid's edges are
         # the midpoints between the decade's values.

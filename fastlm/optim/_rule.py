@@ -140,7 +140,7 @@ def quantize(x: torch.Tensor, table: torch.Tensor, signed: bool) -> torch.Tensor
     form (fastlm/optim/_code.py), the same fp32 operations."""
     bits = x.contiguous().view(torch.int32)
     # The unsigned code's input is never negative: its sign bit is not masked (a negative int32
-    # clamps to the lowest octave, index 0), as in the header.
+    # clamps to the lowest octave, segment 0), as in the header.
     magnitude = (bits & 0x7FFFFFFF) if signed else bits
     magnitude = magnitude.clamp(_code.MAG_LO_BITS, _code.MAG_HI_BITS)
     slot = ((magnitude >> 23) & 31).long()

@@ -191,8 +191,10 @@ class _Optimizer8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        # Checked before the group joins (torch fills the missing keys from the defaults), so a
+        # rejected group leaves the optimizer as it was.
+        _check_hyper({**self.defaults, **param_group}, self._kind)
         super().add_param_group(param_group)
-        _check_hyper(self.param_groups[-1], self._kind)
 
     def _param_index(self, param: torch.Tensor) -> int:
         flat = [p for group in self.param_groups for p in group["params"]]

@@ -81,8 +81,13 @@ def test_quantize_picks_the_nearest_code_value(signed):
         mid, torch.nextafter(mid, torch.full_like(mid, 2.0)), torch.nextafter(mid, torch.full_like(mid, -2.0)),
     ])
     q = rule.quantize(x, table, signed).long()
-    assert torch.equal(q[-3 * 255 - 256:-3 * 255], torch.arange(256))
+    # Every code value maps to itself, except the unsigned code's 0: second moments are never
+    # stored as 0 (fastlm/optim/_code.py), so its quantizer picks among the positive values only.
+    itself = torch.arange(256) if signed else torch.arange(256).clamp_min(1)
+    assert torch.equal(q[-3 * 255 - 256:-3 * 255], itself)
     dist = (x.double()[:, None] - code.double()[None, :]).abs()
+    if not signed:
+        dist[:, 0] = float("inf")
     chosen = dist.gather(1, q[:, None]).squeeze(1)
     # The chosen value is a nearest one: the closed form's fp32 rounding decides only within a few
     # ulps of a midpoint (the nextafter probes), where both neighbours are as near as makes no odds.
@@ -100,7 +105,8 @@ def test_quantize_out_of_range_zero_and_non_finite(signed):
     table = tables(signed, CPU)
     inf, nan = float("inf"), float("nan")
     x = torch.tensor([0.0, -0.0, 1e-30, 1.0, 1.0000001, 3.0, 1e30, inf, nan])
-    top, zero = 255, (127 if signed else 0)
+    # The unsigned code stores no 0: its smallest positive value (index 1) stands for it.
+    top, zero = 255, (127 if signed else 1)
     assert rule.quantize(x, table, signed).tolist() == [zero, zero, zero, top, top, top, top, top, top]
     if signed:
         # No -1 in the signed code: the largest negative magnitudes take its most negative value.
@@ -110,8 +116,9 @@ def test_quantize_out_of_range_zero_and_non_finite(signed):
         negative, positive = rule.quantize(-mags, table, True).long(), rule.quantize(mags, table, True).long()
         assert torch.equal(table[negative], -table[positive])
     else:
-        # Second moments are never negative: the sign bit is not masked, a negative input clamps to 0.
-        assert rule.quantize(torch.tensor([-0.5, -inf]), table, signed).tolist() == [0, 0]
+        # Second moments are never negative: the sign bit is not masked, a negative input clamps to
+        # the bottom segment, as 0 does.
+        assert rule.quantize(torch.tensor([-0.5, -inf]), table, signed).tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
@@ -331,6 +338,33 @@ def test_dequantized_states_close_to_fp32_states():
     assert torch.all((v - v_ref).abs() <= 0.08 * scale2)
     # The parameters themselves stay within 1e-4 (relative) of fp32 AdamW's.
     assert (p8 - p32).norm() / p32.norm() < 3e-4
+
+
+@pytest.mark.parametrize("cls,torch_cls", [(AdamW8bit, torch.optim.AdamW), (Adam8bit, torch.optim.Adam)],
+                         ids=["adamw", "adam"])
+def test_a_small_second_moment_beside_a_large_one_keeps_the_step_near_lr(cls, torch_cls, cpu_path):
+    """One large gradient in a block, then zero gradients: the other elements' second moments lie
+    far below the block's absmax (below half the code's smallest positive value), their first
+    moments do not (a separate scale). Stored as 0, such a v made the step m / eps (1806 with
+    lr 1e-3); the unsigned code never stores 0, so every step stays about lr, as fp32 Adam's."""
+    lr = 1e-3
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(2))
+    g[0] = 100.0
+    steps = {}
+    for name, make in (("8bit", cls), ("fp32", torch_cls)):
+        p = torch.nn.Parameter(torch.randn(4096, generator=torch.Generator().manual_seed(3)))
+        opt = make([p], lr=lr, weight_decay=0.0)
+        worst = 0.0
+        for grad in (g, torch.zeros_like(g), torch.zeros_like(g)):
+            p.grad = grad.clone()
+            before = p.detach().clone()
+            opt.step()
+            worst = max(worst, (p.detach() - before).abs().max().item())
+        steps[name] = worst
+    # fp32 Adam's steps here are at most ~0.7 lr; 2 lr leaves room for the 8-bit states' error and
+    # still catches a step of m / eps.
+    assert steps["fp32"] < 2 * lr
+    assert steps["8bit"] < 2 * lr, steps
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam"])
@@ -655,10 +689,15 @@ def test_bad_hyper_parameters_raise(kwargs, match):
         AdamW8bit([torch.nn.Parameter(torch.randn(3))], **kwargs)
 
 
-def test_bad_param_group_raises():
-    opt = AdamW8bit([torch.nn.Parameter(torch.randn(3))])
-    with pytest.raises(ValueError, match="lr"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
+@pytest.mark.parametrize("bad,match", [({"lr": -1.0}, "lr"), ({"block_size": 100}, "block_size")], ids=["lr", "block_size"])
+def test_bad_param_group_raises_and_is_not_added(bad, match):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = AdamW8bit([p])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], **bad})
+    assert len(opt.param_groups) == 1
+    p.grad = torch.randn(3)
+    opt.step()  # the optimizer still works
 
 
 def test_sparse_grad_raises():
