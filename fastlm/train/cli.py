@@ -86,6 +86,11 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the RuntimeError of torch's CPU allocator."""
+    return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastlm.train import distributed
     from fastlm.train.trainer import train
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fastlm-train: error: {exc}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
         print("fastlm-train: error: out of memory; lower --train.batch_size (raising --train.grad_accum keeps the "
               "tokens per step), or set --model.activation_checkpointing=true", file=sys.stderr)
         return 1

@@ -29,6 +29,16 @@ def _tensorboard_writer(logdir: Path):
     return SummaryWriter(log_dir=str(logdir))
 
 
+def _strict(value):
+    """``value`` with non-finite floats as None: JSON has no NaN or Infinity, and strict parsers
+    (jq, most languages' JSON libraries) reject the tokens Python would write."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class MetricsLog:
     """Appends one JSON object per record to ``metrics.jsonl`` (flushed, so a crash keeps what was
     logged) and mirrors each record's numbers that carry a ``step`` to TensorBoard. ``out=None``:
@@ -44,7 +54,7 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if self._jsonl is None:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(_strict(record), allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is None or "step" not in record:
             return

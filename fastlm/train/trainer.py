@@ -51,7 +51,7 @@ def lr_factor(step: int, total: int, cfg) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(total - cfg.warmup_steps, 1)
+    span = max(total - 1 - cfg.warmup_steps, 1)  # the last step (total - 1) is at the schedule's end
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.min_lr_ratio
     if cfg.kind == "cosine":
@@ -133,6 +133,43 @@ def _compare_model_config(saved: dict, current: ModelConfig, where: Path) -> Non
                         "the settings it was trained with, or use another --out")
 
 
+# Settings that decide which tokens each step sees: the checkpoint's data position counts
+# micro-batches of that stream, so a resumed run must keep them (or it is no longer the same run).
+_DATA_STREAM_FIELDS = {"data": ("format", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction",
+                                "mlm_probability"),
+                       "train": ("objective", "batch_size", "grad_accum", "seed")}
+# Settings a resumed run may change on purpose (a longer run, another learning rate), at the cost
+# of bit-for-bit continuation: said once, not refused.
+_NOTED_FIELDS = {"optim": ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"),
+                 "schedule": ("kind", "warmup_steps", "min_lr_ratio", "step_every", "step_gamma"),
+                 "train": ("steps",)}
+
+
+def _differences(saved: dict, current: dict, fields: dict) -> list[str]:
+    return [f"{section}.{name}={saved[section][name]!r} there, {current[section][name]!r} here"
+            for section, names in fields.items() for name in names
+            if name in saved.get(section, {}) and saved[section][name] != current[section][name]]
+
+
+def _check_resume_settings(saved: dict, cfg: Config, done: int, where: Path) -> None:
+    """Refuse a resume that would change the data stream or whose --steps / --stop-at lie behind the
+    checkpoint; note the optimizer and schedule settings that differ."""
+    if done > cfg.train.steps:
+        raise UserError(f"checkpoint {where} is at step {done}, past --steps {cfg.train.steps}; pass a larger --steps "
+                        "to train further")
+    if cfg.run.stop_at and cfg.run.stop_at <= done:
+        raise UserError(f"--stop-at {cfg.run.stop_at} is not after the checkpoint's step {done}")
+    current = cfg.to_dict()
+    diffs = _differences(saved, current, _DATA_STREAM_FIELDS)
+    if diffs:
+        raise UserError(f"checkpoint {where} was trained on another data stream ({'; '.join(diffs[:3])}); resume with "
+                        "the settings it was trained with, or use another --out")
+    notes = _differences(saved, current, _NOTED_FIELDS)
+    if notes:
+        distributed.print0(f"fastlm-train: resuming with other settings than the checkpoint's ({'; '.join(notes)}); "
+                           "the run goes on from it, no longer bit for bit the run it was", file=sys.stderr)
+
+
 def _optimizer_converts(saved: dict, current: str, where: Path) -> bool:
     """Whether this run's optimizer converts the checkpoint's states (AdamW's moments quantized
     into AdamW8bit's); a UserError where it cannot take them."""
@@ -186,7 +223,7 @@ def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretra
     if packed.cut_examples:
         distributed.print0(f"fastlm-train: {packed.cut_examples} SFT examples are longer than data.seq_len + 1 "
                            f"({cfg.data.seq_len + 1} tokens) and were cut", file=sys.stderr)
-    return tokenizer, tokens, packed, eos_id, mask_id
+    return tokenizer, tokens, packed, eos_id, mask_id, corpus_hash
 
 
 @torch.no_grad()
@@ -243,8 +280,18 @@ def train(cfg: Config) -> dict:
             raise UserError(f"--export-hf: {exc}") from None
     mode = distributed.resolve_mode(cfg.parallel)
     device = distributed.init(mode, device)
+    if cfg.run.stop_at > cfg.train.steps:
+        raise UserError(f"--stop-at {cfg.run.stop_at} is beyond --steps {cfg.train.steps}: it would never stop the run")
     resume_from = _check_resume(out, cfg)
     saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
+    saved_state = checkpoint.read_json(resume_from / "trainer_state.json") if resume_from else None
+    if resume_from is not None:
+        done = saved_state.get("step", 0)
+        if done == cfg.train.steps:  # nothing left to do: touch nothing
+            print(f"fastlm-train: the run in {out} is complete ({resume_from.name}); pass a larger --steps to train "
+                  "further", file=sys.stderr)
+            return {"steps": done, "complete": True, "checkpoint": str(resume_from), "exit_code": 0}
+        _check_resume_settings(saved_cfg, cfg, done, resume_from)
     init = None
     if cfg.run.init_from:  # the model config is already the pretrained one (config.resolve)
         if cfg.model.causal != (cfg.train.objective == "clm"):
@@ -258,7 +305,11 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     with distributed.main_first():  # rank 0 trains and caches the tokenizer and tokens; the others read them
-        tokenizer, tokens, packed, eos_id, mask_id = _prepare_data(cfg, resume_from, init)
+        tokenizer, tokens, packed, eos_id, mask_id, corpus_hash = _prepare_data(cfg, resume_from, init)
+    if saved_state is not None and saved_state.get("corpus_hash", corpus_hash) != corpus_hash:
+        raise UserError(f"checkpoint {resume_from} was trained on another corpus than --data "
+                        f"{cfg.data.path or '(the shipped corpus)'}; resume with the data it was trained on, or use "
+                        "another --out")
     if init is None:
         cfg.model = cfg.model.replace(vocab_size=64 * -(-tokenizer.get_vocab_size() // 64),
                                       causal=cfg.train.objective == "clm")
@@ -313,7 +364,8 @@ def train(cfg: Config) -> dict:
 
     def save(reason: str) -> Path:
         path = checkpoint.save(out, step, model, optimizer, config_dict, tokenizer.to_str(),
-                               {"micro_batch": micro, "tokens_seen": tokens_seen, "reason": reason},
+                               {"micro_batch": micro, "tokens_seen": tokens_seen, "reason": reason,
+                                "corpus_hash": corpus_hash},
                                cfg.checkpoint.keep_last)
         return path
 
@@ -360,9 +412,10 @@ def train(cfg: Config) -> dict:
                     train_loss = loss_sum / (cfg.train.grad_accum * world)
                 else:
                     nonfinite += 1
-                    warnings.warn(f"step {step}: non-finite loss or gradient; step skipped ({nonfinite} in a row)")
+                    # Steps count from 1 here, as in metrics.jsonl and the checkpoints' names.
+                    warnings.warn(f"step {step + 1}: non-finite loss or gradient; step skipped ({nonfinite} in a row)")
                     if nonfinite >= cfg.train.max_nonfinite:
-                        raise UserError(f"{nonfinite} non-finite steps in a row at step {step}; lower --optim.lr or "
+                        raise UserError(f"{nonfinite} non-finite steps in a row at step {step + 1}; lower --optim.lr or "
                                         "raise --schedule.warmup_steps, then --resume from the last checkpoint")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -374,8 +427,11 @@ def train(cfg: Config) -> dict:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
-                    record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                    # A skipped step has no loss (not the last finite one).
+                    record = {"step": step, "loss": train_loss if finite else None, "lr": lr, "grad_norm": grad_norm,
                               "tokens": tokens_seen, "tokens_per_s": tok_s, "peak_mem_mib": _peak_memory(device)}
+                    if not finite:
+                        record["skipped"] = True
                     postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
                                "mem": f"{record['peak_mem_mib']:.0f}MiB"}
                     if peak_flops:
@@ -407,9 +463,43 @@ def train(cfg: Config) -> dict:
         return {"stopped": stopped, "step": step, "checkpoint": str(path),
                 "exit_code": 0 if stopped.startswith("--stop-at") else 128 + int(getattr(signal, stopped))}
 
+    # Saved before the final evaluation, which may be long: a signal during it loses no training.
+    path = save("final")
+    try:
+        with _Interrupt():
+            return _finish(cfg, net, model, tokenizer, metrics, path, val_batches, device, autocast, eos_id, mask_id,
+                           step=step, tokens_seen=tokens_seen, train_loss=train_loss, entropy=entropy,
+                           n_params=n_params, start=start, cpu_start=cpu_start)
+    except KeyboardInterrupt as exc:
+        metrics.close()
+        name = str(exc) or "SIGINT"
+        distributed.print0(f"\nfastlm-train: {name} during the final evaluation; training had finished and "
+                           f"checkpoint {path} holds it", file=sys.stderr)
+        return {"stopped": name, "step": step, "checkpoint": str(path),
+                "exit_code": 128 + int(getattr(signal, name))}
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (naming the signal) for the length of the block."""
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _finish(cfg, net, model, tokenizer, metrics, path, val_batches, device, autocast, eos_id, mask_id, *, step,
+            tokens_seen, train_loss, entropy, n_params, start, cpu_start) -> dict:
+    """The final evaluation, sample, summary and export of a completed run."""
     val_loss = evaluate(net, val_batches, device, autocast)
     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-    path = save("final")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     # Rank 0 samples and exports. An FSDP-sharded model is whole on no rank (and generation calls
     # no forward that would gather it): rank 0 then uses the final checkpoint's full weights.

@@ -99,8 +99,10 @@ def test_lr_schedules():
                 "exponential": (0.1 ** 0.5, 0.1), "step": (0.5, 0.125)}
     for kind, (mid, end) in expected.items():
         cfg.kind = kind
-        assert lr_factor(60, 110, cfg) == pytest.approx(mid), kind
-        assert lr_factor(110, 110, cfg) == pytest.approx(end), kind
+        # 111 steps: after 10 of warmup, steps 10..110 span the schedule, step 60 its middle and the
+        # last step (110) its end.
+        assert lr_factor(60, 111, cfg) == pytest.approx(mid), kind
+        assert lr_factor(110, 111, cfg) == pytest.approx(end), kind
 
 
 # ------------------------------------------------------------------------------------------ data
