@@ -15,10 +15,13 @@ or, before loading (patches the classes of that model type for the whole process
 What runs where: norms (RMSNorm, Gemma's 1 + w, LayerNorm, BERT's post-norm with the residual add fused),
 the MLP activation (SwiGLU, GeGLU, GELU; the projections stay transformers' Linear / Conv1D modules), rope
 (the Llama-family attention forward, q/k norms included), attention (``fastlm.hf.attention``: which masks
-run fastlm's kernels and which fall back to SDPA, counted by ``fallback_counts()``), and the causal-LM loss
-(``linear_cross_entropy`` with ``num_items_in_batch``; logits are not built in training unless
-``return_logits=True``). Parameters are untouched, so ``save_pretrained`` checkpoints load in plain
-transformers. The supported architectures and their conventions are the rows of
+run fastlm's kernels and which fall back to SDPA or the model's eager attention), and the causal-LM loss
+(``linear_cross_entropy`` with ``num_items_in_batch`` and ``ignore_index``; logits are not built in training
+unless ``return_logits=True``; a batch whose labels are all ignored has loss 0.0, not transformers' NaN).
+What fastlm's kernels do not take (float64 inputs, an activation fastlm lacks) runs the module's own
+transformers forward; ``fallback_counts()`` counts every such call, attention's included. Parameters are
+untouched, so ``save_pretrained`` checkpoints load in plain transformers, and a patched model pickles
+(``torch.save``) and loads patched. The supported architectures and their conventions are the rows of
 ``fastlm.hf.table.ARCHITECTURES``.
 """
 

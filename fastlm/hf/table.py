@@ -4,10 +4,11 @@ Each row names the ``transformers`` module classes fastlm replaces and the conve
 for numerics: the norm kind (``rms``, ``rms_offset`` = Gemma's ``x * (1 + weight)``, ``layer``) and
 the attribute holding its eps, the MLP layout (``gated``: gate/up/down Linear; ``gpt2``: Conv1D
 c_fc/act/c_proj/dropout; ``dense_act``: BERT's Linear then activation), the config attribute naming
-the activation, post-norm blocks (BERT: ``LayerNorm(dropout(dense(h)) + input)``, fused with the
+the activation and the MLP attribute holding transformers' activation module (read at each call, so a model
+runs its own activation whatever the patch saw), post-norm blocks (BERT: ``LayerNorm(dropout(dense(h)) + input)``, fused with the
 residual add), the attention class, whether it is rotary (its forward is replaced to run fastlm's rope) and
 whether it norms q/k per head (Qwen3), and the
-causal-LM head class with the attribute holding its decoder body.
+causal-LM head class with the attribute holding its decoder body and the output class its forward returns.
 """
 
 from __future__ import annotations
@@ -34,18 +35,20 @@ class Arch:
     mlp_class: str
     mlp_kind: str
     act_attr: str
+    act_module: str
     attention_class: str
     rotary: bool = False
     qk_norm: bool = False
     post_norm_classes: tuple[str, ...] = ()
     causal_lm_class: str | None = None
     body_attr: str = "model"
+    causal_lm_output: str = "CausalLMOutputWithPast"
 
 
 def _llama_like(prefix: str, qk_norm: bool = False) -> Arch:
     return Arch(
         norm_classes=(f"{prefix}RMSNorm",), norm_kind="rms", eps_attr="variance_epsilon",
-        mlp_class=f"{prefix}MLP", mlp_kind="gated", act_attr="hidden_act",
+        mlp_class=f"{prefix}MLP", mlp_kind="gated", act_attr="hidden_act", act_module="act_fn",
         attention_class=f"{prefix}Attention", rotary=True, qk_norm=qk_norm, causal_lm_class=f"{prefix}ForCausalLM",
     )
 
@@ -54,7 +57,7 @@ def _bert_like(prefix: str) -> Arch:
     return Arch(
         norm_classes=("LayerNorm",), norm_kind="layer", eps_attr="eps",
         mlp_class=f"{prefix}Intermediate", mlp_kind="dense_act", act_attr="hidden_act",
-        attention_class=f"{prefix}SelfAttention",
+        act_module="intermediate_act_fn", attention_class=f"{prefix}SelfAttention",
         post_norm_classes=(f"{prefix}SelfOutput", f"{prefix}Output"),
     )
 
@@ -66,13 +69,14 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": _llama_like("Qwen3", qk_norm=True),
     "gemma": Arch(
         norm_classes=("GemmaRMSNorm",), norm_kind="rms_offset", eps_attr="eps",
-        mlp_class="GemmaMLP", mlp_kind="gated", act_attr="hidden_act",
+        mlp_class="GemmaMLP", mlp_kind="gated", act_attr="hidden_act", act_module="act_fn",
         attention_class="GemmaAttention", rotary=True, causal_lm_class="GemmaForCausalLM",
     ),
     "gpt2": Arch(
         norm_classes=("LayerNorm",), norm_kind="layer", eps_attr="eps",
-        mlp_class="GPT2MLP", mlp_kind="gpt2", act_attr="activation_function", attention_class="GPT2Attention",
-        causal_lm_class="GPT2LMHeadModel", body_attr="transformer",
+        mlp_class="GPT2MLP", mlp_kind="gpt2", act_attr="activation_function", act_module="act",
+        attention_class="GPT2Attention", causal_lm_class="GPT2LMHeadModel", body_attr="transformer",
+        causal_lm_output="CausalLMOutputWithCrossAttentions",
     ),
     "bert": _bert_like("Bert"),
     "roberta": _bert_like("Roberta"),

@@ -64,24 +64,27 @@ def _inputs(arch, batch=2, seqlen=11):
 
 
 def _run(model, arch, ids, labels=True, **kwargs):
-    """(output, loss): causal LMs with labels give logits and their LM loss; otherwise the loss is a fixed
-    random-looking projection of the output, so every parameter still gets a gradient to compare."""
+    """(output, loss): causal LMs with labels (True: the ids, so padded positions carry loss too; or a tensor)
+    give logits and their LM loss; otherwise the loss is a fixed random-looking projection of the output at
+    every position, so every parameter still gets a gradient to compare."""
     if arch in CAUSAL:
-        if labels and getattr(model, "_fastlm_patched", None):
+        if labels is True:
+            labels = ids
+        if labels is not False and getattr(model, "_fastlm_patched", None):
             kwargs["return_logits"] = True
-        out = model(input_ids=ids, labels=ids if labels else None, **kwargs)
-        if labels:
+        out = model(input_ids=ids, labels=None if labels is False else labels, **kwargs)
+        if labels is not False:
             return out.logits, out.loss
         out = out.logits
     else:
         out = model(input_ids=ids, **kwargs).last_hidden_state
     weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
-    mask = kwargs.get("attention_mask")
-    keep = torch.ones(out.shape[:-1], dtype=out.dtype) if mask is None else mask.to(out.dtype)
-    return out, ((out * weights).square().mean(-1) * keep).mean()
+    return out, (out * weights).square().mean()
 
 
-def _compare(arch, patched, ids, check_grads=True, mask=None, **kwargs):
+def _compare(arch, patched, ids, check_grads=True, **kwargs):
+    """Outputs at every position (padded ones included: transformers computes them, and a loss may read them),
+    the loss and every gradient, against the unpatched model."""
     ref = copy.deepcopy(_model_of(patched)).double()
     base = _model_of(patched)
     outs = {}
@@ -89,8 +92,7 @@ def _compare(arch, patched, ids, check_grads=True, mask=None, **kwargs):
         model.zero_grad()
         out, loss = _run(model, arch, ids, **kwargs)
         loss.backward()
-        keep = mask[..., None].bool() if mask is not None else torch.ones_like(out, dtype=torch.bool)
-        outs[key] = (out.detach() * keep, loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        outs[key] = (out.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     p_out, p_loss, p_grads = outs["patched"]
     r_out, r_loss, r_grads = outs["ref"]
     b_out, b_loss, b_grads = outs["base"]
@@ -156,8 +158,10 @@ def test_triton_interpreter_llama():
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_padding_mask_runs_varlen(arch, side):
-    """A padding mask (no cache) runs the varlen kernel on the kept tokens; outputs at kept positions and
-    all gradients match (padded positions carry no loss)."""
+    """A padding mask (no cache) runs the varlen kernel, and matches transformers at every position: a padded
+    query that sees real keys but not itself (right padding; any padding in BERT) attends to those keys, one
+    that sees none (left padding under a causal mask) gives zeros. The LM loss reads the padded positions
+    (labels = ids), so their gradients are compared too."""
     patched, _ = _pair(arch)
     ids = _inputs(arch, batch=3)
     mask = torch.ones_like(ids)
@@ -165,20 +169,50 @@ def test_padding_mask_runs_varlen(arch, side):
     mask[0, pad] = 0
     mask[2, pad] = 0
     fastlm.hf.reset_fallback_counts()
-    _compare(arch, patched, ids, mask=mask, labels=False, attention_mask=mask)
+    _compare(arch, patched, ids, attention_mask=mask)
     assert fastlm.hf.fallback_counts() == {}
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_holes_in_a_padding_mask_match_sdpa(arch):
+    """Zeros inside a 2-D mask: the rows at the holes see the real keys before them (all real keys in BERT)
+    but not themselves; they run as a second varlen call, each hole its own sequence."""
+    patched, _ = _pair(arch)
+    ids = _inputs(arch, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, [3, 4, 8]] = 0
+    mask[1, 5] = 0
+    fastlm.hf.reset_fallback_counts()
+    _compare(arch, patched, ids, attention_mask=mask)
+    assert fastlm.hf.fallback_counts() == {}
+
+
+def test_scattered_rows_fall_back_to_sdpa():
+    """Holes at every other position: each hole sees a different key set, and gathering them all would hold
+    more keys than the layer has; SDPA runs that call instead, and says why."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama", batch=1, seqlen=16)
+    mask = torch.ones_like(ids)
+    mask[0, 1::2] = 0
+    fastlm.hf.reset_fallback_counts()
+    _compare("llama", patched, ids, attention_mask=mask)
+    assert fastlm.hf.fallback_counts() == {fastlm.hf.attention.SCATTERED_ROWS: LAYERS}
+
+
+@pytest.mark.parametrize("padded", [None, "left", "right"])
 def test_sliding_window_runs_fastlm_window(padded):
-    """Mistral's window (5) shorter than the sequence: the windowed mask runs as a fastlm window."""
+    """Mistral's window (5) shorter than the sequence: the windowed mask runs as a fastlm window. Right-padded
+    rows see the real keys inside their window (fewer the further they are from the last real token, none
+    from 5 tokens on): the window holds for them too."""
     patched, _ = _pair("mistral")
     ids = _inputs("mistral", batch=2, seqlen=11)
     mask = torch.ones_like(ids)
-    if padded:
+    if padded == "left":
         mask[1, :3] = 0
+    elif padded == "right":
+        mask[1, 4:] = 0
     fastlm.hf.reset_fallback_counts()
-    _compare("mistral", patched, ids, mask=mask, labels=False, attention_mask=mask)
+    _compare("mistral", patched, ids, attention_mask=mask)
     assert fastlm.hf.fallback_counts() == {}
 
 
@@ -237,6 +271,24 @@ def test_greedy_generate_left_padded(arch):
     assert torch.equal(patched.generate(ids, **kwargs), _model_of(patched).generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generate_right_padded(arch):
+    """Right padding: the prompt's padded positions see the real tokens before them, and the first generated
+    token is read from the last (padded) position, so the prefill must compute those rows as SDPA does."""
+    patched, _ = _pair(arch)
+    ids = _inputs(arch, batch=3, seqlen=7)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    ids[mask == 0] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    ours, expected = patched.generate(ids, **kwargs), _model_of(patched).generate(ids, **kwargs)
+    assert torch.equal(ours.sequences, expected.sequences)
+    # fp32 rounding of two computations of the same logits (values ~1): a few ulps of the largest
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(expected.logits), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_sequences_use_varlen():
     """Two sequences packed in one row with cu_seq_lens kwargs equal running them separately."""
     patched, _ = _pair("llama")
@@ -264,7 +316,29 @@ def test_packed_by_position_ids_only_uses_varlen(arch):
     # transformers detects packing only without a cache
     _compare(arch, patched, ids, labels=False, position_ids=positions, use_cache=False)
     assert fastlm.hf.fallback_counts() == {}
-    assert fastlm.hf.attention._plan_cache[-1][1].tolist() == [0, 5, 9, 12], "the varlen path did not run"
+    (call,) = fastlm.hf.attention._plan_cache[-1]
+    assert call.cu_q.tolist() == [0, 5, 9, 12], "the varlen path did not run"
+
+
+def test_mask_updated_in_place_is_analysed_again():
+    """The mask analysis is cached across the layers of one forward, keyed on the mask and position tensors; a
+    buffer reused with a new pattern written in place (its version counter moves) is analysed again."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama", batch=2, seqlen=8)
+    positions = torch.arange(8)[None]  # the same tensor every call, as the mask buffer is
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+
+    def mask(pads):
+        keep = torch.arange(8)[None] >= torch.tensor(pads)[:, None]
+        return (causal & keep[:, None, :])[:, None]
+
+    buffer = mask([2, 3])
+    for pads in ([2, 3], [4, 0]):
+        buffer.copy_(mask(pads))
+        fastlm.hf.reset_fallback_counts()
+        _compare("llama", patched, ids, check_grads=False, attention_mask=buffer, position_ids=positions,
+                 use_cache=False)
+        assert fastlm.hf.fallback_counts() == {}
 
 
 def test_training_loss_skips_logits_unless_asked():
@@ -274,6 +348,57 @@ def test_training_loss_skips_logits_unless_asked():
     out = patched(input_ids=ids, labels=ids)
     assert out.logits is None and out.loss.requires_grad
     assert patched(input_ids=ids, labels=ids, return_logits=True).logits.shape == (*ids.shape, VOCAB)
+
+
+def test_ignore_index_is_honoured():
+    """transformers' causal-LM loss takes ``ignore_index``; so does the patched one (loss and gradients)."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama")
+    _compare("llama", patched, ids, labels=torch.where(ids < 20, 5, ids), ignore_index=5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loss_outputs_are_transformers_outputs(arch):
+    """With labels: transformers' output class (GPT-2's has cross-attentions), and with ``return_dict=False``
+    its tuple (loss, logits, cache)."""
+    patched, _ = _pair(arch)
+    base = _model_of(patched)
+    ids = _inputs(arch)
+    assert type(patched(input_ids=ids, labels=ids)) is type(base(input_ids=ids, labels=ids))
+    ours = patched(input_ids=ids, labels=ids, return_dict=False)
+    expected = base(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(ours, tuple) and [type(x) for x in ours] == [type(x) for x in expected]
+    # fp32 rounding of two computations of the same values (~1): a few ulps
+    torch.testing.assert_close(ours[:2], expected[:2], rtol=1e-5, atol=1e-6)
+
+
+def test_logits_to_keep_with_labels():
+    """``logits_to_keep`` slices the hidden states before the head and the loss, as in transformers: labels for
+    the kept positions (``shift_labels``) give their loss; full-length labels are refused, as transformers'
+    loss refuses them."""
+    patched, _ = _pair("llama")
+    base = _model_of(patched)
+    ids = _inputs("llama")
+    kwargs = dict(input_ids=ids, labels=ids, shift_labels=ids[:, -2:].clone(), logits_to_keep=2)
+    ours, expected = patched(**kwargs), base(**kwargs)
+    assert ours.logits.shape == expected.logits.shape == (ids.shape[0], 2, VOCAB)
+    # fp32 rounding of two computations of the same values (~1): a few ulps
+    torch.testing.assert_close(ours.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    for model in (patched, base):
+        with pytest.raises(ValueError):
+            model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+def test_all_ignored_labels_give_zero_loss():
+    """fastlm's deliberate difference from transformers (NaN there): no target token, loss 0.0, zero gradients,
+    so one such micro-batch does not poison an accumulated step."""
+    patched, _ = _pair("llama")
+    ids = _inputs("llama")
+    loss = patched(input_ids=ids, labels=torch.full_like(ids, -100)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(not p.grad.any() for p in patched.parameters() if p.grad is not None)
 
 
 def test_gradient_accumulation_with_num_items_equals_large_batch():
@@ -332,21 +457,130 @@ def test_patch_hf_class_and_unpatch():
     original = modeling_llama.LlamaRMSNorm.forward
     original_lm = modeling_llama.LlamaForCausalLM.forward
     base = _model("llama")
+    ids = _inputs("llama")
+    expected = base(input_ids=ids, labels=ids)  # before the class patch, which reaches built models too
     report = fastlm.patch_hf_class("llama")
     try:
         assert report.counts == {"norm": 1, "attention": 1, "mlp": 1, "rope": 1, "loss": 1}
         assert modeling_llama.LlamaRMSNorm.forward is not original
+        again = fastlm.patch_hf_class("llama")  # replaces nothing (attention is a registration, not a class patch)
+        assert again.counts == {"norm": 0, "attention": 1, "mlp": 0, "rope": 0, "loss": 0}
+        assert again.already_patched == {"norm": 1, "mlp": 1, "rope": 1, "loss": 1}
         model = transformers.LlamaForCausalLM(base.config).eval()
         model.load_state_dict(base.state_dict())
-        ids = _inputs("llama")
         out = model(input_ids=ids, labels=ids)
-        expected = base(input_ids=ids, labels=ids)
         torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
     finally:
         fastlm.hf.unpatch_hf_class("llama")
     assert modeling_llama.LlamaRMSNorm.forward is original
     assert modeling_llama.LlamaForCausalLM.forward is original_lm
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_attention_weights_run_eager_attention(arch):
+    """``output_attentions=True`` on a model built with eager attention: the patched model computes the weights
+    with the model's own eager function (SDPA returns none), without a mask (causal) and with padding."""
+    model = _model(arch, attn="eager")
+    patched = copy.deepcopy(model)
+    fastlm.patch_hf(patched)
+    ids = _inputs(arch)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        fastlm.hf.reset_fallback_counts()
+        ours = patched(input_ids=ids, output_attentions=True, **kwargs)
+        expected = model(input_ids=ids, output_attentions=True, **kwargs)
+        assert fastlm.hf.fallback_counts() == {"attention weights requested": LAYERS}
+        assert len(ours.attentions) == len(expected.attentions) == LAYERS
+        # fp32 rounding of two computations of the same values (weights <= 1, outputs ~1): a few ulps
+        torch.testing.assert_close(ours.attentions, expected.attentions, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_runs_eager_attention():
+    """Gemma 2 (softcapped attention logits, which SDPA refuses) loaded with attn_implementation="fastlm": its
+    attention runs the model's own eager function, with its sliding-window and padding masks."""
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                                       head_dim=8, max_position_embeddings=64, sliding_window=4,
+                                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ours = copy.deepcopy(model)
+    ours.set_attn_implementation("fastlm")
+    ids = _inputs("llama")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    fastlm.hf.reset_fallback_counts()
+    # fp32 rounding of two computations of the same values (~1): a few ulps
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert fastlm.hf.fallback_counts() == {"softcap is not supported": LAYERS}
+
+
+@pytest.mark.parametrize("arch, act", [("llama", "gelu"), ("gemma", "silu"), ("gpt2", "gelu"), ("llama", "relu")])
+def test_patch_hf_class_uses_each_models_activation(arch, act, tmp_path):
+    """Classes patched before loading: each loaded model's MLP runs its own activation (not the config class's
+    default); one fastlm does not implement runs the module's own forward, counted as a fallback."""
+    config = _config(arch)
+    setattr(config, fastlm.hf.ARCHITECTURES[arch].act_attr, act)
+    config._attn_implementation = "sdpa"
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # pre-activations ~1 (not ~0.1, where every activation is about x / 2)
+        for name, p in base.named_parameters():
+            if ".mlp." in name:
+                p.mul_(10)
+    base.save_pretrained(tmp_path)
+    ids = _inputs(arch)
+    expected = base(input_ids=ids).logits  # before the class patch, which reaches built models too
+    fastlm.patch_hf_class(arch)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastlm").eval()
+        fastlm.hf.reset_fallback_counts()
+        # fp32 rounding of two computations of the same values (~1): a few ulps
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert fastlm.hf.fallback_counts() == ({"mlp: activation ReLU is not supported": LAYERS} if act == "relu" else {})
+    finally:
+        fastlm.hf.unpatch_hf_class(arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_float64_runs_the_modules_own_code(arch):
+    """A patched model converted to float64 (which fastlm's kernels do not take) runs transformers' own code
+    for every kind, and fallback_counts() says so."""
+    patched, _ = _pair(arch)
+    patched.double()
+    _UNPATCHED[id(patched)] = _model_of(patched).double()
+    ids = _inputs(arch)
+    fastlm.hf.reset_fallback_counts()
+    out, loss = _run(patched, arch, ids)
+    expected, expected_loss = _run(_model_of(patched), arch, ids)
+    # float64 rounding of two computations of the same values (~1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    kinds = {reason.split(":")[0] for reason in fastlm.hf.fallback_counts()}
+    expected_kinds = {"llama": {"norm", "mlp", "rope", "loss"}, "gpt2": {"norm", "mlp", "loss"}}.get(arch, {"norm", "mlp"})
+    assert kinds == expected_kinds | {"dtype torch.float64 is not supported"}
+
+
+def test_torch_save_of_a_patched_model_loads_patched(tmp_path):
+    """``torch.save(model)`` pickles the patched forwards as what rebuilds them: the loaded model is patched,
+    its forwards bound to its own modules."""
+    patched, _ = _pair("llama")
+    torch.save(patched, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    patched_modules = [m for m in loaded.modules() if getattr(m, "_fastlm_patched", None)]
+    assert len(patched_modules) == sum(bool(getattr(m, "_fastlm_patched", None)) for m in patched.modules())
+    assert all("forward" in vars(m) for m in patched_modules)
+    base = copy.deepcopy(_model_of(patched))
+    with torch.no_grad():
+        for model in (loaded, base):
+            for p in model.parameters():
+                p.mul_(1.5)
+    ids = _inputs("llama")
+    # fp32 rounding of two computations of the same values (~1): a few ulps
+    torch.testing.assert_close(loaded(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_kinds_can_be_switched_off_and_eager_is_kept():
@@ -377,9 +611,11 @@ def test_linear_patch_skips_subclasses_of_linear():
 
 
 def test_patch_twice_is_idempotent():
+    """Patching again replaces nothing; the report counts the modules found already patched."""
     patched, first = _pair("llama")
     second = fastlm.patch_hf(patched)
-    assert first.counts == second.counts
+    assert set(second.counts) == set(first.counts) and not any(second.counts.values())
+    assert second.already_patched == first.counts
     _compare("llama", patched, _inputs("llama"), check_grads=False)
 
 
@@ -389,7 +625,7 @@ def test_unsupported_model_raises():
     model = transformers.GPTNeoXForCausalLM(config)
     with pytest.raises(ValueError, match="'gpt_neox' is not supported; supported: bert, gemma, gpt2, llama"):
         fastlm.patch_hf(model)
-    with pytest.raises(ValueError, match="supported: "):
+    with pytest.raises(ValueError, match="^patch_hf_class: model type 't5' is not supported; supported: "):
         fastlm.patch_hf_class("t5")
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         fastlm.patch_hf(torch.nn.Linear(2, 2))
