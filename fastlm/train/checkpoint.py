@@ -18,7 +18,9 @@ world size the checkpoint was written with.
 
 A save writes ``OUT/checkpoints/.tmp-step_...`` and renames it into place, so a crash mid-save
 never leaves a half checkpoint under a valid name; then all but the newest ``keep_last`` are
-deleted.
+deleted. So a file that cannot be read back was damaged after the save: the readers here report
+that checkpoint as corrupt (delete it, and --resume takes the one before), apart from a readable
+one that does not fit the run's settings.
 """
 
 import json
@@ -145,12 +147,62 @@ def save(out: Path, step: int, model, optimizer, config: dict, tokenizer_json: s
     return final
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _corrupt(ckpt: Path, detail: str) -> UserError:
+    """The error for a checkpoint that cannot be read back. A save renames a complete directory into place, so
+    its files were damaged or removed afterwards: the checkpoint before it is the way back."""
+    return UserError(f"checkpoint {ckpt} is incomplete or corrupt ({detail}); delete that directory so that --resume "
+                     "takes the previous checkpoint, or start fresh with another --out")
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object file of a checkpoint (``path`` is in the checkpoint directory); UserError when it is
+    missing, unreadable or not an object."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint file {path} is unreadable ({exc}); resume from another --out or start "
-                        "fresh") from None
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise _corrupt(path.parent, f"{path.name}: not a JSON object")
+    return value
+
+
+def read_config(ckpt: Path, sections: tuple[str, ...] = ("model", "optim")) -> dict:
+    """The run configuration saved in checkpoint directory ``ckpt``: a table per section, holding the
+    ``sections`` its reader needs (a resume: model and optim; the others may be missing in a checkpoint
+    of an older fastlm); UserError when it is unreadable or not so."""
+    path = Path(ckpt) / "config.json"
+    saved = read_json(path)
+    for section in sections:
+        if section not in saved:
+            raise _corrupt(path.parent, f"{path.name}: no {section} section")
+    for section, values in saved.items():
+        if not isinstance(values, dict):
+            raise _corrupt(path.parent, f"{path.name}: its {section} section is not a JSON object")
+    return saved
+
+
+def read_tokenizer(ckpt: Path):
+    """The tokenizer saved in checkpoint directory ``ckpt`` (the one its token ids refer to)."""
+    from fastlm.train.data import read_tokenizer_file
+
+    path = Path(ckpt) / "tokenizer.json"
+    try:
+        return read_tokenizer_file(path)
+    except ValueError as exc:
+        raise _corrupt(path.parent, f"{path.name}: {exc}") from None
+
+
+def _read_tensors(path: Path) -> dict:
+    """The tensors of a safetensors file of a checkpoint; UserError when it is missing or damaged."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}") from None
 
 
 def load(path: Path, model, optimizer) -> dict:
@@ -163,24 +215,26 @@ def load(path: Path, model, optimizer) -> dict:
         raise UserError(f"checkpoint {path} was written by {saved_world} process(es), this run has {world}; resume "
                         f"with the same world size (torchrun --nproc_per_node / --nnodes); its model.safetensors "
                         "loads anywhere for evaluation or generation")
+    model_file = path / "model.safetensors"
     try:
         if distributed.is_sharded(model):
-            missing, unexpected = distributed.load_full_model_state(model, load_file(str(path / "model.safetensors")))
+            missing, unexpected = distributed.load_full_model_state(model, load_file(str(model_file)))
         else:
-            missing, unexpected = load_model(distributed.unwrap(model), str(path / "model.safetensors"), strict=False)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"cannot load {path / 'model.safetensors'} ({str(exc).splitlines()[0]}); the checkpoint does "
-                        "not match this model: use the settings it was trained with, or another --out") from None
+            missing, unexpected = load_model(distributed.unwrap(model), str(model_file), strict=False)
+    except (OSError, SafetensorError) as exc:  # reading the file failed
+        raise _corrupt(path, f"{model_file.name}: {_first_line(exc)}") from None
+    except RuntimeError as exc:  # the file reads, but its tensors do not fit (load_state_dict's error)
+        raise UserError(f"cannot load {model_file} ({_first_line(exc)}); the checkpoint does not match this model: "
+                        "use the settings it was trained with, or another --out") from None
     if missing or unexpected:
         raise UserError(f"{path / 'model.safetensors'} does not match this model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}); use the settings it was trained with, or another --out")
     try:
         _load_states(path, model, optimizer)
         random.setstate(_python_rng_from_json(trainer_state["python_rng"]))
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"checkpoint {path} is incomplete or corrupt ({type(exc).__name__}: {detail}); resume from "
-                        "another --out or start fresh") from None
+    # Files that read, but whose contents do not fit: the model matched, so they were damaged.
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        raise _corrupt(path, f"{type(exc).__name__}: {_first_line(exc)}") from None
     return trainer_state
 
 
@@ -191,7 +245,7 @@ def _load_states(path: Path, model, optimizer) -> None:
         held = "per-rank 8-bit optimizer shards (FSDP)" if meta.get("shards") else "a full optimizer state"
         raise UserError(f"checkpoint {path} holds {held}; resume it with the --parallel.mode and --optim.name it "
                         "was trained with")
-    tensors = load_file(str(path / (_shard_name(distributed.rank()) if sharded else "optimizer.safetensors")))
+    tensors = _read_tensors(path / (_shard_name(distributed.rank()) if sharded else "optimizer.safetensors"))
     state: dict = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
@@ -200,7 +254,7 @@ def _load_states(path: Path, model, optimizer) -> None:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     distributed.load_optimizer_state(model, optimizer, {"state": state, "param_groups": meta["param_groups"]})
-    _set_rng_states(load_file(str(path / "rng.safetensors")))
+    _set_rng_states(_read_tensors(path / "rng.safetensors"))
 
 
 def _python_rng_to_json(state):
@@ -227,6 +281,18 @@ class Pretrained:
     source: str  # "fastlm" or "hf"
     path: Path  # the directory the weights are in
 
+    def load_tokenizer(self):
+        """The tokenizer at ``tokenizer_path``; UserError when it cannot be read."""
+        from fastlm.train.data import read_tokenizer_file
+
+        if self.source == "fastlm":
+            return read_tokenizer(self.path)
+        try:
+            return read_tokenizer_file(self.tokenizer_path)
+        except ValueError as exc:
+            raise UserError(f"cannot load {self.tokenizer_path} ({exc}); fastlm needs the model's fast tokenizer "
+                            "file, as transformers' save_pretrained writes it") from None
+
 
 def _fastlm_checkpoint_dir(path: Path) -> Path | None:
     """``path`` itself if it is a checkpoint directory, else its newest checkpoint if it is a run's --out."""
@@ -246,7 +312,7 @@ def resolve_pretrained(path, load_weights: bool = True) -> Pretrained:
         raise UserError(f"{path}: no such directory; give a fastlm checkpoint, a fastlm-train --out "
                         "directory or a Hugging Face model directory")
     if hf_convert.is_hf_dir(path):
-        hf_config = read_json(path / hf_convert.CONFIG_FILE)
+        hf_config = json.loads((path / hf_convert.CONFIG_FILE).read_text())  # is_hf_dir has just read it
         try:
             cfg, state = hf_convert.from_hf(path) if load_weights else (hf_convert.config_from_hf(hf_config), None)
         except (ValueError, FileNotFoundError) as exc:
@@ -262,28 +328,22 @@ def resolve_pretrained(path, load_weights: bool = True) -> Pretrained:
         raise UserError(f"{path}: neither a fastlm checkpoint (model.safetensors + trainer_state.json), a "
                         "fastlm-train --out directory with checkpoints/, nor a Hugging Face model directory "
                         "(config.json with a model_type)")
-    saved = read_json(ckpt / "config.json")
+    saved = read_config(ckpt, sections=("model",))
     try:
         cfg = ModelConfig.from_dict(saved["model"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # maybe a newer fastlm's model config: not called corrupt
         raise UserError(f"{ckpt}: config.json has no valid model section ({exc})") from None
-    state = None
-    if load_weights:
-        try:
-            state = load_file(str(ckpt / "model.safetensors"))
-        except (OSError, SafetensorError) as exc:
-            raise UserError(f"{ckpt}: cannot read model.safetensors ({exc})") from None
+    state = _read_tensors(ckpt / "model.safetensors") if load_weights else None
     return Pretrained(cfg, state, ckpt / "tokenizer.json", None, "fastlm", ckpt)
 
 
 def load_pretrained_model(path, dtype: torch.dtype = torch.float32, device=None):
     """(Transformer in eval mode, tokenizers.Tokenizer) from anything ``resolve_pretrained`` reads."""
     from fastlm.models.hf_convert import build_model
-    from fastlm.train.data import load_tokenizer
 
     pretrained = resolve_pretrained(path)
     try:
         model = build_model(pretrained.config, pretrained.state_dict, dtype, device)
     except RuntimeError as exc:
         raise UserError(f"{pretrained.path}: the weights do not match its config ({str(exc).splitlines()[0]})") from None
-    return model, load_tokenizer(pretrained.tokenizer_path)
+    return model, pretrained.load_tokenizer()

@@ -107,11 +107,12 @@ class OptimConfig:
 class ScheduleConfig:
     kind: Literal["cosine", "linear", "constant", "exponential", "step"] = "cosine"
     """After the linear warmup: cosine or linear decay to min_lr_ratio * lr, constant, exponential
-    decay reaching min_lr_ratio * lr at the last step, or step decay (times step_gamma every step_every)."""
+    decay reaching min_lr_ratio * lr at the last step (with min_lr_ratio = 0, which no exponential
+    reaches, a linear decay to 0), or step decay (times step_gamma every step_every)."""
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to lr."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of lr (cosine, linear, exponential)."""
+    """Final learning rate as a fraction of lr (cosine, linear, exponential; 0 makes exponential linear)."""
     step_every: int = 0
     """Step decay: multiply by step_gamma every this many steps after warmup; 0 means a third of the run."""
     step_gamma: float = 0.5
@@ -231,7 +232,8 @@ class ParallelConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network (fastlm.models.ModelConfig). model.vocab_size is taken from the tokenizer and
-    model.causal from train.objective."""
+    model.causal from train.objective, so neither can be set (under run.init_from both are the
+    pretrained model's)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -340,6 +342,10 @@ def _defaults() -> dict:
 def merge(base: dict, layer: dict, where: str) -> None:
     """Apply one TOML layer onto ``base`` in place, rejecting unknown sections and fields."""
     for section, values in layer.items():
+        if section not in SECTIONS and not isinstance(values, dict):  # `key = value` above every [section]
+            owners = [f"[{name}]" for name, factory in SECTIONS.items() if section in _field_types(factory)]
+            where_to = f"put it under {' or '.join(owners)}" if owners else "keys go under a section such as [train]"
+            raise UserError(f"{where}: top-level key {section!r} (outside any [section]); {where_to}")
         if section not in SECTIONS:
             raise UserError(f"{where}: unknown section [{section}]; sections are {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
@@ -364,6 +370,14 @@ def build(values: dict) -> Config:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
+
+# Model fields the trainer sets itself (a run not started --init-from), so a value given for them would be
+# replaced without a word: field -> why, and what to set instead.
+DERIVED_MODEL_FIELDS = {
+    "vocab_size": "follows the tokenizer (its vocabulary, rounded up to a multiple of 64); set --data.vocab_size "
+                  "instead (the size of the BPE trained on the corpus), or give --data.tokenizer",
+    "causal": "follows the objective (clm: causal, mlm: bidirectional); set --objective instead",
+}
 
 # Model fields a run started --init-from may still set: how the model trains, not what its weights are.
 INIT_FREE_MODEL_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "activation_checkpointing", "init_std")
@@ -391,17 +405,22 @@ def _init_model_values(path: str, explicit: dict) -> dict:
 def resolve(preset: str, config_file: str | None, overrides: list[tuple[str, str]]) -> Config:
     values = _defaults()
     merge(values, load_preset(preset), f"preset {preset}")
-    explicit_model = set()  # model.* fields set by --config or a flag (the preset's yield to --init-from)
+    # model.* fields set by --config or a flag -> where (the preset's yield to --init-from)
+    explicit_model: dict[str, str] = {}
     if config_file:
         layer = load_toml_file(config_file)
         merge(values, layer, config_file)
-        explicit_model.update(layer.get("model", {}))
+        explicit_model.update(dict.fromkeys(layer.get("model", {}), config_file))
     for dotted, text in overrides:
         set_field(values, dotted, text)
         section, _, key = dotted.partition(".")
         if section == "model":
-            explicit_model.add(key)
+            explicit_model[key] = f"--{dotted}={text}"
     if values["run"]["init_from"]:
         values["model"] = _init_model_values(values["run"]["init_from"],
                                              {k: values["model"][k] for k in explicit_model})
+    else:
+        for key, instead in DERIVED_MODEL_FIELDS.items():
+            if key in explicit_model:
+                raise UserError(f"{explicit_model[key]}: model.{key} {instead}")
     return build(values)

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastlm.train import distributed
 from fastlm.train.config import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -176,12 +178,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, corpus_hash: str, cache: Path):
-    """A byte-level BPE of ``vocab_size`` with <|endoftext|> and <|mask|>, cached per corpus."""
+    """A byte-level BPE of ``vocab_size`` with <|endoftext|> and <|mask|>, cached per corpus; says on
+    stderr (rank 0) whether it is trained, which takes a while on a large corpus, or read from the cache."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = cache / "tokenizers" / f"bpe-{vocab_size}-{corpus_hash[:24]}.json"
     if path.exists():
+        distributed.print0(f"fastlm-train: using the {vocab_size}-token byte-level BPE of this corpus cached in {path}",
+                           file=sys.stderr)
         return Tokenizer.from_file(str(path))
+    distributed.print0(f"fastlm-train: training a {vocab_size}-token byte-level BPE on the corpus (saved in {path} "
+                       "for later runs)", file=sys.stderr)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -194,14 +201,24 @@ def train_tokenizer(docs: list[str], vocab_size: int, corpus_hash: str, cache: P
     return tokenizer
 
 
-def load_tokenizer(path: str):
+def read_tokenizer_file(path):
+    """A tokenizers.Tokenizer from a tokenizer.json; ValueError (what tokenizers says, its first line) when
+    the file is missing or malformed. Callers word the UserError: the fix depends on where the file is from."""
     from tokenizers import Tokenizer
 
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
-        raise UserError(f"cannot load tokenizer {path} ({str(exc).splitlines()[0]}); give a Hugging Face "
-                        "tokenizer.json, or drop --data.tokenizer to train one on the corpus") from None
+        raise ValueError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer given as --data.tokenizer."""
+    try:
+        return read_tokenizer_file(path)
+    except ValueError as exc:
+        raise UserError(f"cannot load tokenizer {path} ({exc}); give a Hugging Face tokenizer.json, or drop "
+                        "--data.tokenizer to train one on the corpus") from None
 
 
 def special_id(tokenizer, candidates, what: str, required: bool = True) -> int | None:

@@ -192,20 +192,18 @@ def _prepare_data(cfg: Config, resume_from: Path | None, init: checkpoint.Pretra
         docs, corpus_hash = data.read_documents(files, cfg.data.text_field)
     cache = data.cache_root(cfg.data.cache_dir)
     if resume_from is not None:
-        tokenizer = data.load_tokenizer(resume_from / "tokenizer.json")
+        tokenizer = checkpoint.read_tokenizer(resume_from)
     elif init is not None:
         if cfg.data.tokenizer:
             raise UserError("--data.tokenizer cannot be combined with --init-from: the pretrained model's tokenizer "
                             f"({init.tokenizer_path}) is the one its token ids refer to")
-        tokenizer = data.load_tokenizer(init.tokenizer_path)
+        tokenizer = init.load_tokenizer()
     elif cfg.data.tokenizer:
         tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     else:
         if cfg.data.vocab_size < 300:
             raise UserError(f"data.vocab_size must be at least 300 (256 bytes + specials + merges); got "
                             f"{cfg.data.vocab_size}")
-        distributed.print0(f"fastlm-train: training a {cfg.data.vocab_size}-token byte-level BPE on the corpus "
-                           "(cached)", file=sys.stderr)
         tokenizer = data.train_tokenizer(docs, cfg.data.vocab_size, corpus_hash, cache)
     if init is not None and init.eos_token_id is not None:  # an HF model names its end-of-text token
         eos_id = init.eos_token_id
@@ -283,7 +281,7 @@ def train(cfg: Config) -> dict:
     if cfg.run.stop_at > cfg.train.steps:
         raise UserError(f"--stop-at {cfg.run.stop_at} is beyond --steps {cfg.train.steps}: it would never stop the run")
     resume_from = _check_resume(out, cfg)
-    saved_cfg = checkpoint.read_json(resume_from / "config.json") if resume_from else None
+    saved_cfg = checkpoint.read_config(resume_from) if resume_from else None
     saved_state = checkpoint.read_json(resume_from / "trainer_state.json") if resume_from else None
     if resume_from is not None:
         done = saved_state.get("step", 0)

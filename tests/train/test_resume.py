@@ -122,3 +122,20 @@ def test_skipped_steps_log_no_loss_and_metrics_stay_json(corpus, cache, tmp_path
     skipped = [r for r in records if r.get("skipped")]
     assert skipped and all(r["loss"] is None for r in skipped)
     assert all(r["loss"] is not None for r in records if "loss" in r and not r.get("skipped"))
+
+
+@pytest.mark.parametrize("damage", ["empty-config", "no-tokenizer"])
+def test_a_damaged_checkpoint_is_one_line_and_untouched(corpus, cache, tmp_path, capsys, damage):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, cache, out, "--steps", "2")) == 0
+    saved = checkpoint.latest(out)
+    if damage == "empty-config":
+        (saved / "config.json").write_text("{}")
+    else:
+        (saved / "tokenizer.json").unlink()
+    before = _files(out)
+    assert main(tiny_args(corpus, cache, out, "--steps", "4", "--resume")) == 2
+    line = _error_line(capsys)
+    assert f"checkpoint {saved} is incomplete or corrupt" in line and "delete that directory" in line
+    assert "--data.tokenizer" not in line
+    assert _files(out) == before
