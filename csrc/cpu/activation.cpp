@@ -24,8 +24,6 @@ constexpr int kSilu = 0;
 constexpr int kGeluTanh = 1;
 constexpr int kGeluErf = 2;
 
-FASTLM_ALWAYS_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }
-
 // Phi(x), the standard normal CDF, as 0.5 * erfc(-x / sqrt(2)), vectorizable (std::erf is not,
 // and ran ~40 ns per element). erfc(z) = t * exp(-z^2 + P(t)) with t = 1 / (1 + z / 2), z >= 0,
 // P a degree-10 least-squares fit made for fastlm (relative error 5e-8 in fp64); evaluated in
@@ -53,36 +51,51 @@ constexpr float kTanhScale = 1.5957691216057308f;  // 2 * sqrt(2 / pi)
 constexpr float kTanhCubic = 0.044715f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
+// silu and gelu_tanh are g * s with s = sigmoid(z) = 1 / (1 + e), e = exp(-z), and t = 1 - s = e * s
+// (exact where s rounds to 1; 1 - s would cancel); exp_approx's clamp keeps e finite, so e * s is never
+// inf * 0. Past |g| = kSaturation (|z| >= 87; SATURATION in fastlm/ops/activation.py) s and t are 0 or 1
+// to fp32 precision and are set so, exactly: exp_approx's floor (~1e-38) times a huge g would not be
+// negligible; and gelu's derivative squares g clamped there, as g * g overflows from |g| ~ 2e19.
+// The ternaries keep a NaN g (std::min/max may not).
+template <int ACT>
+constexpr float kSaturation = ACT == kSilu ? 88.f : 10.f;
+
+template <int ACT>
+FASTLM_ALWAYS_INLINE float sigmoid_of(float g, float& e) {
+    e = exp_approx(ACT == kSilu ? -g : -kTanhScale * (g + kTanhCubic * g * g * g));
+    return g < -kSaturation<ACT> ? 0.f : 1.f / (1.f + e);
+}
+
 template <int ACT>
 FASTLM_ALWAYS_INLINE float act_value(float g) {
-    if constexpr (ACT == kSilu) {
-        return g * sigmoid(g);
-    } else if constexpr (ACT == kGeluTanh) {
-        return g * sigmoid(kTanhScale * (g + kTanhCubic * g * g * g));
-    } else {
+    if constexpr (ACT == kGeluErf) {
         return g * normal_cdf(g);
+    } else {
+        float e;
+        return g * sigmoid_of<ACT>(g, e);
     }
 }
 
 // act(g) and act'(g) together (they share the exp).
 template <int ACT>
 FASTLM_ALWAYS_INLINE void act_value_and_grad(float g, float& a, float& da) {
-    // s = sigmoid(z) = 1 / (1 + e) with e = exp(-z), and 1 - s = e * s: exact where s rounds
-    // to 1 (1 - s would cancel); exp_approx's clamp keeps e finite, so e * s is never inf * 0.
-    if constexpr (ACT == kSilu) {
-        const float e = exp_approx(-g);
-        const float s = 1.f / (1.f + e);
-        a = g * s;
-        da = s * (1.f + g * (e * s));
-    } else if constexpr (ACT == kGeluTanh) {
-        const float e = exp_approx(-kTanhScale * (g + kTanhCubic * g * g * g));
-        const float s = 1.f / (1.f + e);
-        a = g * s;
-        da = s + g * (e * s) * s * kTanhScale * (1.f + 3.f * kTanhCubic * g * g);
-    } else {
+    if constexpr (ACT == kGeluErf) {
         const float cdf = normal_cdf(g);
         a = g * cdf;
-        da = cdf + g * kInvSqrt2Pi * exp_approx(-0.5f * g * g);
+        // exp_nonpositive: exactly 0 far out, where exp_approx's floor times a huge g would not be.
+        da = cdf + g * kInvSqrt2Pi * fastlm_cpu::exp_nonpositive(-0.5f * g * g);
+    } else {
+        constexpr float lim = kSaturation<ACT>;
+        float e;
+        const float s = sigmoid_of<ACT>(g, e);
+        const float t = g > lim ? 0.f : e * s;
+        a = g * s;
+        if constexpr (ACT == kSilu) {
+            da = s * (1.f + g * t);
+        } else {
+            const float gc = g < -lim ? -lim : (g > lim ? lim : g);
+            da = s + gc * t * s * kTanhScale * (1.f + 3.f * kTanhCubic * gc * gc);
+        }
     }
 }
 

@@ -39,10 +39,47 @@ _TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # GELU tanh form: 0.5 * (1 + tanh(
 _TANH_CUBIC = 0.044715
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# |g| past which sigmoid(z) is 0 or 1 to fp32 precision (|z| >= 87): the sigmoid activations set it so
+# there (the Triton kernels, csrc/cpu/activation.cpp and the torch backward alike; see _act_and_grad).
+SATURATION = {"silu": 88.0, "gelu_tanh": 10.0}
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32; the forward kernel uses the first only (the compiler drops the rest).
+
+    silu and gelu_tanh are g * s with s = sigmoid(z) = 1 / (1 + e), e = exp(-z), and t = 1 - s = e * s
+    (exact where s rounds to 1; 1 - s would cancel). The exp is clamped so that e stays finite (e * s is
+    never inf * 0). Past |g| = lim (SATURATION: |z| >= 87) s and t are 0 or 1 to fp32 precision and are
+    set so, exactly: a residue of the clamped exp, times a huge g, would not be negligible; and gelu's
+    derivative squares g clamped there, as g * g overflows from |g| ~ 2e19 (0 * inf).
+    """
+    if ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    else:
+        if ACT == 0:  # SATURATION's values
+            lim = 88.0
+            z = g
+        else:
+            lim = 10.0
+            z = 2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        e = tl.exp(tl.minimum(-z, 88.0))
+        s = tl.where(g < -lim, 0.0, 1.0 / (1.0 + e))
+        t = tl.where(g > lim, 0.0, e * s)
+        a = g * s
+        if ACT == 0:
+            da = s * (1.0 + g * t)
+        else:
+            # tl.where, not tl.minimum/maximum: those may drop a NaN g.
+            gc = tl.where(g < -lim, -lim, tl.where(g > lim, lim, g))
+            da = s + gc * t * s * (2.0 * 0.7978845608028654) * (1.0 + 3.0 * 0.044715 * gc * gc)
+    return a, da
 
 
 @triton.jit
@@ -56,13 +93,7 @@ def _act_fwd_kernel(
     cols = (pid % n_col_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    # g * sigmoid(z), the exp clamped as in the backward (so it never overflows).
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(tl.minimum(-g, 88.0)))
-    elif ACT == 1:
-        a = g / (1.0 + tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g), 88.0)))
-    else:
-        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    a, _ = _act_and_grad(g, ACT)
     if GATED:
         a = a * tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, a.to(Y.dtype.element_ty), mask=mask)
@@ -79,23 +110,7 @@ def _act_bwd_kernel(
     mask = cols < n_cols
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    # The activation a and its derivative da, recomputed from g.
-    # s = sigmoid(z) = 1 / (1 + e) with e = exp(-z), and 1 - s = e * s: exact where s rounds
-    # to 1 (1 - s would cancel). The clamp keeps e finite so e * s never becomes inf * 0.
-    if ACT == 0:
-        e = tl.exp(tl.minimum(-g, 88.0))
-        s = 1.0 / (1.0 + e)
-        a = g * s
-        da = s * (1.0 + g * (e * s))
-    elif ACT == 1:
-        e = tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g), 88.0))
-        s = 1.0 / (1.0 + e)
-        a = g * s
-        da = s + g * (e * s) * s * (2.0 * 0.7978845608028654) * (1.0 + 3.0 * 0.044715 * g * g)
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
-        a = g * cdf
-        da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    a, da = _act_and_grad(g, ACT)  # recomputed from g
     if GATED:
         u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DG + row * stride_dg + cols, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
@@ -356,15 +371,19 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 def _act_value_and_grad(g: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(g) and act'(g) by the closed forms the kernels use (the torch backend's backward)."""
+    """act(g) and act'(g) by the closed forms the kernels use (the torch backend's backward); see
+    ``_act_and_grad`` for the saturation at +-SATURATION[act]."""
     if act in ("silu", "gelu_tanh"):
         # sigmoid(z) = 1 / (1 + e), 1 - sigmoid(z) = e * sigmoid(z): no cancellation near 1.
+        lim = SATURATION[act]
         z = g if act == "silu" else _TANH_SCALE * (g + _TANH_CUBIC * g**3)
         e = torch.exp((-z).clamp(max=88.0))
-        s = 1 / (1 + e)
+        s = torch.where(g < -lim, 0.0, 1 / (1 + e))
+        t = torch.where(g > lim, 0.0, e * s)
         if act == "silu":
-            return g * s, s * (1 + g * (e * s))
-        return g * s, s + g * (e * s) * s * _TANH_SCALE * (1 + 3 * _TANH_CUBIC * g * g)
+            return g * s, s * (1 + g * t)
+        gc = g.clamp(-lim, lim)
+        return g * s, s + gc * t * s * _TANH_SCALE * (1 + 3 * _TANH_CUBIC * gc * gc)
     cdf = 0.5 * (1 + torch.erf(g * _INV_SQRT2))
     return g * cdf, cdf + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
 

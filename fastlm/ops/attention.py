@@ -1090,7 +1090,12 @@ def _attention_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse2): lse2 is the fp32 base-2 log-sum-exp of the scores times log2(e), empty
     unless ``need_lse`` (the Triton backward and ``return_lse`` need it; the torch backend pays for it).
-    ``deterministic`` is for the backward (the autograd context keeps it)."""
+    ``deterministic`` is for the backward (the autograd context keeps it). Packed: ``max_seqlen_q/k``
+    of -1 are read from ``cu_seqlens``, whose values are checked here (see ``_varlen_maxima``)."""
+    if cu_seqlens_q is not None:
+        max_seqlen_q, max_seqlen_k = _varlen_maxima(
+            cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k
+        )
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = alloc.empty_like(q)
     lse = None
@@ -1118,7 +1123,12 @@ def _attention_bwd_op(
     scale: float, left: int, right: int, dropout_p: float, seed: int, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv). ``lse`` may be empty when the forward ran on the torch backend (whose
-    backward needs none); a backward on another backend then recomputes it with its own forward."""
+    backward needs none); a backward on another backend then recomputes it with its own forward.
+    Maxima of -1 are read from ``cu_seqlens`` as in the forward."""
+    if cu_seqlens_q is not None and min(max_seqlen_q, max_seqlen_k) < 0:
+        max_seqlen_q, max_seqlen_k = _varlen_maxima(
+            cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k
+        )
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
     if q.numel() > 0 and k.numel() > 0:
@@ -1171,9 +1181,17 @@ def _attention_kvcache_op(
     k_new: torch.Tensor | None, v_new: torch.Tensor | None, scale: float, causal: bool,
 ) -> torch.Tensor:
     """Writes k_new/v_new into the caches at cache_seqlens, then attends q over each sequence's keys."""
+    n_new = k_new.shape[1] if k_new is not None else 0
+    # Checked here, before the caches are written, rather than in attention_with_kvcache: under
+    # torch.compile only the op sees the lengths' values. One device sync.
+    lengths = cache_seqlens.tolist()
+    if lengths and (min(lengths) < 0 or max(lengths) + n_new > k_cache.shape[1]):
+        raise ValueError(
+            f"attention_with_kvcache: cache_seqlens + seqlen_new must lie in [0, {k_cache.shape[1]}] (the cache "
+            f"length), got cache_seqlens={lengths} and seqlen_new={n_new}"
+        )
     seqlens_k = cache_seqlens
-    if k_new is not None and k_new.shape[1] > 0:
-        n_new = k_new.shape[1]
+    if n_new > 0:
         positions = cache_seqlens.long()[:, None] + torch.arange(n_new, device=q.device)[None, :]
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         k_cache[rows, positions] = k_new
@@ -1228,8 +1246,8 @@ def _check_qkv(fn, q, k, v, dim):
     return head_dim
 
 
-def _check_cu_seqlens(name, cu, total, device):
-    """cu_seqlens: int32, (batch + 1,), starts at 0, non-decreasing, ends at the token count; returns lengths."""
+def _check_cu_seqlens(name, cu, device):
+    """cu_seqlens: an int32 (batch + 1,) tensor on q's device. Its values are checked by the op."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -1238,13 +1256,40 @@ def _check_cu_seqlens(name, cu, total, device):
         raise ValueError(f"attention: {name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"attention: {name} is on {cu.device} but q is on {device}")
-    values = cu.tolist()  # one device sync: the checks need the values
-    lengths = [b - a for a, b in zip(values, values[1:])]
-    if values[0] != 0 or min(lengths) < 0:
-        raise ValueError(f"attention: {name} must start at 0 and never decrease, got {values}")
-    if values[-1] != total:
-        raise ValueError(f"attention: {name}[-1] = {values[-1]} must equal the packed token count {total}")
-    return lengths
+
+
+def _max_seqlen_arg(given) -> int:
+    """A given maximum as the op takes it: an int as it is; None, or a tensor (transformers passes
+    ``cu_seqlens.diff().max()``), as -1, which the op reads from cu_seqlens in the sync that checks them."""
+    return -1 if given is None or isinstance(given, torch.Tensor) else given
+
+
+def _varlen_maxima(cu_q, cu_k, total_q, total_k, max_q, max_k) -> tuple[int, int]:
+    """(max_seqlen_q, max_seqlen_k) of packed sequences, each given (checked against the true maximum) or
+    -1 (read from cu_seqlens), after checking that each cu_seqlens starts at 0, never decreases and ends
+    at its token count (ValueError otherwise).
+
+    The ops call it on real tensors, before any kernel launches: ``attention`` cannot, as under
+    torch.compile it only sees fake ones. Both tensors are read back in one device sync.
+    """
+    values = torch.cat([cu_q, cu_k]).tolist()
+    maxima = []
+    for name, cu_values, total, given in (
+        ("q", values[: cu_q.numel()], total_q, max_q), ("k", values[cu_q.numel():], total_k, max_k),
+    ):
+        lengths = [b - a for a, b in zip(cu_values, cu_values[1:])]
+        if cu_values[0] != 0 or min(lengths) < 0:
+            raise ValueError(f"attention: cu_seqlens_{name} must start at 0 and never decrease, got {cu_values}")
+        if cu_values[-1] != total:
+            raise ValueError(
+                f"attention: cu_seqlens_{name}[-1] = {cu_values[-1]} must equal the packed token count {total}"
+            )
+        if 0 <= given < max(lengths):
+            raise ValueError(
+                f"attention: max_seqlen_{name}={given} is smaller than the longest sequence, {max(lengths)}"
+            )
+        maxima.append(given if given >= 0 else max(lengths))
+    return maxima[0], maxima[1]
 
 
 def _check_window(window) -> tuple[int, int]:
@@ -1291,8 +1336,10 @@ def attention(
     with both, causal wins on the right. ``dropout_p`` drops attention probabilities with a seed drawn
     from the torch RNG. ``return_lse`` also returns the fp32 log-sum-exp ((batch, heads, seqlen_q), or
     (heads, total_q) packed; +inf for rows that see no key), which carries no gradient.
-    ``max_seqlen_q/k`` may be omitted: the lengths are read from ``cu_seqlens`` (one device sync,
-    which their validation needs anyway); given values must not be below the true maxima.
+    The values of ``cu_seqlens`` are checked when the op runs, before any kernel launches (one device
+    sync; under torch.compile at run time, as the traced call cannot read them). ``max_seqlen_q/k``
+    (ints) must not be below the true maxima; omitted (or tensors), they are read from ``cu_seqlens`` in
+    that same sync, and again in the backward (a second sync: pass ints where that matters, on a GPU).
     ``deterministic=True`` (the default) keeps the backward free of float atomics, so it is bitwise
     reproducible. ``deterministic=False`` lets the Triton backward sum dQ with float atomics from the
     dK/dV kernel (no separate dQ pass; it holds an fp32 dQ buffer, q's size in fp32, during the
@@ -1311,17 +1358,14 @@ def attention(
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("attention: packed sequences need both cu_seqlens_q and cu_seqlens_k")
-        lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-        if len(lengths_q) != len(lengths_k):
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError(
                 f"attention: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-                f"got {len(lengths_q)} and {len(lengths_k)}"
+                f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
             )
-        max_q, max_k = max(lengths_q), max(lengths_k)
-        for name, given, actual in (("max_seqlen_q", max_seqlen_q, max_q), ("max_seqlen_k", max_seqlen_k, max_k)):
-            if given is not None and given < actual:
-                raise ValueError(f"attention: {name}={given} is smaller than the longest sequence, {actual}")
+        max_q, max_k = _max_seqlen_arg(max_seqlen_q), _max_seqlen_arg(max_seqlen_k)
     else:
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"attention: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
@@ -1347,7 +1391,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     fn = "attention_with_kvcache"
     head_dim = _check_qkv(fn, q, k_cache, v_cache, 4)
     scale = _check_scale(fn, softmax_scale, head_dim)
-    batch, seqlen_cache = k_cache.shape[0], k_cache.shape[1]
+    batch = k_cache.shape[0]
     if q.shape[0] != batch:
         raise ValueError(f"{fn}: q and k_cache must have the same batch size, got {q.shape[0]} and {batch}")
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
@@ -1358,7 +1402,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                          f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{fn}: k_new and v_new must be given together")
-    n_new = 0
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             _check_tensor(fn, name, t, 4, q.dtype, q.device)
@@ -1367,11 +1410,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                                  f"{head_dim}), got {tuple(t.shape)}")
         if k_new.shape != v_new.shape:
             raise ValueError(f"{fn}: k_new and v_new must have the same shape")
-        n_new = k_new.shape[1]
-    lengths = cache_seqlens.tolist()  # one device sync: the bounds check needs the values
-    if lengths and (min(lengths) < 0 or max(lengths) + n_new > seqlen_cache):
-        raise ValueError(f"{fn}: cache_seqlens + seqlen_new must lie in [0, {seqlen_cache}] (the cache length), "
-                         f"got cache_seqlens={lengths} and seqlen_new={n_new}")
+    # The lengths' values are checked in the op (before it writes the caches).
     return _attention_kvcache_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, bool(causal))
 
 

@@ -203,6 +203,28 @@ def check_targets(fn: str, target: torch.Tensor, vocab: int, ignore_index: int) 
         )
 
 
+def check_num_items(fn: str, target, ignore_index, reduction, num_items, num_items_int) -> None:
+    """ValueError if the mean's count is below 1 while some target is not ignored: ``loss_scale``'s clamp
+    would silently make the mean a sum. 0 is allowed for an all-ignored batch (loss 0). An int or a CPU
+    tensor is read; a tensor on another device is not (that would synchronize it), so its clamp stands.
+    Run in the ops, on real tensors: under torch.compile the count is only known there."""
+    if reduction != "mean":
+        return
+    if num_items is not None:
+        if num_items.device.type != "cpu":
+            return
+        count = num_items.item()
+    elif num_items_int >= 0:
+        count = num_items_int
+    else:
+        return
+    # The reduction over the targets (a device sync) runs only for a count below 1, which is rare.
+    if count < 0 or (count < 1 and bool((target != ignore_index).any())):
+        raise ValueError(
+            f"{fn}: num_items (the mean's denominator) must be >= 1, or 0 when every target is ignored; got {count}"
+        )
+
+
 def loss_scale(target, ignore_index, reduction, num_items, num_items_int) -> torch.Tensor:
     """The factor on each row's gradient, as a 1-element fp32 tensor on target's device (no sync).
 
@@ -275,6 +297,7 @@ def _cross_entropy_fwd_op(
     (per row for reduction="none") in logits' dtype, empty unless compute_grad."""
     rows, vocab = logits.shape
     check_targets("cross_entropy", target, vocab, ignore_index)
+    check_num_items("cross_entropy", target, ignore_index, reduction, num_items, num_items_int)
     logits = logits.contiguous()
     target = target.contiguous()
     scale = loss_scale(target, ignore_index, reduction, num_items, num_items_int)
@@ -290,7 +313,8 @@ def _cross_entropy_fwd_op(
 
 @_cross_entropy_fwd_op.register_fake
 def _(logits, target, num_items, num_items_int, ignore_index, reduction, label_smoothing, z_loss, compute_grad):
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    # new_empty, not empty_like: the stored gradient is contiguous whatever the logits' strides.
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     return loss_fake(logits.shape[0], reduction, logits), grad
 
 
@@ -302,13 +326,47 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, _grad_grad):
+class _GradientOfGradient(torch.autograd.Function):
+    """The identity on a gradient that a backward returned; differentiating it raises (see
+    ``forbid_double_backward``)."""
+
+    @staticmethod
+    def forward(ctx, grad, fn):
+        ctx.fn = fn
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            f"{ctx.fn}: double backward (differentiating its gradient, built with create_graph=True) is not supported"
+        )
+
+
+def forbid_double_backward(fn: str, *grads):
+    """The input gradients a backward returns, made to raise if they are differentiated in turn.
+
+    They are scaled from gradients the forward stored; their own derivative (the Hessian) would need the
+    logits, which are not kept. When the backward builds a graph (``create_graph=True``) they depend on
+    the stored gradients, outputs of the op whose cotangents the backward does not propagate: without
+    this a double backward would give a wrong result. (``torch.autograd.function.once_differentiable``
+    raises only where the incoming gradient itself requires a gradient, which a loss's seldom does.)
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    return tuple(None if g is None else _GradientOfGradient.apply(g, fn) for g in grads)
+
+
+def _backward(ctx, grad_loss, _grad_of_stored):
+    # The stored gradient is an output only to be saved: public calls never use it, and a cotangent for
+    # it (torch.library.opcheck gives every output one) is not propagated.
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("cross_entropy: the forward ran without compute_grad; call it through fastlm.cross_entropy")
     if ctx.reduction == "none":
-        return (grad * grad_loss.to(grad.dtype)[:, None],) + (None,) * 8
-    return (scaled_gradient(grad, grad_loss, grad.dtype),) + (None,) * 8
+        dlogits = grad * grad_loss.to(grad.dtype)[:, None]
+    else:
+        dlogits = scaled_gradient(grad, grad_loss, grad.dtype)
+    return forbid_double_backward("cross_entropy", dlogits) + (None,) * 8
 
 
 _cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -376,6 +434,10 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     micro-batch losses add up to the big batch's mean), "sum" or "none" (per-token losses,
     target's shape). ``z_loss`` adds ``z_loss * logsumexp(logits)**2`` per non-ignored token.
     An all-ignored batch has loss 0 and gradient 0. The loss is fp32.
+
+    ``num_items`` (an int or a 0-d tensor) must be >= 1, or 0 when every target is ignored; below
+    that it is a ValueError when it is an int or a CPU tensor. A CUDA tensor is not read (that would
+    synchronize the device): there a value below 1 counts as 1.
     """
     fn = "cross_entropy"
     if not isinstance(logits, torch.Tensor):

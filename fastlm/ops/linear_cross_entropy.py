@@ -32,9 +32,11 @@ from fastlm import alloc, backend, eager
 from fastlm.ops.cross_entropy import (
     SUPPORTED_DTYPES,
     check_loss_options,
+    check_num_items,
     check_target,
     check_targets,
     cross_entropy_ref,
+    forbid_double_backward,
     loss_fake,
     loss_scale,
     reduce_loss,
@@ -126,6 +128,7 @@ def _linear_cross_entropy_fwd_op(
     tokens = hidden.shape[0]
     vocab = weight.shape[0]
     check_targets("linear_cross_entropy", target, vocab, ignore_index)
+    check_num_items("linear_cross_entropy", target, ignore_index, reduction, num_items, num_items_int)
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     scale = loss_scale(target, ignore_index, reduction, num_items, num_items_int)
     row_losses = alloc.empty(tokens, dtype=torch.float32, device=hidden.device)
@@ -148,7 +151,8 @@ def _linear_cross_entropy_fwd_op(
 def _(hidden, weight, bias, target, num_items, num_items_int, ignore_index, reduction, label_smoothing, z_loss,
       chunk_size, need_grad_hidden, need_grad_weight, need_grad_bias):
     stored = reduction != "none"
-    grad_hidden = torch.empty_like(hidden) if stored and need_grad_hidden else hidden.new_empty(0)
+    # new_empty, not empty_like: the gradients are contiguous whatever the inputs' strides.
+    grad_hidden = hidden.new_empty(hidden.shape) if stored and need_grad_hidden else hidden.new_empty(0)
     grad_weight = (
         weight.new_empty(weight.shape, dtype=torch.float32) if stored and need_grad_weight
         else hidden.new_empty(0, dtype=torch.float32)
@@ -186,7 +190,7 @@ def _linear_cross_entropy_bwd_op(
 @_linear_cross_entropy_bwd_op.register_fake
 def _(grad_loss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, chunk_size,
       need_grad_hidden, need_grad_weight, need_grad_bias):
-    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)  # contiguous
     grad_weight = weight.new_empty(weight.shape if need_grad_weight else 0, dtype=torch.float32)
     has_bias = need_grad_bias and bias is not None
     grad_bias = hidden.new_empty(weight.shape[0] if has_bias else 0, dtype=torch.float32)
@@ -210,7 +214,9 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
-def _backward(ctx, grad_loss, _gh, _gw, _gb):
+def _backward(ctx, grad_loss, *_grads_of_stored):
+    # The stored gradients are outputs only to be saved: their cotangents are not propagated (see
+    # cross_entropy's backward), and the gradients returned here may not be differentiated in turn.
     need_hidden, need_weight, need_bias = ctx.needs
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
@@ -222,7 +228,8 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
         grad_hidden = scaled_gradient(stored_hidden, grad_loss, stored_hidden.dtype) if need_hidden else None
         grad_weight = scaled_gradient(stored_weight, grad_loss, ctx.weight_dtype) if need_weight else None
         grad_bias = scaled_gradient(stored_bias, grad_loss, ctx.bias_dtype) if need_bias else None
-    return (
+    return forbid_double_backward(
+        "linear_cross_entropy",
         grad_hidden if need_hidden else None,
         grad_weight.to(ctx.weight_dtype) if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
@@ -252,8 +259,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
 
     hidden (..., dim), weight (vocab, dim), bias (vocab,) or None, target (...) int64/int32.
     The options are ``fastlm.cross_entropy``'s (``num_items``: the global target-token count
-    for gradient accumulation). ``chunk_size``: tokens per chunk (see the module docstring for
-    the default rule). Gradients flow to hidden, weight and bias; the loss is fp32. Under
+    for gradient accumulation, checked as there). ``chunk_size``: tokens per chunk (see the module
+    docstring for the default rule). Gradients flow to hidden, weight and bias; the loss is fp32. Under
     autocast, hidden, weight and bias are cast to the autocast dtype, as ``F.linear``'s are.
     """
     fn = "linear_cross_entropy"

@@ -428,11 +428,13 @@ def _norm_fwd_op(
 
 @_norm_fwd_op.register_fake
 def _(x, weight, bias, residual, eps, is_rms):
+    # new_empty, not empty_like: the op's outputs are contiguous whatever x's strides (empty_like
+    # would keep a transposed x's, and inductor checks the real strides against these).
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
-    r_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    r_out = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     mean = x.new_empty(0, dtype=torch.float32) if is_rms else x.new_empty(rows, dtype=torch.float32)
-    return torch.empty_like(x), r_out, mean, stats
+    return x.new_empty(x.shape), r_out, mean, stats
 
 
 @eager.custom_op("fastlm::norm_bwd", mutates_args=())
@@ -470,7 +472,7 @@ def _(dy, dr_out, r, weight, has_bias, mean, rstd, is_rms):
     n = r.shape[-1]
     dweight = r.new_empty(n if weight is not None else 0, dtype=torch.float32)
     dbias = r.new_empty(n if has_bias else 0, dtype=torch.float32)
-    return torch.empty_like(r), dweight, dbias
+    return r.new_empty(r.shape), dweight, dbias  # contiguous, as the op's dx (see norm_fwd's fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -169,6 +169,8 @@ def _rope_op(
     interleaved: bool, conj: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotated q, rotated k), contiguous; ``conj`` rotates by minus the angle (the backward)."""
+    if position_ids is not None and not conj:  # the backward's positions are the forward's, checked
+        _check_positions(position_ids, cos.shape[0])
     batch, seqlen = q.shape[:2]
     q_out = alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = alloc.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -254,6 +256,11 @@ def _check(q, k, cos, sin, position_ids) -> None:
         )
     if position_ids.device != q.device:
         raise ValueError(f"rope: position_ids is on {position_ids.device} but q is on {q.device}")
+
+
+def _check_positions(position_ids, positions) -> None:
+    """ValueError for a position outside the cos/sin table (one device sync). The op calls it, before any
+    kernel launches: under torch.compile only the op sees the values."""
     if position_ids.numel() > 0:
         lo, hi = (v.item() for v in torch.aminmax(position_ids))
         if lo < 0 or hi >= positions:
@@ -269,7 +276,8 @@ def rope(q, k, cos, sin, position_ids=None, interleaved=False):
     ``position_ids``: None (positions 0..seqlen-1), (seqlen,) shared by the batch (e.g.
     ``offset + arange(seqlen)`` for KV-cache decode) or (batch, seqlen) per token (packed
     sequences). ``interleaved``: GPT-J pairs (2i, 2i+1) instead of GPT-NeoX halves.
-    Checking position_ids against the table reads them back (a device sync on CUDA).
+    Checking position_ids against the table reads them back (a device sync on CUDA), when the op
+    runs (under torch.compile: at run time).
     """
     _check(q, k, cos, sin, position_ids)
     return _rope_op(q, k, cos, sin, position_ids, bool(interleaved), False)

@@ -451,7 +451,7 @@ def _cu(*values, dtype=torch.int32):
         (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8)), ValueError, "both cu_seqlens"),
         (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 8, dtype=torch.int64),
                                    cu_seqlens_k=_cu(0, 8)), TypeError, "cu_seqlens_q must be int32"),
-        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 6, 3, 8), cu_seqlens_k=_cu(0, 8)),
+        (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 6, 3, 8), cu_seqlens_k=_cu(0, 2, 4, 8)),
          ValueError, "never decrease"),
         (lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens_q=_cu(0, 7), cu_seqlens_k=_cu(0, 8)),
          ValueError, r"cu_seqlens_q\[-1\] = 7 must equal the packed token count 8"),
@@ -499,7 +499,9 @@ def test_opcheck(backend, dtype, varlen):
         cu = torch.tensor([0, 1, 21], dtype=torch.int32)
         extra = (cu, cu, 20, 20)
     else:
-        q, k, v = make_qkv(2, 19, 23, 4, 2, 16, dtype)
+        # (batch, heads, seqlen, headdim) transposed, as from an SDPA-style model: the outputs are
+        # contiguous whatever the inputs' strides, and the fakes must say so.
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 19, 23, 4, 2, 16, dtype))
         extra = (None, None, 19, 23)
     for t in (q, k, v):
         t.requires_grad_()
@@ -560,6 +562,47 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), mod(x))
     compiled(x).sum().backward()
     assert mod[0].qkv.weight.grad is not None and torch.isfinite(mod[0].qkv.weight.grad).all()
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 16], ids=["max-read", "max-given"])
+def test_torch_compile_fullgraph_varlen(max_seqlen):
+    # The values of cu_seqlens are checked (and the maxima read, when not given) inside the op, where
+    # they are real even under torch.compile: the compiled call matches eager bit for bit and checks too.
+    torch._dynamo.reset()
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 20, 20, 4, 2, 16, torch.float32, packed=True))
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+
+    def step(q, k, v, cu):
+        out = attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                        max_seqlen_k=max_seqlen)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, cu)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = step(q, k, v, cu)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] = 19 must equal the packed token count 20"):
+        compiled(q, k, v, torch.tensor([0, 7, 19], dtype=torch.int32))
+
+
+def test_torch_compile_fullgraph_kvcache():
+    torch._dynamo.reset()
+    q = random_tensor(2, 1, 4, 16)
+    k_new, v_new = random_tensor(2, 1, 2, 16), random_tensor(2, 1, 2, 16)
+    seqlens = torch.tensor([3, 17], dtype=torch.int32)
+    caches = [(random_tensor(2, 20, 2, 16), random_tensor(2, 20, 2, 16)) for _ in range(2)]
+    caches[1] = tuple(c.clone() for c in caches[0])
+    compiled = torch.compile(attention_with_kvcache, fullgraph=True, backend="aot_eager")
+    got = compiled(q, *caches[0], seqlens, k_new, v_new)
+    expected = attention_with_kvcache(q, *caches[1], seqlens, k_new, v_new)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(*caches):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 20\]"):
+        compiled(q, *caches[0], torch.tensor([3, 20], dtype=torch.int32), k_new, v_new)
 
 
 @pytest.mark.parametrize("backend,dtype", FP32_BACKENDS)

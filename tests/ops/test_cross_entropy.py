@@ -1,5 +1,7 @@
 """cross_entropy against float64 references, on every backend that runs here."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,37 @@ def test_num_items_makes_micro_batches_add_up_to_the_batch_mean(backend, dtype, 
     torch.testing.assert_close(parts[0][0].double(), ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0), torch.tensor(-3), torch.tensor(0.5)],
+                         ids=["int0", "tensor0", "tensor-3", "tensor0.5"])
+def test_num_items_below_one_with_targets_raises(num_items):
+    # The mean's denominator is clamped to 1 (so an all-ignored batch is 0, not NaN): a count below 1
+    # with targets to count would silently make the mean the sum. Ints and CPU tensors are checked.
+    logits, target = make_inputs(5, 16, torch.float32, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="num_items .* must be >= 1"):
+        cross_entropy(logits, target, num_items=num_items)
+
+
+@pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_num_items_zero_with_every_target_ignored_is_a_zero_loss(backend, dtype, as_tensor):
+    logits, _ = make_inputs(5, 16, dtype)
+    target = torch.full((5,), IGNORE)
+    with fastlm.use_backend(backend):
+        loss, grad = forward_backward(cross_entropy, logits, target, num_items=torch.tensor(0) if as_tensor else 0)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_num_items_checked_when_compiled():
+    # The count is read where the op runs on real tensors, so a compiled call checks it too.
+    torch._dynamo.reset()
+    logits, target = make_inputs(5, 16, torch.float32, ignore_frac=0.0)
+    compiled = torch.compile(lambda x, n: cross_entropy(x, target, num_items=n), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(logits, torch.tensor(4)), cross_entropy(logits, target, num_items=4))
+    with pytest.raises(ValueError, match="num_items .* must be >= 1"):
+        compiled(logits, torch.tensor(0))
+
+
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 def test_vocab_256k_and_masked_logits(backend, dtype):
     # 262144 columns: 64 blocks of the Triton loop. Row 0 has its whole first block at -inf
@@ -207,8 +240,11 @@ def test_bad_input_raises_before_launch(call, error, match):
 
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_opcheck(backend, dtype, reduction):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(backend, dtype, reduction, transposed):
     logits, target = make_inputs(6, 70, dtype)
+    if transposed:  # the stored gradient is contiguous whatever the logits' strides, and the fake must say so
+        logits = logits.t().contiguous().t()
     logits.requires_grad_()
     with fastlm.use_backend(backend):
         torch.library.opcheck(
@@ -241,6 +277,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled_grad, head.weight.grad)
 
 
+def test_inductor_on_transposed_logits():
+    # Inductor (unlike aot_eager) lays out buffers from the fakes' strides and asserts the real ones.
+    torch._dynamo.reset()
+    logits_t, target = random_tensor(300, 9).requires_grad_(), torch.randint(0, 300, (9,))
+
+    def step(logits_t):
+        return cross_entropy(logits_t.t(), target, label_smoothing=0.1)
+
+    expected = torch.autograd.grad(step(logits_t), logits_t)[0]
+    # Without the graph caches, whose keys do not cover a custom op's fake: a graph compiled against
+    # an older fake would be reused.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        loss = torch.compile(step, fullgraph=True)(logits_t)
+        got = torch.autograd.grad(loss, logits_t)[0]
+    # The same kernel computes the loss and the stored gradient in both; the backward's product by
+    # grad_loss = 1 is exact.
+    torch.testing.assert_close(loss, step(logits_t), rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("factor", [0.5, 1.0], ids=["grad0.5", "grad1"])
@@ -257,6 +313,21 @@ def test_backward_twice_with_retained_graph(backend, dtype, reduction, factor):
         loss.backward()
     assert torch.equal(first, second)
     torch.testing.assert_close(leaf.grad, 2 * first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("custom_ops", [False, True], ids=["eager", "custom-op"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises(reduction, custom_ops):
+    # The backward scales a gradient the forward stored, so differentiating it again has no formula to
+    # follow: an error naming the op, not a wrong Hessian or an AttributeError.
+    leaf = make_inputs(6, 50, torch.float32)[0].requires_grad_()
+    target = torch.randint(0, 50, (6,))
+    with fastlm.eager.use_custom_ops() if custom_ops else contextlib.nullcontext():
+        loss = cross_entropy(leaf, target, reduction=reduction).sum()
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(loss, leaf, retain_graph=True)[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cross_entropy: double backward .* is not supported"):
+        torch.autograd.grad(grad.pow(2).sum(), leaf)
 
 
 @pytest.mark.parametrize("backend,dtype", cpu_backend_params())

@@ -1,5 +1,7 @@
 """linear_cross_entropy against float64 references, on every backend that runs here."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,16 @@ def test_num_items_makes_micro_batches_accumulate_to_the_batch_mean(backend, dty
     torch.testing.assert_close(b.grad, full_grads[2], atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_items", [0, torch.tensor(-3)], ids=["int0", "tensor-3"])
+def test_num_items_below_one_with_targets_raises(num_items):
+    hidden, weight, bias, target = make_inputs(5, 8, 30, torch.float32, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="num_items .* must be >= 1"):
+        linear_cross_entropy(hidden, weight, target, bias, num_items=num_items)
+    # With every target ignored there is nothing to count: 0 is the natural count, and the loss is 0.
+    loss = linear_cross_entropy(hidden, weight, torch.full_like(target, IGNORE), bias, num_items=0)
+    assert torch.equal(loss, torch.zeros_like(loss))
+
+
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 def test_frozen_weight_leading_dims_and_int32_target(backend, dtype):
     hidden, weight, _, target = make_inputs(12, 10, 90, dtype, with_bias=False)
@@ -178,8 +190,11 @@ def test_bad_input_raises_before_launch(call, error, match):
 
 @pytest.mark.parametrize("backend,dtype", FP32_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(backend, dtype, reduction):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(backend, dtype, reduction, transposed):
     hidden, weight, bias, target = make_inputs(7, 6, 50, dtype)
+    if transposed:  # the gradients are contiguous whatever the inputs' strides, and the fakes must say so
+        hidden, weight = hidden.t().contiguous().t(), weight.t().contiguous().t()
     for t in (hidden, weight, bias):
         t.requires_grad_()
     with fastlm.use_backend(backend):
@@ -233,6 +248,22 @@ def test_backward_twice_with_retained_graph(backend, dtype, reduction, factor):
     for a, b, leaf in zip(first, second, leaves):
         assert torch.equal(a, b)
         torch.testing.assert_close(leaf.grad, 2 * a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("custom_ops", [False, True], ids=["eager", "custom-op"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises(reduction, custom_ops):
+    # mean and sum store their gradients in the forward; none recomputes them in a backward op that
+    # has no autograd formula itself. Either way the second backward is an error, not a wrong result.
+    leaves = [t.requires_grad_() for t in make_inputs(6, 8, 40, torch.float32)[:3]]
+    target = torch.randint(0, 40, (6,))
+    with fastlm.eager.use_custom_ops() if custom_ops else contextlib.nullcontext():
+        loss = linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], reduction=reduction).sum()
+    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    match = "linear_cross_entropy: double backward .* is not supported|no autograd formula"
+    for grad in grads:
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(grad.pow(2).sum(), leaves)
 
 
 @pytest.mark.parametrize("backend,dtype", cpu_backend_params())

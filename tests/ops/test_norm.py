@@ -165,13 +165,24 @@ def test_bad_input_raises_before_launch(call, error, match):
 @pytest.mark.parametrize("backend,dtype", [p for p in cpu_backend_params() if p.values[1] == torch.float32])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_opcheck(backend, dtype, kind, with_residual):
-    x = random_tensor(5, 40, dtype=dtype).requires_grad_()
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(backend, dtype, kind, with_residual, transposed):
+    # Transposed x and residual: the ops return contiguous tensors, and their fakes must say so.
+    def activation():
+        return random_tensor(40, 5, dtype=dtype).t() if transposed else random_tensor(5, 40, dtype=dtype)
+
+    x = activation().requires_grad_()
     w = random_tensor(40, dtype=dtype).requires_grad_()
     b = random_tensor(40, dtype=dtype).requires_grad_() if kind == "layer" else None
-    res = random_tensor(5, 40, dtype=dtype).requires_grad_() if with_residual else None
+    res = activation().requires_grad_() if with_residual else None
+    is_rms = kind == "rms"
     with fastlm.use_backend(backend):
-        torch.library.opcheck(torch.ops.fastlm.norm_fwd.default, (x, w, b, res, 1e-5, kind == "rms"))
+        torch.library.opcheck(torch.ops.fastlm.norm_fwd.default, (x, w, b, res, 1e-5, is_rms))
+        _, _, mean, rstd = torch.ops.fastlm.norm_fwd(x.detach(), w.detach(), None, None, 1e-5, is_rms)
+        dr = activation() if with_residual else None
+        torch.library.opcheck(
+            torch.ops.fastlm.norm_bwd.default, (activation(), dr, x.detach(), w.detach(), b is not None, mean, rstd, is_rms)
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -182,6 +193,28 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), block(x))
     compiled(x).sum().backward()
     assert block[1].weight.grad is not None
+
+
+def test_inductor_on_transposed_input():
+    # Inductor (unlike aot_eager) lays out buffers from the fakes' strides and asserts the real ones:
+    # a transposed input, whose transpose is taken inside the graph, catches a fake that keeps it.
+    torch._dynamo.reset()
+    x, residual = random_tensor(24, 6).requires_grad_(), random_tensor(24, 6).requires_grad_()
+    w, b = random_tensor(24).requires_grad_(), random_tensor(24).requires_grad_()
+
+    def block(x, residual):
+        y, r = layer_norm(x.t(), w, b, residual=residual.t())
+        return (y * r).sum()
+
+    expected = torch.autograd.grad(block(x, residual), (x, residual, w, b))
+    # Without the graph caches, whose keys do not cover a custom op's fake: a graph compiled against
+    # an older fake would be reused.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        got = torch.autograd.grad(torch.compile(block, fullgraph=True)(x, residual), (x, residual, w, b))
+    # The norm runs the same kernel in both; inductor fuses only the product and the sum around it,
+    # whose fp32 rounding may differ: a few ulps of these O(1) gradients.
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
