@@ -1,5 +1,5 @@
 """Where oneDNN's route starts to pay: one linear, forward + backward and forward alone, through
-``fastlm.ops.gemm.linear`` with oneDNN forced (from 2M multiply-adds) against ``F.linear``.
+``linear`` of fastlm/ops/gemm.py with oneDNN forced (from 2M multiply-adds) against ``F.linear``.
 
     python benchmarks/gemm_threshold.py [--calls 200] [--rounds 2] [--shapes 256x128x2048,...]
     python benchmarks/gemm_threshold.py --step train|hf-quick|hf-full [--rounds 25]

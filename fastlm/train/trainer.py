@@ -6,6 +6,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -103,8 +104,12 @@ def _check_writable(path: Path, flag: str) -> None:
     existing = path
     while not existing.exists():  # where the folder would be created
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not a writable directory")
+    try:
+        # A folder made and removed at once, not os.access: that answers yes to root everywhere, /proc
+        # included, and knows nothing of read-only mounts.
+        os.rmdir(tempfile.mkdtemp(prefix=".fastlm-write-check-", dir=existing))
+    except OSError:
+        raise UserError(f"{flag} {path}: {existing} is not a writable directory") from None
 
 
 def _check_resume(out: Path, cfg: Config):

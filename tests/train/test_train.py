@@ -232,6 +232,14 @@ def test_bad_data_paths(corpus, cache, tmp_path, capsys):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_directory_that_refuses_writes_is_refused_before_training(tmp_path, capsys):
+    """/proc passes os.access for root, yet takes no new folder: the check tries one."""
+    assert main(["--steps", "2", "--out", str(tmp_path / "ok"), "--export-hf", "/proc/fastlm-hf"]) == 2
+    assert "--export-hf /proc/fastlm-hf: /proc is not a writable directory" in _error_line(capsys)
+    assert not (tmp_path / "ok").exists()
+
+
 def test_checkpoints_are_never_touched_by_a_wrong_run(corpus, cache, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(corpus, cache, out, "--steps", "3")) == 0
