@@ -19,11 +19,15 @@ smallest set whose probability reaches ``top_p`` (nucleus), and sampled from a
 ``torch.Generator`` seeded with ``seed``: the same seed, prompts and model give the same text.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from fastlm.models.decode import decode_step
+
+# New tokens per prompt when max_new_tokens is None (fewer where the model's context has less room).
+DEFAULT_NEW_TOKENS = 128
 
 
 class GenerationError(ValueError):
@@ -56,7 +60,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """One token per row (B,) from fp32 logits (B, V)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (sampling turns greedy) instead of overflowing to inf - inf = NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_mask(logits, top_k)
     if top_p is not None:
@@ -68,10 +74,10 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p) -> None:
     if not getattr(model, "cfg", None) or not model.cfg.causal:
         raise GenerationError("generate needs a causal fastlm Transformer (an MLM encoder does not generate "
                               "left to right)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise GenerationError(f"max_new_tokens must be a positive integer or None, got {max_new_tokens!r}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise GenerationError(f"temperature must be finite and >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -79,12 +85,14 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p) -> None:
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
+def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                  eos_id: int | None = None, vocab_size: int | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Token-level generation: the new tokens of each prompt (token id lists), EOS excluded.
 
+    ``max_new_tokens`` None: ``DEFAULT_NEW_TOKENS``, or as many as the model's context leaves after the
+    longest prompt when that is fewer.
     ``vocab_size``: ids at or above it are never produced (the model's embedding is padded past
     the tokenizer's vocabulary). ``on_token(row, token)`` is called for every kept token as it is
     produced. The model runs in eval mode (restored afterwards) with its weights' dtype.
@@ -95,7 +103,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
     longest = max(len(p) for p in prompts)
     # The KV cache holds one context; a sliding-window model decodes within its window.
     context = min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
-    if longest + max_new_tokens > context:
+    room = context - longest + 1  # the last new token is never fed back: it needs no position
+    if max_new_tokens is None:
+        max_new_tokens = max(min(DEFAULT_NEW_TOKENS, room), 1)
+    if max_new_tokens > room:
         raise GenerationError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                               f"context of {context} tokens; shorten the prompt or ask for fewer tokens")
     device = model.tok_emb.weight.device
@@ -171,14 +182,15 @@ def find_eos(tokenizer) -> int | None:
     return data.special_id(tokenizer, data.EOS_CANDIDATES, "end-of-text", required=False)
 
 
-def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
+def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
              stream: Callable[[int, str], None] | None = None) -> list[str]:
     """Continue each prompt; returns the generated texts (without the prompts), one per prompt.
 
     ``model``: a causal ``fastlm.models.Transformer``; ``tokenizer``: a ``tokenizers.Tokenizer``
     (the checkpoint's tokenizer.json). An empty prompt starts a new document (from the EOS token,
-    which separates documents in training). ``temperature`` 0 is greedy. ``seed``: None draws a
+    which separates documents in training). ``max_new_tokens`` None: up to ``DEFAULT_NEW_TOKENS``, as
+    many as the context leaves after the longest prompt. ``temperature`` 0 is greedy. ``seed``: None draws a
     fresh one. ``eos_id``: the token that ends a row (default: the tokenizer's end-of-text token;
     a row stops there, the EOS itself is not in the text). ``stream(index, text)``: called with
     each new piece of a prompt's text as soon as it is decoded.

@@ -19,6 +19,7 @@ tokenizer's end-of-text token or after ``--max-new-tokens``. Weights are read wi
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", metavar="TEXT", help="text to continue (streams to stdout)")
     source.add_argument("--prompts-file", metavar="FILE", type=Path,
                         help="one prompt per line, generated as a batch (JSON lines out)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens per prompt (default 128, or as many as the model's context leaves after the prompt)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
@@ -82,7 +84,8 @@ def _prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     try:
-        lines = args.prompts_file.read_text().splitlines()
+        # Newlines only: str.splitlines would also split at form feeds, U+2028 and other separators.
+        lines = [line.removesuffix("\r") for line in args.prompts_file.read_text().split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read --prompts-file {args.prompts_file} ({exc})") from None
     prompts = [line for line in lines if line.strip()]
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        return 1
     return 0
 
 

@@ -58,11 +58,12 @@ def test_greedy_with_cache_equals_recomputing_each_step(family):
 
 
 def test_sliding_window_models_decode_within_their_window():
-    """Within the window the cache needs no window of its own; past it, generation refuses."""
+    """Within the window the cache needs no window of its own; past it, generation refuses. 5 + 8 new
+    tokens take 12 positions (the last new token is never fed back)."""
     model, prompt = _model(sliding_window=12), [4, 8, 15, 16, 23]
-    assert generate_ids(model, [prompt], 7, temperature=0)[0] == _greedy_recomputed(model, prompt, 7)
+    assert generate_ids(model, [prompt], 8, temperature=0)[0] == _greedy_recomputed(model, prompt, 8)
     with pytest.raises(GenerationError, match="context of 12 tokens"):
-        generate_ids(model, [prompt], 8, temperature=0)
+        generate_ids(model, [prompt], 9, temperature=0)
 
 
 def test_ragged_batch_equals_each_prompt_alone():
@@ -170,16 +171,32 @@ def test_restores_training_mode():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be finite and >= 0"),
+    (dict(temperature=float("inf")), "temperature must be finite and >= 0"),
     (dict(top_k=0), "top_k must be a positive integer"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
-    (dict(max_new_tokens=34), "exceeds the model's context of 40 tokens"),
-], ids=["no-tokens", "temperature", "top-k", "top-p-zero", "top-p-above-one", "too-long"])
+    (dict(max_new_tokens=35), "exceeds the model's context of 40 tokens"),  # 7 + 35 - 1 positions
+], ids=["no-tokens", "temperature", "temperature-inf", "top-k", "top-p-zero", "top-p-above-one", "too-long"])
 def test_bad_arguments_raise(kwargs, message):
     model = _model()
     with pytest.raises(GenerationError, match=message):
         generate_ids(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
+
+
+def test_the_whole_context_is_used_and_is_the_default_when_short():
+    """A prompt of 7 tokens in a 40-token context leaves room for 34 new ones (the last is never fed
+    back); max_new_tokens None takes them all when fewer than DEFAULT_NEW_TOKENS."""
+    model = _model()
+    prompt = PROMPTS[0]
+    assert generate_ids(model, [prompt], 34, temperature=0) == [_greedy_recomputed(model, prompt, 34)]
+    assert generate_ids(model, [prompt], None, temperature=0) == [_greedy_recomputed(model, prompt, 34)]
+
+
+def test_a_tiny_temperature_samples_greedily():
+    model = _model()
+    greedy = generate_ids(model, PROMPTS, 6, temperature=0)
+    assert generate_ids(model, PROMPTS, 6, temperature=1e-40, generator=torch.Generator().manual_seed(0)) == greedy
 
 
 def test_bad_prompts_and_models_raise(tokenizer):

@@ -71,6 +71,20 @@ def test_prompts_file_gives_json_lines(run, tokenizer, tmp_path, capsys):  # noq
     assert lines == [{"prompt": "To be", "completion": expected[0]}, {"prompt": "KING.", "completion": expected[1]}]
 
 
+def test_default_length_fits_the_context_and_lines_split_at_newlines_only(run, tokenizer, tmp_path, capsys):  # noqa: F811
+    """The documented commands give no --max-new-tokens: the default (128) shrinks to the room a 40-token
+    context leaves. A form feed or U+2028 inside a line does not start another prompt."""
+    out, models = run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\x0cor not\r\nKING.\u2028Now\n")
+    assert main(["--checkpoint", str(out), "--prompts-file", str(prompts), "--temperature", "0"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    texts = ["To be\x0cor not", "KING.\u2028Now"]
+    expected = fastlm.generate(models[3], tokenizer, texts, temperature=0)
+    assert [line["prompt"] for line in lines] == texts
+    assert [line["completion"] for line in lines] == expected
+
+
 def test_hugging_face_directory(run, tokenizer, tmp_path, capsys):  # noqa: F811
     """An HF directory (hf_convert.save_hf) generates what the fastlm model it came from does."""
     _, models = run

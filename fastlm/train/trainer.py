@@ -269,7 +269,12 @@ def train(cfg: Config) -> dict:
     out = Path(cfg.run.out)
     _check_writable(out, "--out")
     if cfg.run.export_hf:
-        _check_writable(Path(cfg.run.export_hf), "--export-hf")
+        export = Path(cfg.run.export_hf)
+        _check_writable(export, "--export-hf")
+        # A run directory holding the export would be read as the export (config.json beside checkpoints/)
+        # by --init-from and fastlm-generate, no longer as its newest checkpoint.
+        if (export / "checkpoints").is_dir() or export.resolve() == out.resolve():
+            raise UserError(f"--export-hf {export} is a training run's directory; export into a directory of its own")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():

@@ -139,3 +139,11 @@ def test_a_damaged_checkpoint_is_one_line_and_untouched(corpus, cache, tmp_path,
     assert f"checkpoint {saved} is incomplete or corrupt" in line and "delete that directory" in line
     assert "--data.tokenizer" not in line
     assert _files(out) == before
+
+
+def test_export_into_a_run_directory_is_refused(finished, corpus, cache, tmp_path, capsys):  # noqa: F811
+    """config.json beside checkpoints/ would make --init-from and fastlm-generate read the export, not the run."""
+    before = _files(finished / "done")
+    assert main(tiny_args(corpus, cache, tmp_path / "new", "--steps", "2", "--export-hf", str(finished / "done"))) == 2
+    assert "is a training run's directory; export into a directory of its own" in _error_line(capsys)
+    assert _files(finished / "done") == before and not (tmp_path / "new").exists()
