@@ -9,7 +9,7 @@ at least 5, for the two large shapes): "fwd" is the forward a training step runs
 "fwd+bwd" the forward and the backward of a random output gradient.
 """
 
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,12 @@ def medians(runs: dict, calls: int) -> str:
     return "  ".join(f"{name} {ms:.3f} ms" for name, ms in alternating_medians(runs, calls).items())
 
 
-def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("calls", metavar="CALLS", type=int, nargs="?", default=20, help="alternating calls (default 20)")
+    calls = p.parse_args(argv).calls
+    if calls < 1:
+        p.error(f"CALLS must be at least 1, not {calls}")
     torch.manual_seed(0)
     for batch, seqlen, heads, kv_heads, head_dim in CPU_TRAIN_SHAPES["full"]:
         q = torch.randn(batch, seqlen, heads, head_dim, requires_grad=True)

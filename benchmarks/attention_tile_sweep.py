@@ -25,6 +25,7 @@ separate virtual environment here), whose version each line records. Either step
 versions differ.
 """
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -234,17 +235,30 @@ def best(timed_path: str) -> list[str]:
     return rows
 
 
-def main() -> None:
-    mode, path = sys.argv[1], sys.argv[2]
-    if mode == "best":
-        print("\n".join(best(path)))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = p.add_subparsers(dest="mode", required=True, metavar="{compile,time,best}")
+    kinds_help = f"comma-separated kernel kinds, from {','.join(KERNELS)} (default: all)"
+    step = steps.add_parser("compile", help="no GPU: compile every candidate for sm_90a")
+    step.add_argument("out", metavar="OUT.jsonl", help="append a JSON line per candidate here")
+    step.add_argument("kinds", metavar="KINDS", nargs="?", help=kinds_help)
+    step = steps.add_parser("time", help="on the GPU: time and check every candidate")
+    step.add_argument("out", metavar="OUT.jsonl", help="append a JSON line per candidate here")
+    step.add_argument("compiled", metavar="COMPILED.jsonl", nargs="?",
+                      help="the compile step's output: skip what did not compile cleanly or spills more")
+    step.add_argument("kinds", metavar="KINDS", nargs="?", help=kinds_help)
+    step = steps.add_parser("best", help="after: the fastest tiles against the defaults")
+    step.add_argument("out", metavar="OUT.jsonl", help="the time step's output")
+    args = p.parse_args(argv)
+    if args.mode == "best":
+        print("\n".join(best(args.out)))
         return
-    with open(path, "a") as out:
-        if mode == "compile":
-            compile_sweep(out, _kinds(sys.argv[3] if len(sys.argv) > 3 else None))
+    kinds = _kinds(args.kinds)
+    with open(args.out, "a") as out:
+        if args.mode == "compile":
+            compile_sweep(out, kinds)
         else:
-            compiled = sys.argv[3] if len(sys.argv) > 3 else None
-            time_sweep(out, compiled, _kinds(sys.argv[4] if len(sys.argv) > 4 else None))
+            time_sweep(out, args.compiled, kinds)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ process. Small shapes show the fixed per-call cost; (2048, 128) shows where the 
 Prints, per case and mode, the median over ROUNDS (default 15) of each provider's mean time per call.
 """
 
+import argparse
 import contextlib
-import sys
 import time
 
 import torch
@@ -79,8 +79,12 @@ def _per_call_us(step, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rounds", metavar="ROUNDS", type=int, nargs="?", default=15, help="alternating rounds (default 15)")
+    rounds = p.parse_args(argv).rounds
+    if rounds < 1:
+        p.error(f"ROUNDS must be at least 1, not {rounds}")
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}; median over {rounds} alternating rounds, us per call")
     # provider -> the context its calls run in: the custom-op route is the same call inside use_custom_ops().

@@ -7,8 +7,8 @@ asserts nothing about speed). full: realistic sizes on this device. gpu: the H20
 sized to fit one ten-minute window, after a correctness pass of the GPU test modules of
 the selected ops (bf16 on the real kernels) that stops the run on any mismatch.
 
-Writes under --out: results.jsonl (one line per measurement, with device, versions,
-commit and date), report.md (one table per op) and one PNG per op and mode.
+Writes under --out: results.jsonl (one line per measurement, with device, CPU model,
+versions, commit (-dirty when tracked files had changes) and date), report.md (one table per op) and one PNG per op and mode.
 """
 
 import argparse
@@ -76,7 +76,8 @@ def gpu_correctness_pass(ops: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fastlm-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(MIN_RUN_TIME), default="quick")
     p.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/out/DATE-DEVICE)")
@@ -89,7 +90,20 @@ def main(argv=None) -> int:
     unknown = sorted(set(ops) - set(SUITES))
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {sorted(SUITES)}")
-    device = torch.device(args.device)
+    if not ops:
+        p.error(f"--ops {args.ops!r} selects no op; choose from {sorted(SUITES)}")
+    # Before anything is created: a device this torch cannot use would fail in the first measurement.
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device {args.device}: not a device ({str(exc).splitlines()[0]})")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: fastlm-bench measures on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: CUDA is not available to this torch ({torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
     if args.suite == "gpu" and device.type != "cuda":
         p.error("--suite gpu needs a CUDA device")
     env = environment()

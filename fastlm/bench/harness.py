@@ -150,15 +150,41 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     return _cpu_peak_tensor_bytes(fn)
 
 
-def environment() -> dict:
-    """Where and when a figure was measured."""
+def _git(*args: str) -> str | None:
+    """A git command's output in this checkout; None when git or the checkout is missing."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        return None
+
+
+def commit() -> str | None:
+    """The checked-out commit, with ``-dirty`` when tracked files have uncommitted changes: figures
+    measured on changed code must not read as the commit's."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return f"{head}-dirty" if status is None or status else head
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name (CPU timings depend on it): /proc/cpuinfo's first ``model name``,
+    else ``platform.processor()``, else the architecture."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment() -> dict:
+    """Where and when a figure was measured."""
     try:
         import triton
 
@@ -166,11 +192,12 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     cuda = torch.cuda.is_available()
+    cpu = cpu_model()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        "commit": commit(),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({cpu}, {torch.get_num_threads()} threads)",
+        "cpu": cpu,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if cuda else None,

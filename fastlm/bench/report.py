@@ -39,7 +39,7 @@ def markdown(rows: list[dict], env: dict, roofline: dict) -> str:
         f"# fastlm benchmarks: {env['device']}",
         "",
         f"Measured {env['date']} at commit `{env['commit']}` with torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}, Python {env['python']}.",
+        f"CUDA {env['cuda']}, Python {env['python']}" + (f", on a {env['cpu']} CPU." if env.get("cpu") else "."),
         f"Roofline measured in the same run: copy {roofline['copy_gbps']:.1f} GB/s "
         f"({roofline['copy_bytes'] / 2**20:.0f} MiB moved), matmul {roofline['matmul_tflops']:.2f} TFLOP/s "
         f"({roofline['matmul_shape']}).",

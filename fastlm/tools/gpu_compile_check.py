@@ -66,6 +66,7 @@ def import_package_modules(extra: tuple[str, ...] = ()) -> list[ModuleType]:
     ``__main__`` modules are skipped (importing one runs a command-line program), and so are
     modules whose optional third-party dependency is not installed (fastlm.hf without
     transformers): kernels live in fastlm.ops and fastlm.optim, whose dependencies are required.
+    An ``extra`` module that does not import raises, whatever is missing.
     """
     import fastlm
 
@@ -73,12 +74,14 @@ def import_package_modules(extra: tuple[str, ...] = ()) -> list[ModuleType]:
         info.name for info in pkgutil.walk_packages(fastlm.__path__, "fastlm.") if not info.name.endswith(".__main__")
     )
     modules = []
-    for name in (*names, *extra):
+    for name in names:
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
             if exc.name is None or exc.name.split(".")[0] == "fastlm":
                 raise
+    # A module the user named must import: skipping it would pass a gate that compiled none of its kernels.
+    modules += [importlib.import_module(name) for name in extra]
     return modules
 
 
@@ -478,7 +481,7 @@ def run_gate(archs: tuple[int, ...], extra_modules: tuple[str, ...] = (), only: 
     modules = import_package_modules(extra_modules)
     failures = [f"{name}: @triton.jit function not registered with fastlm.kernel_registry.register_kernel "
                 "(and not called by a registered kernel)" for name in find_unregistered(modules)]
-    specs = [spec for name, spec in sorted(REGISTRY.items()) if only is None or only in name]
+    specs = [REGISTRY[name] for name in _selected(only)]
     tasks = []
     for spec in specs:
         count = len(_variants(spec))
@@ -490,6 +493,11 @@ def run_gate(archs: tuple[int, ...], extra_modules: tuple[str, ...] = (), only: 
     sources = find_cuda_sources() if cuda_sources else []
     # nvcc runs are the longest, so they start first.
     tasks = [(compile_cuda_source, (path, arch)) for path in sources for arch in archs] + tasks
+    # A gate that compiled nothing checked nothing: it fails rather than pass.
+    if only is not None and not specs:
+        failures.append(f"--only {only!r} matches no registered kernel")
+    if not tasks:
+        failures.append("nothing to compile: no Triton kernel variant and no CUDA source was selected")
 
     started = time.perf_counter()
     if jobs <= 1:
@@ -649,6 +657,36 @@ def _without_jobs(args: list[str]) -> list[str]:
     return kept
 
 
+def _selected(only: str | None) -> list[str]:
+    """The registered kernels ``--only`` selects (all when it is None)."""
+    return [name for name in sorted(REGISTRY) if only is None or only in name]
+
+
+def _check_writable(path: Path) -> str | None:
+    """Why a report cannot be written at ``path`` (None when it can), found before compiling.
+
+    Folders it needs are created (as the report's writing would) and a probe file written and
+    removed; folders created here are removed again when the path turns out unwritable.
+    """
+    if path.is_dir():
+        return "is a folder"
+    missing = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            return "the file is not writable"
+    except OSError as exc:
+        for parent in missing:  # deepest first
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+        return exc.strerror or str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastlm.tools.gpu_compile_check", description=__doc__.split("\n")[0]
@@ -661,12 +699,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", default=[], help="also import this module (its kernels register)")
     parser.add_argument("--only", help="compile only registered kernels whose name contains this")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, not {args.jobs}")
 
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in _FALSE:
         raise RuntimeError("TRITON_INTERPRET is on: kernels were decorated for the interpreter and cannot compile; "
                            "run `python -m fastlm.tools.gpu_compile_check` without it")
+    # Everything a run would stop on is checked before compiling: a gate that checked nothing must not pass.
+    import_package_modules()
+    for module in args.module:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any failure: the module's kernels would go unchecked
+            parser.error(f"--module {module}: cannot import it ({type(exc).__name__}: {exc})")
+    if args.only is not None and not _selected(args.only):
+        parser.error(f"--only {args.only!r} matches no registered kernel (names are like "
+                     f"{next(iter(sorted(REGISTRY)), 'fastlm.ops.norm._norm_fwd_kernel')})")
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None and (why := _check_writable(path)):
+            parser.error(f"{option} {path}: cannot write the report there ({why})")
     archs = (90, 80) if args.sm80 else (90,)
-    report, elapsed = run_gate(archs, tuple(args.module), args.only, not args.no_cuda_sources, max(1, args.jobs))
+    report, elapsed = run_gate(archs, tuple(args.module), args.only, not args.no_cuda_sources, args.jobs)
     command = "python -m fastlm.tools.gpu_compile_check" + "".join(
         f" {a}" for a in _without_jobs(argv if argv is not None else sys.argv[1:])
     )

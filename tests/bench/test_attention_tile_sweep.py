@@ -85,3 +85,15 @@ def test_best_reports_the_fastest_checked_tile_against_the_default(sweep, tmp_pa
     assert rows[2] == "| bwd_dkdv | 128 | (16, 128, 8, 2) | 2.000 | (32, 64, 8, 2) | 1.600 | 125 | 1.25x |"
     assert rows[3] == "| fwd | 64 | not timed | - | (128, 64, 8, 3) | 0.500 | 400 | - |"
     assert len(rows) == 4
+
+
+def test_command_line_gives_help_and_dispatches_the_session_s_time_step(sweep, monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--help"])
+    assert exit_info.value.code == 0 and "compile,time,best" in capsys.readouterr().out
+    called = []
+    monkeypatch.setattr(sweep, "time_sweep", lambda out, compiled, kinds: called.append((compiled, kinds)))
+    # As benchmarks/gpu_session.sh calls it: time OUT COMPILED KINDS.
+    sweep.main(["time", str(tmp_path / "t.jsonl"), "c.jsonl", "bwd_dkdv,bwd_dkdv_dq"])
+    sweep.main(["time", str(tmp_path / "t.jsonl")])
+    assert called == [("c.jsonl", ("bwd_dkdv", "bwd_dkdv_dq")), (None, tuple(sweep.KERNELS))]

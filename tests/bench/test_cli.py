@@ -13,7 +13,8 @@ from fastlm.bench.cli import SUITES, main
 from fastlm.bench.harness import Case, measure
 from fastlm.bench.report import best_peer_ratio, markdown, plot
 
-ENV = {"device": "cpu", "date": "today", "commit": "abc", "torch": "2", "triton": "3", "cuda": None, "python": "3"}
+ENV = {"device": "cpu (Some CPU, 2 threads)", "date": "today", "commit": "abc", "cpu": "Some CPU", "torch": "2",
+       "triton": "3", "cuda": None, "python": "3"}
 ROOFLINE = {"copy_gbps": 10.0, "copy_bytes": 2**20, "matmul_tflops": 0.1, "matmul_shape": "64x64x64 float32"}
 
 
@@ -23,7 +24,7 @@ def test_quick_suite_writes_results_report_and_plots(tmp_path):
     assert {r["bench"] for r in rows} == set(SUITES), "an op of the suite produced no rows"
     assert {r["op"].split("_")[0] for r in rows} >= {"rms", "layer"}
     assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
-    assert all(r["commit"] is not None and r["torch"] and r["device"] for r in rows)
+    assert all(r["commit"] is not None and r["torch"] and r["device"] and r["cpu"] for r in rows)
     assert all(r["pct_bandwidth"] is not None for r in rows if r["gbps"] is not None)
     report = (tmp_path / "report.md").read_text()
     assert "## rms_norm" in report and "## layer_norm" in report
@@ -39,6 +40,24 @@ def test_an_unwritable_out_fails_before_measuring(tmp_path, monkeypatch, capsys)
         main(["--ops", "norm", "--out", str(tmp_path / "file" / "out")])
     assert exit_info.value.code == 2
     assert "cannot create the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "norm", "--device", "foo"], "--device foo: not a device"),
+    (["--ops", "norm", "--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--ops", "norm", "--device", "meta"], "--device meta: fastlm-bench measures on cpu or cuda"),
+    (["--ops", ","], "--ops ',' selects no op"),
+])
+def test_bad_arguments_fail_in_one_line_before_anything_is_created(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("fastlm.bench.cli.measure_roofline", lambda *a, **k: pytest.fail("measured"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not out.exists(), "the output folder was created before the arguments were checked"
 
 
 def test_every_suite_module_defines_cases():
@@ -167,3 +186,43 @@ def test_cases_are_grouped_by_op_and_shape_on_cpu_only():
     assert on_cpu == [[("a", "fastlm", "fwd", "1"), ("a", "fastlm", "bwd", "1"), ("a", "torch", "fwd", "1")],
                       [("a", "fastlm", "fwd", "2")], [("b", "fastlm", "fwd", "2")]]
     assert [len(g) for g in groups(iter(cases), torch.device("cuda"))] == [1] * 5
+
+
+def test_commit_is_marked_dirty_when_tracked_files_changed(monkeypatch):
+    from fastlm.bench import harness
+
+    answers = {("rev-parse", "--short", "HEAD"): "abc1234", ("status", "--porcelain", "--untracked-files=no"): ""}
+    monkeypatch.setattr(harness, "_git", lambda *args: answers[args])
+    assert harness.commit() == "abc1234"
+    answers[("status", "--porcelain", "--untracked-files=no")] = " M fastlm/ops/norm.py"
+    assert harness.commit() == "abc1234-dirty"
+    assert harness.environment()["commit"] == "abc1234-dirty"
+    answers[("rev-parse", "--short", "HEAD")] = None  # not a checkout
+    assert harness.commit() is None
+
+
+def test_cpu_model_is_recorded(tmp_path, monkeypatch):
+    from fastlm.bench import harness
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example  CPU 9000 @ 3.0GHz\n\n"
+                       "processor\t: 1\nmodel name\t: Example  CPU 9000 @ 3.0GHz\n")
+    assert harness.cpu_model(cpuinfo) == "Example CPU 9000 @ 3.0GHz"
+    monkeypatch.setattr(harness.platform, "processor", lambda: "fallback-cpu")
+    assert harness.cpu_model(tmp_path / "missing") == "fallback-cpu"
+    env = harness.environment()
+    assert env["cpu"] and (torch.cuda.is_available() or env["cpu"] in env["device"])
+    assert f"on a {ENV['cpu']} CPU" in markdown([], ENV, ROOFLINE)
+
+
+def test_every_op_has_its_script_and_is_listed_in_the_readme():
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    readme = (benchmarks / "README.md").read_text()
+    for op in SUITES:
+        scripts = [p for p in (benchmarks / f"bench_{op}.py", benchmarks / f"bench_{op}s.py") if p.is_file()]
+        assert scripts, f"no benchmarks/bench_{op}.py"
+        script = scripts[0]
+        assert f'"--ops", "{op}"' in script.read_text()
+        assert f"`{op}`" in readme.split("Each op's cases live in")[0], f"{op} is not in the README's op list"

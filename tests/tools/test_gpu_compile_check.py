@@ -147,3 +147,45 @@ def test_cuda_source_resources_and_spills(tmp_path):
     assert result.error is not None and "undefined_name" in result.error
     assert result.problems and result.problems[0].startswith("does not compile")
 
+
+
+def _refused(monkeypatch, capsys, args: list[str]) -> str:
+    """Run the gate's main on ``args``; it must stop with a one-line usage error before compiling."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gate, "run_gate", lambda *a, **k: pytest.fail("compiled although the arguments are wrong"))
+    with pytest.raises(SystemExit) as exit_info:
+        gate.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_module_that_does_not_import_is_an_error(monkeypatch, capsys):
+    err = _refused(monkeypatch, capsys, ["--module", "nosuch.module", "--only", "x", "--no-cuda-sources"])
+    assert "--module nosuch.module: cannot import it" in err and "nosuch" in err
+    with pytest.raises(ModuleNotFoundError):
+        gate.import_package_modules(("nosuch.module",))
+
+
+def test_a_selection_that_matches_no_kernel_is_an_error(monkeypatch, capsys):
+    err = _refused(monkeypatch, capsys, ["--only", "nosuchkernel", "--no-cuda-sources"])
+    assert "--only 'nosuchkernel' matches no registered kernel" in err
+
+
+def test_jobs_must_be_positive(monkeypatch, capsys):
+    assert "--jobs must be at least 1" in _refused(monkeypatch, capsys, ["--jobs", "0", "--no-cuda-sources"])
+
+
+def test_an_unwritable_report_path_is_refused_before_compiling(monkeypatch, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    for option, path in (("--markdown", tmp_path / "file" / "sub" / "r.md"), ("--json", tmp_path)):
+        err = _refused(monkeypatch, capsys, [option, str(path), "--only", "_norm_fwd", "--no-cuda-sources"])
+        assert f"{option} {path}: cannot write the report there" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "the check left something behind"
+
+
+def test_a_gate_that_compiled_nothing_fails():
+    report, _ = gate.run_gate((90,), only="nosuchkernel", cuda_sources=False)
+    assert report["kernels"] == [] and any("matches no registered kernel" in f for f in report["failures"])
+    assert any("nothing to compile" in f for f in report["failures"])
