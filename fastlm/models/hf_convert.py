@@ -292,14 +292,37 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{file} is not valid JSON ({exc.msg})") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _damaged(file: Path, detail: str) -> ValueError:
+    return ValueError(f"{file} is damaged ({detail}); download or export the model again")
+
+
+def _read_index(file: Path) -> list[str]:
+    """The safetensors file names a ``model.safetensors.index.json`` lists; ValueError when it is damaged."""
+    try:
+        index = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(file, (str(exc).splitlines() or [type(exc).__name__])[0]) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise _damaged(file, 'no "weight_map" object of tensor name -> file name')
+    return sorted(set(weight_map.values()))
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(file, (str(exc).splitlines() or [type(exc).__name__])[0]) from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if (path / WEIGHTS_FILE).is_file():
         files = [path / WEIGHTS_FILE]
     elif (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in _read_index(path / INDEX_FILE)]
     else:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE} or {INDEX_FILE}; fastlm reads safetensors weights "
                                 "only (save the model with save_pretrained(..., safe_serialization=True))")
@@ -307,7 +330,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file} (listed in {INDEX_FILE}) is missing")
-        tensors.update(load_file(str(file)))
+        tensors.update(_load_safetensors(file))
     return tensors
 
 
@@ -462,10 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                                "(its newest checkpoint)")
     p.add_argument("out", help="the directory to write (config.json, model.safetensors, tokenizer files)")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    blocker = next((q for q in (out, *out.parents) if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"hf_convert: error: cannot write {out}: {blocker} is a file, not a directory", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = checkpoint.load_pretrained_model(args.src)
-        save_hf(model, tokenizer, args.out)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+        save_hf(model, tokenizer, out)
+    except (UserError, ValueError, OSError) as exc:  # OSError: FileNotFoundError, or OUT cannot be written
         print(f"hf_convert: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({export_type(model.cfg)}, {model.num_params() / 1e6:.2f}M parameters)")

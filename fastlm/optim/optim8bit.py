@@ -442,6 +442,12 @@ class CPUOffloadAdamW8bit(AdamW8bit):
       or use ``overlap=False``);
     - one backward pass per ``step()``: a second gradient for a parameter before ``step()``
       (gradient accumulation) raises a RuntimeError during that backward;
+    - no step can be skipped: the update is applied during ``backward()``, before the caller
+      could decide to skip it (e.g. on non-finite gradients, which needs ``overlap=False``).
+      ``zero_grad()`` after a backward pass without ``step()`` waits for those updates, clears
+      the gradients, counts the step as taken and then raises a RuntimeError saying so; the
+      optimizer goes on normally after it (the next backward and ``step()`` are a new step).
+      After the second-gradient error, ``step()`` or ``zero_grad()`` likewise ends that step;
     - the learning rate and other hyper-parameters are read when the update starts (during
       backward), which is after the previous ``step()`` and scheduler step, as usual;
     - a closure passed to ``step()`` runs its backward first, as usual; ``zero_grad()``,
@@ -460,6 +466,8 @@ class CPUOffloadAdamW8bit(AdamW8bit):
         self._pending: dict[torch.Tensor, concurrent.futures.Future] = {}
         # Parameters whose update for the coming step() has started (in backward, overlap=True).
         self._started: set[torch.Tensor] = set()
+        # Whether an error about this step has been raised already (a second gradient).
+        self._refused = False
         # One worker: updates run one at a time (the CPU kernel is itself parallel), in order.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlm-offload")
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
@@ -494,10 +502,12 @@ class CPUOffloadAdamW8bit(AdamW8bit):
     def _grad_ready(self, param: torch.Tensor) -> None:
         """The post-accumulate-grad hook (overlap=True): start ``param``'s update now."""
         if param in self._started:
+            self._refused = True
             raise RuntimeError(
                 "CPUOffloadAdamW8bit(overlap=True): a second gradient for a parameter before step(); "
-                "updates start during backward, so gradients cannot accumulate over several backward "
-                "passes (use overlap=False)"
+                "updates are applied during backward, so gradients cannot accumulate over several backward "
+                "passes and a step cannot be skipped (gradient accumulation, or skipping steps e.g. on "
+                "non-finite gradients, needs overlap=False); call step() or zero_grad() to end this step"
             )
         group = self._group_of[param]
         _check_hyper(group, self._kind)
@@ -573,12 +583,22 @@ class CPUOffloadAdamW8bit(AdamW8bit):
                         self._start(param, group)
         finally:
             self._started.clear()
+            self._refused = False
             self._wait()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        skipped = bool(self._started) and not self._refused
+        self._started.clear()  # those updates are applied: the next backward is a new step
+        self._refused = False
         self._wait()
         super().zero_grad(set_to_none)
+        if skipped:
+            raise RuntimeError(
+                "CPUOffloadAdamW8bit(overlap=True): zero_grad() after backward() without step(): the updates "
+                "were applied during backward, so this step cannot be skipped and was taken; skipping steps "
+                "(e.g. on non-finite gradients) needs overlap=False"
+            )
 
     def state_dict(self) -> dict:
         self._wait()

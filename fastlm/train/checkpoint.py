@@ -19,8 +19,10 @@ world size the checkpoint was written with.
 A save writes ``OUT/checkpoints/.tmp-step_...`` and renames it into place, so a crash mid-save
 never leaves a half checkpoint under a valid name; then all but the newest ``keep_last`` are
 deleted. So a file that cannot be read back was damaged after the save: the readers here report
-that checkpoint as corrupt (delete it, and --resume takes the one before), apart from a readable
-one that does not fit the run's settings.
+that checkpoint as corrupt, apart from a readable one that does not fit the run's settings. The
+advice depends on the reader: a resume (``resume=True``, the trainer's readers) is told to delete
+it so that --resume takes the one before; ``resolve_pretrained`` (--init-from, fastlm-generate,
+hf_convert) to give another checkpoint.
 """
 
 import json
@@ -151,42 +153,46 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def _corrupt(ckpt: Path, detail: str) -> UserError:
+def _corrupt(ckpt: Path, detail: str, resume: bool = True) -> UserError:
     """The error for a checkpoint that cannot be read back. A save renames a complete directory into place, so
-    its files were damaged or removed afterwards: the checkpoint before it is the way back."""
-    return UserError(f"checkpoint {ckpt} is incomplete or corrupt ({detail}); delete that directory so that --resume "
-                     "takes the previous checkpoint, or start fresh with another --out")
+    its files were damaged or removed afterwards: the checkpoint before it is the way back. ``resume``: the
+    reader is a --resume (advice: delete it); otherwise it was given as a model to start from or to run."""
+    if resume:
+        advice = "delete that directory so that --resume takes the previous checkpoint, or start fresh with another --out"
+    else:
+        advice = "give another checkpoint (e.g. an earlier one in the same checkpoints/ directory)"
+    return UserError(f"checkpoint {ckpt} is incomplete or corrupt ({detail}); {advice}")
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, resume: bool = True) -> dict:
     """A JSON object file of a checkpoint (``path`` is in the checkpoint directory); UserError when it is
-    missing, unreadable or not an object."""
+    missing, unreadable or not an object (``resume``: see ``_corrupt``)."""
     path = Path(path)
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
-        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}") from None
+        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}", resume) from None
     if not isinstance(value, dict):
-        raise _corrupt(path.parent, f"{path.name}: not a JSON object")
+        raise _corrupt(path.parent, f"{path.name}: not a JSON object", resume)
     return value
 
 
-def read_config(ckpt: Path, sections: tuple[str, ...] = ("model", "optim")) -> dict:
+def read_config(ckpt: Path, sections: tuple[str, ...] = ("model", "optim"), resume: bool = True) -> dict:
     """The run configuration saved in checkpoint directory ``ckpt``: a table per section, holding the
     ``sections`` its reader needs (a resume: model and optim; the others may be missing in a checkpoint
     of an older fastlm); UserError when it is unreadable or not so."""
     path = Path(ckpt) / "config.json"
-    saved = read_json(path)
+    saved = read_json(path, resume)
     for section in sections:
         if section not in saved:
-            raise _corrupt(path.parent, f"{path.name}: no {section} section")
+            raise _corrupt(path.parent, f"{path.name}: no {section} section", resume)
     for section, values in saved.items():
         if not isinstance(values, dict):
-            raise _corrupt(path.parent, f"{path.name}: its {section} section is not a JSON object")
+            raise _corrupt(path.parent, f"{path.name}: its {section} section is not a JSON object", resume)
     return saved
 
 
-def read_tokenizer(ckpt: Path):
+def read_tokenizer(ckpt: Path, resume: bool = True):
     """The tokenizer saved in checkpoint directory ``ckpt`` (the one its token ids refer to)."""
     from fastlm.train.data import read_tokenizer_file
 
@@ -194,15 +200,15 @@ def read_tokenizer(ckpt: Path):
     try:
         return read_tokenizer_file(path)
     except ValueError as exc:
-        raise _corrupt(path.parent, f"{path.name}: {exc}") from None
+        raise _corrupt(path.parent, f"{path.name}: {exc}", resume) from None
 
 
-def _read_tensors(path: Path) -> dict:
+def _read_tensors(path: Path, resume: bool = True) -> dict:
     """The tensors of a safetensors file of a checkpoint; UserError when it is missing or damaged."""
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
-        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}") from None
+        raise _corrupt(path.parent, f"{path.name}: {_first_line(exc)}", resume) from None
 
 
 def load(path: Path, model, optimizer) -> dict:
@@ -286,7 +292,7 @@ class Pretrained:
         from fastlm.train.data import read_tokenizer_file
 
         if self.source == "fastlm":
-            return read_tokenizer(self.path)
+            return read_tokenizer(self.path, resume=False)
         try:
             return read_tokenizer_file(self.tokenizer_path)
         except ValueError as exc:
@@ -328,12 +334,15 @@ def resolve_pretrained(path, load_weights: bool = True) -> Pretrained:
         raise UserError(f"{path}: neither a fastlm checkpoint (model.safetensors + trainer_state.json), a "
                         "fastlm-train --out directory with checkpoints/, nor a Hugging Face model directory "
                         "(config.json with a model_type)")
-    saved = read_config(ckpt, sections=("model",))
+    saved = read_config(ckpt, sections=("model",), resume=False)
     try:
         cfg = ModelConfig.from_dict(saved["model"])
     except (TypeError, ValueError) as exc:  # maybe a newer fastlm's model config: not called corrupt
         raise UserError(f"{ckpt}: config.json has no valid model section ({exc})") from None
-    state = _read_tensors(ckpt / "model.safetensors") if load_weights else None
+    state = _read_tensors(ckpt / "model.safetensors", resume=False) if load_weights else None
+    mismatch = _state_mismatch(cfg, state) if state is not None else ""
+    if mismatch:  # --init-from, fastlm-generate, hf_convert: the same one-line error, naming the tensor
+        raise UserError(f"{ckpt}: the weights do not match its config ({mismatch})")
     return Pretrained(cfg, state, ckpt / "tokenizer.json", None, "fastlm", ckpt)
 
 
@@ -345,5 +354,27 @@ def load_pretrained_model(path, dtype: torch.dtype = torch.float32, device=None)
     try:
         model = build_model(pretrained.config, pretrained.state_dict, dtype, device)
     except RuntimeError as exc:
-        raise UserError(f"{pretrained.path}: the weights do not match its config ({str(exc).splitlines()[0]})") from None
+        detail = _state_mismatch(pretrained.config, pretrained.state_dict) or _first_line(exc)
+        raise UserError(f"{pretrained.path}: the weights do not match its config ({detail})") from None
     return model, pretrained.load_tokenizer()
+
+
+def _state_mismatch(cfg: ModelConfig, state: dict) -> str:
+    """The first missing tensor, unexpected tensor and shape mismatch of ``state`` for a model of ``cfg``
+    (those there are, joined by '; '); '' when it fits."""
+    from fastlm.models.hf_convert import _expected
+
+    expected = _expected(cfg)
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    shapes = [name for name in expected if name in state and tuple(state[name].shape) != tuple(expected[name])]
+    details = []
+    if missing:
+        details.append(f"no tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        details.append(f"unexpected tensor {unexpected[0]}" + (f" and {len(unexpected) - 1} more"
+                                                              if len(unexpected) > 1 else ""))
+    if shapes:
+        name = shapes[0]
+        details.append(f"{name} has shape {tuple(state[name].shape)}, the config needs {tuple(expected[name])}")
+    return "; ".join(details)

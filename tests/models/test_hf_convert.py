@@ -199,6 +199,59 @@ def test_missing_files_are_named(tmp_path):
         from_hf(42)
 
 
+def _truncated_weights(path):
+    with open(path / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+
+
+def _garbage_weights(path):
+    (path / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+
+
+def _index(content):
+    def write(path):
+        (path / "model.safetensors").rename(path / "m1.safetensors")
+        (path / "model.safetensors.index.json").write_text(content)
+    return write
+
+
+@pytest.mark.parametrize("damage, file", [
+    (_truncated_weights, "model.safetensors"), (_garbage_weights, "model.safetensors"),
+    (_index('{"metadata": {}}'), "model.safetensors.index.json"), (_index('{"weight_map": '), "model.safetensors.index.json"),
+    (_index("[]"), "model.safetensors.index.json"), (_index('{"weight_map": {"a": 3}}'), "model.safetensors.index.json"),
+], ids=["truncated", "garbage", "index-no-weight-map", "index-not-json", "index-list", "index-bad-map"])
+def test_damaged_weight_files_are_named_in_one_line(damage, file, tmp_path, capsys):
+    from fastlm.models.hf_convert import main
+    from fastlm.train import checkpoint
+    from fastlm.train.config import UserError
+
+    path = _saved(tmp_path / "m")
+    (path / "tokenizer.json").write_text(tiny_hf.tokenizer().to_str())
+    damage(path)
+    with pytest.raises(ValueError) as err:
+        from_hf(path)
+    assert f"{path / file} is damaged (" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="is damaged"):  # fastlm-generate, fastlm-train --init-from
+        checkpoint.load_pretrained_model(path)
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    assert f"hf_convert: error: {path}: {path / file} is damaged (" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_cli_refuses_an_out_dir_under_a_file(tmp_path, capsys):
+    from fastlm.models.hf_convert import main
+
+    path = _saved(tmp_path / "m")
+    (path / "tokenizer.json").write_text(tiny_hf.tokenizer().to_str())
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for out in (tmp_path / "afile" / "x", tmp_path / "afile"):
+        assert main([str(path), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hf_convert: error: cannot write {out}: {tmp_path / 'afile'} is a file"), err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_missing_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 

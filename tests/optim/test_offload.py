@@ -125,6 +125,31 @@ def test_gradient_accumulation_and_clipping_need_step_time_updates():
         trained(lambda ps: CPUOffloadAdamW8bit(ps, overlap=True, **KWARGS), accumulate=2)
 
 
+def test_overlap_cannot_skip_a_step_and_is_not_stuck_after_saying_so():
+    """backward(), zero_grad() without step() (a skipped step), backward(), step(): the first update was
+    applied during backward, so zero_grad says the step could not be skipped; then training goes on."""
+    m = model()
+    opt = CPUOffloadAdamW8bit(m.parameters(), overlap=True, **KWARGS)
+    x, y = data()
+    before = flat(m)
+    F.mse_loss(m(x[:64]), y[:64]).backward()
+    with pytest.raises(RuntimeError, match="cannot be skipped and was taken; skipping steps .* needs overlap=False"):
+        opt.zero_grad()
+    assert not torch.equal(flat(m), before) and all(p.grad is None for p in m.parameters())
+    F.mse_loss(m(x[64:128]), y[64:128]).backward()  # no "second gradient" error: a new step
+    opt.step()
+    opt.zero_grad()
+    assert all(opt.state[p]["step"] == 2 for p in m.parameters())
+    assert torch.equal(flat(m), trained(lambda ps: AdamW8bit(ps, **KWARGS), steps=2))  # two steps were taken
+    # After the second-gradient error, zero_grad() ends that step without a second error.
+    F.mse_loss(m(x[:64]), y[:64]).backward()
+    with pytest.raises(RuntimeError, match="a step cannot be skipped"):
+        F.mse_loss(m(x[:64]), y[:64]).backward()
+    opt.zero_grad()
+    F.mse_loss(m(x[:64]), y[:64]).backward()
+    opt.step()
+
+
 def test_a_discarded_overlapped_optimizer_leaves_no_hook_behind():
     m = model()
     first = CPUOffloadAdamW8bit(m.parameters(), overlap=True, **KWARGS)

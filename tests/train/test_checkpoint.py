@@ -15,6 +15,7 @@ from tests.train.test_train import _error_line, cache, corpus, tiny_args  # noqa
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
 REMEDY = "delete that directory so that --resume takes the previous checkpoint, or start fresh with another --out"
+OTHER = "give another checkpoint (e.g. an earlier one in the same checkpoints/ directory)"  # not a resume
 
 
 def _tokenizer_json() -> str:
@@ -111,7 +112,43 @@ def test_a_damaged_tokenizer_is_a_corrupt_checkpoint(how, saved):
     for what, read in readers.items():
         with pytest.raises(UserError, match=r"incomplete or corrupt \(tokenizer.json: ") as err:
             read()
-        assert str(err.value).endswith(REMEDY) and "--data.tokenizer" not in str(err.value), what
+        assert str(err.value).endswith(REMEDY if what == "resume" else OTHER), what
+        assert "--data.tokenizer" not in str(err.value), what
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_checkpoint_opened_as_a_model_gets_no_resume_advice(how, saved):
+    """fastlm-generate, hf_convert and --init-from open a checkpoint as a model: --resume is not theirs."""
+    CORRUPTIONS[how](saved / "model.safetensors")
+    for read in (lambda: checkpoint.load_pretrained_model(saved), lambda: checkpoint.resolve_pretrained(saved)):
+        with pytest.raises(UserError, match=r"incomplete or corrupt \(model.safetensors: ") as err:
+            read()
+        assert str(err.value).endswith(OTHER) and "--resume" not in str(err.value)
+    (saved / "config.json").write_text('{"optim": {}}')
+    with pytest.raises(UserError, match=r"incomplete or corrupt \(config.json: ") as err:
+        checkpoint.resolve_pretrained(saved, load_weights=False)
+    assert "--resume" not in str(err.value)
+
+
+def _rewrite_weights(saved, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(saved / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit, detail", [
+    (lambda t: t.pop("blocks.0.attn.qkv.weight"), "(no tensor blocks.0.attn.qkv.weight)"),
+    (lambda t: t.update(extra=torch.zeros(2)), "(unexpected tensor extra)"),
+    (lambda t: t.update({"pos_emb.weight": torch.zeros(4, 16)}), "(pos_emb.weight has shape (4, 16), the config needs (8, 16))"),
+], ids=["missing", "unexpected", "shape"])
+def test_weights_that_do_not_match_the_config_name_the_tensor(edit, detail, saved):
+    _rewrite_weights(saved, edit)
+    for read in (checkpoint.load_pretrained_model, checkpoint.resolve_pretrained):  # generate/hf_convert, --init-from
+        with pytest.raises(UserError) as err:
+            read(saved)
+        assert str(err.value) == f"{saved}: the weights do not match its config {detail}"
 
 
 def test_the_saved_tokenizer_loads(saved):
