@@ -90,8 +90,8 @@ class _Stop:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\nfastlm-train: {signal.Signals(signum).name} received; saving a checkpoint after this step",
-              file=sys.stderr)
+        distributed.print0(f"\nfastlm-train: {signal.Signals(signum).name} received; saving a checkpoint after this "
+                           "step", file=sys.stderr)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
