@@ -8,24 +8,19 @@ forward without dropout runs the C++ kernel (fastlm/ops/attention.py).
 Prints the median milliseconds of each over CALLS alternating calls (default 60), fp32, per shape.
 """
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm.bench.harness import alternating_medians
+from fastlm.bench.harness import ab_count, alternating_medians
 
 # (batch, seqlen, heads, head dim): small training shapes, and the suite's full-size one.
 SHAPES = [(2, 128, 2, 64), (4, 256, 4, 64), (16, 128, 4, 32), (8, 512, 32, 64)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("calls", metavar="CALLS", type=int, nargs="?", default=60, help="alternating calls (default 60)")
-    calls = p.parse_args(argv).calls
-    if calls < 1:
-        p.error(f"CALLS must be at least 1, not {calls}")
+    calls = ab_count(__doc__, argv, "CALLS", 60, "calls")
     torch.manual_seed(0)
     for batch, seqlen, heads, head_dim in SHAPES:
         for causal in (False, True):

@@ -9,14 +9,13 @@ at least 5, for the two large shapes): "fwd" is the forward a training step runs
 "fwd+bwd" the forward and the backward of a random output gradient.
 """
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import fastlm
 from fastlm.bench.attention import CPU_TRAIN_SHAPES
-from fastlm.bench.harness import alternating_medians
+from fastlm.bench.harness import ab_count, alternating_medians
 
 
 def medians(runs: dict, calls: int) -> str:
@@ -24,11 +23,7 @@ def medians(runs: dict, calls: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("calls", metavar="CALLS", type=int, nargs="?", default=20, help="alternating calls (default 20)")
-    calls = p.parse_args(argv).calls
-    if calls < 1:
-        p.error(f"CALLS must be at least 1, not {calls}")
+    calls = ab_count(__doc__, argv, "CALLS", 20, "calls")
     torch.manual_seed(0)
     for batch, seqlen, heads, kv_heads, head_dim in CPU_TRAIN_SHAPES["full"]:
         q = torch.randn(batch, seqlen, heads, head_dim, requires_grad=True)

@@ -7,7 +7,6 @@ process. Small shapes show the fixed per-call cost; (2048, 128) shows where the 
 Prints, per case and mode, the median over ROUNDS (default 15) of each provider's mean time per call.
 """
 
-import argparse
 import contextlib
 import time
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import eager
+from fastlm.bench.harness import ab_count
 
 
 def _rms_norm_case(rows: int, n: int):
@@ -80,11 +80,7 @@ def _per_call_us(step, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("rounds", metavar="ROUNDS", type=int, nargs="?", default=15, help="alternating rounds (default 15)")
-    rounds = p.parse_args(argv).rounds
-    if rounds < 1:
-        p.error(f"ROUNDS must be at least 1, not {rounds}")
+    rounds = ab_count(__doc__, argv, "ROUNDS", 15, "rounds")
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}; median over {rounds} alternating rounds, us per call")
     # provider -> the context its calls run in: the custom-op route is the same call inside use_custom_ops().

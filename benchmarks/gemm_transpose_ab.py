@@ -7,21 +7,16 @@ so that the machine's drift cancels. The evidence for ``fastlm.ops.gemm._row_maj
 Prints the median step time of each over STEPS alternating steps (default 80), fp32, both threads.
 """
 
-import argparse
 import importlib
 
 from benchmarks.plain_process_ab import train_steps
-from fastlm.bench.harness import alternating_medians
+from fastlm.bench.harness import ab_count, alternating_medians
 
 gemm = importlib.import_module("fastlm.ops.gemm")  # the module, not the function fastlm.ops exports
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("steps", metavar="STEPS", type=int, nargs="?", default=80, help="alternating steps (default 80)")
-    steps = p.parse_args(argv).steps
-    if steps < 1:
-        p.error(f"STEPS must be at least 1, not {steps}")
+    steps = ab_count(__doc__, argv, "STEPS", 80, "steps")
     step = train_steps("fastlm")["fastlm"]
     fast = gemm._row_major
 

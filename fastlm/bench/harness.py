@@ -97,6 +97,20 @@ def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warm
 
 
 @contextlib.contextmanager
+def ab_count(doc: str | None, argv: list[str] | None, name: str, default: int, what: str) -> int:
+    """The one optional argument of the A/B scripts: how many alternating ``what`` (``name``, at least 1);
+    ``--help`` prints ``doc``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("count", metavar=name, type=int, nargs="?", default=default,
+                   help=f"alternating {what} (default {default})")
+    count = p.parse_args(argv).count
+    if count < 1:
+        p.error(f"{name} must be at least 1, not {count}")
+    return count
+
+
 def _quiet_stderr():
     """File descriptor 2 to /dev/null: Kineto prints two lines to it per profiled call. Only around a
     call made once before, so a warning it prints has already been seen."""
