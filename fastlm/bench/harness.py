@@ -16,6 +16,7 @@ Each op's module builds ``Case``s; ``groups`` gathers those timed together, ``me
 them into rows of figures.
 """
 
+import argparse
 import contextlib
 import datetime
 import itertools
@@ -100,8 +101,6 @@ def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warm
 def ab_count(doc: str | None, argv: list[str] | None, name: str, default: int, what: str) -> int:
     """The one optional argument of the A/B scripts: how many alternating ``what`` (``name``, at least 1);
     ``--help`` prints ``doc``."""
-    import argparse
-
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("count", metavar=name, type=int, nargs="?", default=default,
                    help=f"alternating {what} (default {default})")
