@@ -97,7 +97,6 @@ def alternating_medians(runs: dict[str, Callable[[], object]], rounds: int, warm
     return {name: _quantile(t, 0.5) for name, t in zip(runs, times)}
 
 
-@contextlib.contextmanager
 def ab_count(doc: str | None, argv: list[str] | None, name: str, default: int, what: str) -> int:
     """The one optional argument of the A/B scripts: how many alternating ``what`` (``name``, at least 1);
     ``--help`` prints ``doc``."""
@@ -110,6 +109,7 @@ def ab_count(doc: str | None, argv: list[str] | None, name: str, default: int, w
     return count
 
 
+@contextlib.contextmanager
 def _quiet_stderr():
     """File descriptor 2 to /dev/null: Kineto prints two lines to it per profiled call. Only around a
     call made once before, so a warning it prints has already been seen."""
